@@ -1,0 +1,134 @@
+"""Loading an encoder model and its tokenizer with transformers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from lmserve_backend_hf.encoder import TorchEncoder
+from lmserve_backend_hf.tokenizer import load_tokenizer
+from lmserve_core.backend import LoadedEncoder, LoadRequest
+from lmserve_core.encoder import ENCODER_TASKS, EncoderOptions, ModelInfo
+from lmserve_core.errors import ConfigurationError
+from lmserve_core.model_files import config_max_length, read_json, read_pooling_config
+from lmserve_core.settings import canonical_dtype
+from lmserve_core.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _model_class(task: Task) -> Any:
+    import transformers
+
+    return {
+        Task.sequence_classification: transformers.AutoModelForSequenceClassification,
+        Task.token_classification: transformers.AutoModelForTokenClassification,
+        Task.fill_mask: transformers.AutoModelForMaskedLM,
+        Task.text_embedding: transformers.AutoModel,
+    }[task]
+
+
+def configure_threads(requested: int | None) -> int:
+    threads = requested or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def load_encoder(request: LoadRequest) -> LoadedEncoder:
+    settings, source, task = request.settings, request.source, request.task
+    if task not in ENCODER_TASKS:
+        raise ConfigurationError(
+            f"task {task.value} is served by the generation backends, not the encoder loader",
+            param="task",
+        )
+    started = time.perf_counter()
+    threads = configure_threads(settings.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = canonical_dtype(settings.dtype, on_gpu=device.type == "cuda", task=task)
+
+    tokenizer_source = source.hub_id if (source.hub_id and settings.tokenizer_revision) else str(source.path)
+    tokenizer = load_tokenizer(
+        tokenizer_source,
+        revision=settings.tokenizer_revision if source.hub_id else None,
+        trust_remote_code=settings.trust_remote_code,
+        disable_lower_case=settings.disable_lower_case,
+    )
+    if task is Task.fill_mask and tokenizer.mask_token_id is None:
+        raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
+
+    try:
+        model = _model_class(task).from_pretrained(
+            str(source.path),
+            dtype=_TORCH_DTYPES[dtype_name],
+            trust_remote_code=settings.trust_remote_code,
+        )
+    except Exception as exc:
+        raise ConfigurationError(f"cannot load the model from {source.display_name!r} as "
+                                 f"{task.value}: {exc}", param="model_dir") from exc  # fmt: skip
+    model.eval().to(device)
+
+    config = request.config
+    max_length = _max_length(settings.max_length, config, source.path, tokenizer.raw)
+    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    info = ModelInfo(
+        id2label=id2label,
+        problem_type=config.get("problem_type"),
+        pooling=read_pooling_config(source.path),
+        max_length=max_length,
+        hidden_size=config.get("hidden_size") or config.get("dim") or config.get("d_model"),
+        vocab_size=config.get("vocab_size"),
+    )
+    options = EncoderOptions(
+        add_special_tokens=not settings.disable_special_tokens,
+        return_token_type_ids=settings.return_token_type_ids,
+        return_probabilities=settings.return_probabilities,
+        return_raw_logits=settings.return_raw_logits,
+        return_offsets_mapping=settings.return_offsets_mapping,
+    )
+    handler = ENCODER_TASKS[task]
+    backend = TorchEncoder(model, device=device, output=handler.model_output)
+    elapsed = time.perf_counter() - started
+    logger.info(
+        "loaded %s (%s) on %s in %.1f s: dtype %s, max_length %d, torch threads %d",
+        source.display_name, task.value, device, elapsed, dtype_name, max_length, threads,
+    )
+    return LoadedEncoder(
+        backend=backend,
+        tokenizer=tokenizer,
+        info=info,
+        options=options,
+        backend_name="huggingface",
+        details={"device": str(device), "dtype": dtype_name, "torch_threads": threads,
+                 "architecture": (config.get("architectures") or ["?"])[0]},
+    )  # fmt: skip
+
+
+def _max_length(requested: int | None, config: dict[str, Any], path: Any, tokenizer: Any) -> int:
+    """The smallest limit the model declares; a larger --max_length is refused."""
+    limits = []
+    declared = config_max_length(config)
+    if declared:
+        limits.append(declared)
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        seq = read_json(st_config).get("max_seq_length")
+        if isinstance(seq, int) and seq > 0:
+            limits.append(seq)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limits.append(tok_max)
+    model_limit = min(limits) if limits else 512
+    if requested is None:
+        return model_limit
+    if declared and requested > declared:
+        raise ConfigurationError(
+            f"--max_length {requested} exceeds the model's max_position_embeddings {declared}",
+            param="max_length",
+        )
+    return requested

@@ -1,0 +1,44 @@
+"""How the server asks a backend package for a model (entry point group ``lmserve.backends``).
+
+A backend distribution registers ``create_backend(request: LoadRequest) -> LoadedModel``
+under the entry point group; the server loads it by name only when that backend is
+chosen, so heavy imports happen inside the factory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lmserve_core.encoder.base import EncoderOptions, ModelInfo
+from lmserve_core.encoder.service import EncoderBackend
+from lmserve_core.model_files import ModelSource
+from lmserve_core.settings import ServeSettings
+from lmserve_core.tasks import Task
+from lmserve_core.tokenizer import TextTokenizer
+
+ENTRY_POINT_GROUP = "lmserve.backends"
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    settings: ServeSettings
+    source: ModelSource
+    task: Task
+    config: dict[str, Any]
+
+
+@dataclass
+class LoadedEncoder:
+    """An encoder model ready to serve, with what post-processing must know."""
+
+    backend: EncoderBackend
+    tokenizer: TextTokenizer
+    info: ModelInfo
+    options: EncoderOptions
+    backend_name: str
+    details: dict[str, Any] = field(default_factory=dict)  # shown in V2 metadata
+
+
+class BackendFactory(Protocol):
+    def __call__(self, request: LoadRequest) -> LoadedEncoder: ...

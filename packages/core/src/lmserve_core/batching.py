@@ -1,0 +1,129 @@
+"""A dynamic batcher: one model thread, requests merged while the model is busy.
+
+No fixed wait: an idle model takes the first request at once; requests that arrive while
+a forward pass runs are merged into the next one, up to ``max_batch_size`` instances.
+The model function runs on a dedicated thread, never on the event loop, so health checks
+and new requests are answered during a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from lmserve_core.errors import BackendError, LmserveError, ModelNotReady
+
+logger = logging.getLogger(__name__)
+
+
+class Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+ItemT = TypeVar("ItemT", bound=Sized)
+ResultT = TypeVar("ResultT")
+
+
+@dataclass
+class _Pending(Generic[ItemT, ResultT]):
+    item: ItemT
+    future: asyncio.Future[ResultT] = field(repr=False)
+
+
+class DynamicBatcher(Generic[ItemT, ResultT]):
+    """Runs ``run_batch(items) -> results`` (one result per item) on a model thread."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[ItemT]], Sequence[ResultT]],
+        *,
+        max_batch_size: int,
+        name: str = "model",
+    ) -> None:
+        self._run_batch = run_batch
+        self._max_batch_size = max_batch_size
+        self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmserve-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self._carry: _Pending[ItemT, ResultT] | None = None
+        self.batches_run = 0
+        self.on_batch: Callable[[int], None] | None = None  # metrics hook: instances per batch
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.create_task(self._loop(), name="lmserve-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._fail_waiting(ModelNotReady("the model is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() if self._queue else 0
+
+    async def submit(self, item: ItemT) -> ResultT:
+        if self._queue is None or self._task is None:
+            raise ModelNotReady("the model is not running")
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(item, future))
+        return await future
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [self._carry] if self._carry else [await self._queue.get()]
+            self._carry = None
+            size = batch[0].item.size
+            while not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if size + nxt.item.size > self._max_batch_size:
+                    self._carry = nxt  # first in line for the next pass
+                    break
+                batch.append(nxt)
+                size += nxt.item.size
+            batch = [p for p in batch if not p.future.done()]  # cancelled while queued
+            if not batch:
+                continue
+            if self.on_batch:
+                self.on_batch(size)
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._run_batch, [p.item for p in batch]
+                )
+            except LmserveError as exc:
+                self._fail(batch, exc)
+                continue
+            except Exception as exc:
+                logger.exception("model forward pass failed")
+                self._fail(batch, BackendError(f"model forward pass failed: {exc}"))
+                continue
+            self.batches_run += 1
+            for pending, result in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: Sequence[_Pending[ItemT, ResultT]], exc: Exception) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        waiting = [self._carry] if self._carry else []
+        self._carry = None
+        while self._queue is not None and not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        self._fail(waiting, exc)

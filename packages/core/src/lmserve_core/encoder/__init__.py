@@ -1,0 +1,23 @@
+"""Encoder tasks: sequence and token classification, fill-mask and embeddings."""
+
+from lmserve_core.encoder.base import (
+    EncodedRequest,
+    EncoderOptions,
+    EncoderResult,
+    ModelInfo,
+    OutputTensor,
+    RequestParams,
+)
+from lmserve_core.encoder.service import ENCODER_TASKS, EncoderBackend, EncoderService
+
+__all__ = [
+    "ENCODER_TASKS",
+    "EncodedRequest",
+    "EncoderBackend",
+    "EncoderOptions",
+    "EncoderResult",
+    "EncoderService",
+    "ModelInfo",
+    "OutputTensor",
+    "RequestParams",
+]

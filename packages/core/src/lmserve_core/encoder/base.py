@@ -1,0 +1,181 @@
+"""Shared types of the encoder tasks: model facts, serving options, request parameters."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from lmserve_core.errors import InvalidInput
+from lmserve_core.model_files import PoolingConfig
+from lmserve_core.tasks import Task
+from lmserve_core.tokenizer import Encoding, TextTokenizer
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the loaded model that post-processing needs."""
+
+    id2label: dict[int, str] = field(default_factory=dict)
+    problem_type: str | None = None
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    max_length: int = 512
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """Server-wide output switches (CLI flags)."""
+
+    add_special_tokens: bool = True
+    return_token_type_ids: bool = False
+    return_probabilities: bool = False
+    return_raw_logits: bool = False
+    return_offsets_mapping: bool = False
+
+
+AGGREGATIONS = ("none", "simple", "first", "average", "max")
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """Per-request ``parameters`` (V1 and V2 alike)."""
+
+    labels: bool = False  # {"output": "labels"}: pipeline-style results
+    truncate: bool = True
+    top_k: int | None = None
+    aggregation_strategy: str = "simple"
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None) -> RequestParams:
+        if not raw:
+            return cls()
+        output = raw.get("output")
+        if output not in (None, "labels", "default"):
+            raise InvalidInput("parameters.output must be 'labels' or 'default'", param="output")
+        truncate = raw.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise InvalidInput("parameters.truncate must be a boolean", param="truncate")
+        top_k = raw.get("top_k")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= 1000
+        ):
+            raise InvalidInput("parameters.top_k must be an integer in [1, 1000]", param="top_k")
+        aggregation = raw.get("aggregation_strategy", "simple")
+        if aggregation not in AGGREGATIONS:
+            raise InvalidInput(
+                f"parameters.aggregation_strategy must be one of {', '.join(AGGREGATIONS)}",
+                param="aggregation_strategy",
+            )
+        return cls(
+            labels=output == "labels", truncate=truncate, top_k=top_k,
+            aggregation_strategy=aggregation,
+        )  # fmt: skip
+
+
+@dataclass
+class EncodedRequest:
+    """One request's texts, tokenized and unpadded; the unit the batcher merges."""
+
+    texts: list[str]
+    encodings: list[Encoding]
+    params: RequestParams
+
+    @property
+    def size(self) -> int:
+        return len(self.encodings)
+
+    @property
+    def seq_len(self) -> int:
+        return max(len(e) for e in self.encodings)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A V2 output: ``data`` is numeric, or an object array of str for BYTES."""
+
+    name: str
+    datatype: str
+    data: np.ndarray
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.data.shape)
+
+
+@dataclass(frozen=True)
+class EncoderResult:
+    """What a task returns for one request, in both protocol shapes."""
+
+    predictions: list[Any]  # V1 `predictions`, one per instance
+    outputs: list[OutputTensor]  # V2 outputs
+    token_count: int = 0
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    tokenizer: TextTokenizer
+    info: ModelInfo
+    options: EncoderOptions
+
+
+class EncoderTask(ABC):
+    """Pre- and post-processing of one encoder task around a numpy forward pass."""
+
+    task: ClassVar[Task]
+    # True when the model output has a sequence axis ([N, L, ...]) to trim per request.
+    sequence_output: ClassVar[bool] = True
+    # Which model output the backend returns: "logits" or "last_hidden_state".
+    model_output: ClassVar[str] = "logits"
+
+    def validate(self, request: EncodedRequest, ctx: TaskContext) -> None:  # noqa: B027
+        """Reject requests the task cannot answer (before they reach the model)."""
+
+    @abstractmethod
+    def postprocess(
+        self, outputs: FloatArray, request: EncodedRequest, ctx: TaskContext
+    ) -> EncoderResult:
+        """``outputs``: this request's rows, trimmed to its own padded length."""
+
+    @abstractmethod
+    def output_metadata(self, ctx: TaskContext) -> list[tuple[str, str, list[int]]]:
+        """(name, datatype, shape) of each V2 output, -1 for variable axes."""
+
+
+def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def sigmoid(x: FloatArray) -> FloatArray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def json_bytes_tensor(name: str, values: list[Any], shape: tuple[int, ...] | None = None) -> OutputTensor:
+    """Objects as a BYTES tensor of JSON strings (KServe's encoding of dict outputs)."""
+    arr = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        arr[i] = json.dumps(value, separators=(",", ":"))
+    if shape is not None:
+        arr = arr.reshape(shape)
+    return OutputTensor(name, "BYTES", arr)
+
+
+def raw_logits_result(outputs: FloatArray) -> EncoderResult:
+    data = outputs.astype(np.float32)
+    return EncoderResult(
+        predictions=data.tolist(), outputs=[OutputTensor("output-0", "FP32", data)]
+    )
+
+
+def round4(value: float) -> float:
+    return round(float(value), 4)

@@ -1,0 +1,199 @@
+"""The encoder pipeline: texts -> tokens -> (batched) forward -> task outputs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from lmserve_core.batching import DynamicBatcher
+from lmserve_core.encoder.base import (
+    EncodedRequest,
+    EncoderOptions,
+    EncoderResult,
+    EncoderTask,
+    FloatArray,
+    ModelInfo,
+    RequestParams,
+    TaskContext,
+)
+from lmserve_core.encoder.fill_mask import FillMask
+from lmserve_core.encoder.sequence_classification import SequenceClassification
+from lmserve_core.encoder.text_embedding import TextEmbedding
+from lmserve_core.encoder.token_classification import TokenClassification
+from lmserve_core.errors import BackendError, InputTooLong, InvalidInput
+from lmserve_core.tasks import Task
+from lmserve_core.tokenizer import Encoding, TextTokenizer
+
+ENCODER_TASKS: dict[Task, EncoderTask] = {
+    handler.task: handler
+    for handler in (SequenceClassification(), TokenClassification(), FillMask(), TextEmbedding())
+}
+
+Int64Array = np.ndarray
+
+
+class EncoderBackend(Protocol):
+    """Runs the model: padded int64 arrays in, one float array out (numpy only)."""
+
+    def forward(self, inputs: Mapping[str, Int64Array]) -> FloatArray:
+        """``inputs``: input_ids, attention_mask (and token_type_ids) [N, L].
+
+        Returns logits ([N, C] or [N, L, C]) or, for embeddings, the last hidden state.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+def pad_encodings(
+    encodings: Sequence[Encoding], *, pad_id: int, length: int, with_token_types: bool
+) -> dict[str, Int64Array]:
+    """Right-pad (encoders use absolute positions from 0) to ``length``."""
+    n = len(encodings)
+    ids = np.full((n, length), pad_id, dtype=np.int64)
+    mask = np.zeros((n, length), dtype=np.int64)
+    types = np.zeros((n, length), dtype=np.int64) if with_token_types else None
+    for i, enc in enumerate(encodings):
+        k = len(enc)
+        ids[i, :k] = enc.ids
+        mask[i, :k] = 1
+        if types is not None and enc.type_ids:
+            types[i, :k] = enc.type_ids
+    out = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        out["token_type_ids"] = types
+    return out
+
+
+class EncoderService:
+    """One served encoder model: validation, tokenization, dynamic batching, outputs."""
+
+    def __init__(
+        self,
+        *,
+        task: Task,
+        tokenizer: TextTokenizer,
+        backend: EncoderBackend,
+        info: ModelInfo,
+        options: EncoderOptions,
+        max_batch_size: int = 32,
+    ) -> None:
+        if task not in ENCODER_TASKS:
+            raise ValueError(f"{task} is not an encoder task")
+        self.task = task
+        self.handler = ENCODER_TASKS[task]
+        self.backend = backend
+        self.context = TaskContext(tokenizer=tokenizer, info=info, options=options)
+        self.batcher: DynamicBatcher[EncodedRequest, FloatArray] = DynamicBatcher(
+            self._run_batch, max_batch_size=max_batch_size, name="encoder"
+        )
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.context.tokenizer
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.context.info
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.backend.close()
+
+    # --- request path ------------------------------------------------------------
+    async def infer(self, texts: Sequence[Any], parameters: Mapping[str, Any] | None) -> EncoderResult:
+        params = RequestParams.parse(parameters)
+        request = await asyncio.to_thread(self.encode, check_texts(texts), params)
+        outputs = await self.batcher.submit(request)
+        result = self.handler.postprocess(outputs, request, self.context)
+        return EncoderResult(result.predictions, result.outputs, sum(len(e) for e in request.encodings))
+
+    def encode(self, texts: list[str], params: RequestParams) -> EncodedRequest:
+        max_length = self.info.max_length
+        opts = self.context.options
+        if params.truncate:
+            encodings = self.tokenizer.encode_batch(
+                texts, add_special_tokens=opts.add_special_tokens, max_length=max_length
+            )
+        else:
+            encodings = self.tokenizer.encode_batch(
+                texts, add_special_tokens=opts.add_special_tokens, max_length=None
+            )
+            for i, enc in enumerate(encodings):
+                if len(enc) > max_length:
+                    raise InputTooLong(
+                        f"instance {i} has {len(enc)} tokens, more than the model's maximum "
+                        f"of {max_length} (truncate is false)",
+                        param="truncate",
+                    )
+        request = EncodedRequest(texts, encodings, params)
+        if any(len(e) == 0 for e in encodings):
+            raise InvalidInput("an instance tokenized to no tokens at all", param="instances")
+        self.handler.validate(request, self.context)
+        return request
+
+    def encode_token_ids(self, rows: Sequence[Sequence[int]], params: RequestParams) -> EncodedRequest:
+        """Pre-tokenized input (OpenAI embeddings accept token ids)."""
+        vocab = self.info.vocab_size
+        encodings = []
+        for i, row in enumerate(rows):
+            if not row:
+                raise InvalidInput(f"input {i} is an empty token list", param="input")
+            if vocab is not None and any(t < 0 or t >= vocab for t in row):
+                raise InvalidInput(f"input {i} has token ids outside [0, {vocab})", param="input")
+            ids = list(row)
+            if len(ids) > self.info.max_length:
+                if not params.truncate:
+                    raise InputTooLong(
+                        f"input {i} has {len(ids)} tokens, more than {self.info.max_length}",
+                        param="input",
+                    )
+                ids = ids[: self.info.max_length]
+            n = len(ids)
+            encodings.append(Encoding(ids, [0] * n, [(0, 0)] * n, [0] * n, [None] * n))
+        return EncodedRequest([""] * len(encodings), encodings, params)
+
+    async def infer_encoded(self, request: EncodedRequest) -> EncoderResult:
+        outputs = await self.batcher.submit(request)
+        result = self.handler.postprocess(outputs, request, self.context)
+        return EncoderResult(result.predictions, result.outputs, sum(len(e) for e in request.encodings))
+
+    # --- model thread ------------------------------------------------------------
+    def _run_batch(self, requests: Sequence[EncodedRequest]) -> list[FloatArray]:
+        encodings = [enc for req in requests for enc in req.encodings]
+        length = max(len(e) for e in encodings)
+        inputs = pad_encodings(
+            encodings,
+            pad_id=self.tokenizer.pad_token_id,
+            length=length,
+            with_token_types=self.context.options.return_token_type_ids,
+        )
+        outputs = self.backend.forward(inputs)
+        if outputs.shape[0] != len(encodings):
+            raise BackendError(
+                f"the model returned {outputs.shape[0]} rows for {len(encodings)} inputs"
+            )
+        results, row = [], 0
+        for req in requests:
+            part = outputs[row : row + req.size]
+            row += req.size
+            # Each request sees outputs padded to its own longest input, as if alone.
+            results.append(part[:, : req.seq_len] if self.handler.sequence_output else part)
+        return results
+
+
+def check_texts(texts: Sequence[Any]) -> list[str]:
+    if not isinstance(texts, list | tuple) or len(texts) == 0:
+        raise InvalidInput("expected a non-empty list of input strings", param="instances")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInput(
+                f"instance {i} is {type(text).__name__}, expected a string", param="instances"
+            )
+    return list(texts)

@@ -1,0 +1,55 @@
+"""The one error tree of lmserve. No HTTP or gRPC codes here: the server maps them.
+
+    LmserveError
+    ├── InvalidInput          the request is malformed or asks for something impossible
+    │   └── InputTooLong      more tokens than the model accepts (with truncation off)
+    ├── ModelNotFound         no model of that name is served
+    ├── ModelNotReady         the model is loading, failed, or the server is draining
+    ├── Overloaded            the queue is full; retry later
+    ├── BackendError          the model itself failed while serving a valid request
+    └── ConfigurationError    startup settings are wrong (names the flag)
+"""
+
+from __future__ import annotations
+
+
+class LmserveError(Exception):
+    """Base of every error lmserve raises on purpose."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # The request field (or CLI flag) at fault, when one is.
+        self.param = param
+
+
+class InvalidInput(LmserveError):
+    """The client sent something the model cannot serve."""
+
+
+class InputTooLong(InvalidInput):
+    """An input exceeds the model's maximum length and truncation was refused."""
+
+
+class ModelNotFound(LmserveError):
+    """No model of the requested name is served here."""
+
+
+class ModelNotReady(LmserveError):
+    """The model exists but cannot serve now (loading, unhealthy, shutting down)."""
+
+
+class Overloaded(LmserveError):
+    """Too many requests are queued; the client should retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BackendError(LmserveError):
+    """The backend failed on a valid request (a bug or a dead engine, not the client)."""
+
+
+class ConfigurationError(LmserveError):
+    """Invalid startup configuration; ``param`` names the flag to fix."""

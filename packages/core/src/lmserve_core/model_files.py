@@ -1,0 +1,157 @@
+"""Finding a model directory and reading the small JSON files that steer serving."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmserve_core.builtin_models import DEFAULT_MODEL, is_builtin, locate_builtin
+from lmserve_core.errors import ConfigurationError
+
+PoolingMode = Literal["mean", "cls", "max", "mean_sqrt_len", "lasttoken", "weightedmean"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model's files are, and what the user called it."""
+
+    path: Path
+    display_name: str  # the built-in name, hub id or directory the user gave
+    hub_id: str | None = None  # set when the files came from the hub
+
+
+def resolve_model_source(
+    *, model_id: str | None, model_dir: str | None, revision: str | None = None
+) -> ModelSource:
+    """``--model_id`` (built-in, local path or hub id) wins over ``--model_dir``."""
+    if model_id:
+        if is_builtin(model_id):
+            return ModelSource(locate_builtin(model_id), model_id.lower())
+        local = Path(model_id).expanduser()
+        if local.is_dir():
+            return ModelSource(_check_dir(local, "model_id"), model_id)
+        return ModelSource(_download(model_id, revision), model_id, hub_id=model_id)
+    if model_dir:
+        return ModelSource(_check_dir(Path(model_dir).expanduser(), "model_dir"), model_dir)
+    return ModelSource(locate_builtin(DEFAULT_MODEL), DEFAULT_MODEL)
+
+
+def _check_dir(path: Path, flag: str) -> Path:
+    if not path.is_dir():
+        raise ConfigurationError(f"--{flag} {str(path)!r} is not a directory", param=flag)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigurationError(
+            f"--{flag} {str(path)!r} has no config.json: not a saved Hugging Face model",
+            param=flag,
+        )
+    if not os.access(config, os.R_OK):
+        raise ConfigurationError(f"--{flag}: cannot read {str(config)!r}", param=flag)
+    return path
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    # huggingface_hub is light but only needed for hub ids; import it here.
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - installed with transformers
+        raise ConfigurationError(
+            "--model_id names a hub model but huggingface_hub is not installed", param="model_id"
+        ) from exc
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                # Weights in safetensors when present; no duplicate formats.
+                ignore_patterns=["*.msgpack", "*.h5", "*.ot", "flax_*", "tf_*", "*.onnx"],
+            )
+        )
+    except Exception as exc:
+        raise ConfigurationError(
+            f"cannot fetch --model_id {repo_id!r} from the Hugging Face hub "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}",
+            param="model_id",
+        ) from exc
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(f"cannot read {str(path)!r}: {exc}", param="model_dir") from exc
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{str(path)!r} is not a JSON object", param="model_dir")
+    return data
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    return read_json(path / "config.json")
+
+
+def is_sentence_transformer(path: Path) -> bool:
+    return (path / "modules.json").is_file()
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    mode: PoolingMode = "mean"
+    normalize: bool = True
+    include_prompt: bool = True
+
+
+def read_pooling_config(path: Path) -> PoolingConfig:
+    """Pooling as the sentence-transformers config says; mean when there is none.
+
+    The output is always L2-normalised (KServe's runtime does so), so ``normalize``
+    records whether the model asked for it, for metadata only.
+    """
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return PoolingConfig()
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    mode: PoolingMode = "mean"
+    normalize = False
+    for module in modules:
+        kind = str(module.get("type", ""))
+        if kind.endswith("Pooling"):
+            cfg = read_json(path / str(module.get("path", "")) / "config.json")
+            mode = _pooling_mode(cfg)
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return PoolingConfig(mode=mode, normalize=normalize)
+
+
+def _pooling_mode(cfg: dict[str, Any]) -> PoolingMode:
+    if isinstance(cfg.get("pooling_mode"), str):
+        name = cfg["pooling_mode"]
+        table: dict[str, PoolingMode] = {
+            "mean": "mean", "cls": "cls", "max": "max", "lasttoken": "lasttoken",
+            "mean_sqrt_len_tokens": "mean_sqrt_len", "weightedmean": "weightedmean",
+        }  # fmt: skip
+        if name in table:
+            return table[name]
+    for key, mode in (
+        ("pooling_mode_cls_token", "cls"),
+        ("pooling_mode_max_tokens", "max"),
+        ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"),
+        ("pooling_mode_lasttoken", "lasttoken"),
+        ("pooling_mode_weightedmean_tokens", "weightedmean"),
+        ("pooling_mode_mean_tokens", "mean"),
+    ):
+        if cfg.get(key):
+            return mode  # type: ignore[return-value]
+    return "mean"
+
+
+def config_max_length(config: dict[str, Any]) -> int | None:
+    """The context limit a model config declares, if any."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,47 @@
+"""The slice of a tokenizer that the encoder tasks need, as a protocol backends implement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One tokenized text, unpadded."""
+
+    ids: list[int]
+    type_ids: list[int]
+    # [start, end) character offsets in the input text; (0, 0) for special tokens.
+    offsets: list[tuple[int, int]]
+    special_tokens_mask: list[int]
+    # Index of the word each token belongs to; None for special tokens.
+    word_ids: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class TextTokenizer(Protocol):
+    @property
+    def pad_token_id(self) -> int: ...
+
+    @property
+    def mask_token_id(self) -> int | None: ...
+
+    @property
+    def mask_token(self) -> str | None: ...
+
+    @property
+    def padding_side(self) -> str: ...
+
+    def encode_batch(
+        self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None
+    ) -> list[Encoding]:
+        """Tokenize; truncate to ``max_length`` tokens when it is not None."""
+        ...
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str: ...
+
+    def id_to_token(self, token_id: int) -> str: ...

@@ -1,0 +1,33 @@
+"""``create_app``: the FastAPI application for one served model. No module-level app."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from lmserve_core.settings import ServeSettings
+
+from lmserve_server.dataplane import DataPlane, server_version
+from lmserve_server.errors import install_error_handlers
+from lmserve_server.limits import BodyLimitMiddleware
+from lmserve_server.metrics import Metrics, MetricsMiddleware
+from lmserve_server.model_host import ModelHost
+from lmserve_server.routes import health, metrics, openai, v1, v2
+
+
+def create_app(settings: ServeSettings, host: ModelHost) -> FastAPI:
+    app = FastAPI(
+        title="lmserve",
+        version=server_version(),
+        description="Hugging Face models over OpenAI, KServe V1 and Open Inference Protocol V2.",
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.dataplane = DataPlane(host, app.state.metrics)
+    host.batch_observer = app.state.metrics.batch_size.observe
+    install_error_handlers(app)
+    for module in (health, v1, v2, openai, metrics):
+        app.include_router(module.router)
+    # Outermost first: the body limit rejects before anything reads the body.
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    return app

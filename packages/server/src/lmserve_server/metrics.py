@@ -1,0 +1,72 @@
+"""Prometheus metrics: per-route counts and latencies by status, in-flight, batch sizes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """One registry per app, so several apps (tests) never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lmserve_requests", "HTTP requests by route, method and status",
+            ["route", "method", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "lmserve_request_duration_seconds", "HTTP request latency by route and status",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "lmserve_requests_in_flight", "HTTP requests being served", registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "lmserve_batch_size", "Instances per model forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+        )  # fmt: skip
+        self.input_tokens = Counter(
+            "lmserve_prompt_tokens", "Input tokens processed", registry=self.registry
+        )
+        self.model_ready = Gauge(
+            "lmserve_model_ready", "1 when the model is loaded and healthy", ["model"],
+            registry=self.registry,
+        )  # fmt: skip
+
+
+class MetricsMiddleware:
+    """Pure ASGI so streaming responses are timed to their last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/metrics":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            route: Any = scope.get("route")
+            # The route template, not the raw path, keeps label cardinality bounded.
+            path = getattr(route, "path", None) or "unmatched"
+            labels = (path, scope["method"], str(status["code"]))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)

@@ -1,0 +1,78 @@
+"""Pre-flight: which files, which task, which backend — decided before listening.
+
+Everything here is cheap (JSON files, entry point metadata), so a wrong flag fails at
+once with a message that names it, instead of after a port is open.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve_core.backend import ENTRY_POINT_GROUP, BackendFactory
+from lmserve_core.errors import ConfigurationError
+from lmserve_core.model_files import (
+    ModelSource,
+    is_sentence_transformer,
+    read_model_config,
+    resolve_model_source,
+)
+from lmserve_core.settings import Backend, ServeSettings
+from lmserve_core.tasks import Task, infer_task
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    source: ModelSource
+    config: dict[str, Any]
+    task: Task
+    backend: str
+    backend_reason: str
+
+
+def plan_serving(settings: ServeSettings) -> ServingPlan:
+    source = resolve_model_source(
+        model_id=settings.model_id, model_dir=settings.model_dir, revision=settings.model_revision
+    )
+    config = read_model_config(source.path)
+    inferred: Task | None
+    try:
+        inferred = infer_task(
+            config.get("architectures"), is_sentence_transformer=is_sentence_transformer(source.path)
+        )
+    except ConfigurationError:
+        if settings.task is None:
+            raise
+        inferred = None
+    task = settings.task or inferred
+    assert task is not None
+    backend, reason = choose_backend(settings.backend, task)
+    return ServingPlan(source, config, task, backend, reason)
+
+
+def choose_backend(requested: Backend, task: Task) -> tuple[str, str]:
+    if task.is_generative:
+        raise ConfigurationError(
+            f"task {task.value} is not served by this version of lmserve yet "
+            "(encoder tasks only: fill_mask, token_classification, sequence_classification, "
+            "text_embedding); pass --task to override",
+            param="task",
+        )
+    if requested is Backend.vllm:
+        return "vllm", "--backend vllm was asked for"
+    if requested is Backend.huggingface:
+        return "huggingface", "--backend huggingface was asked for"
+    return "huggingface", f"{task.value} is an encoder task: Hugging Face serves it by default"
+
+
+def load_backend_factory(name: str) -> BackendFactory:
+    """Find a backend through its entry point, so the server never imports one directly."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            factory: BackendFactory = ep.load()
+            return factory
+    raise ConfigurationError(
+        f"backend {name!r} is not installed (pip install lmserve-backend-{'hf' if name == 'huggingface' else name})",
+        param="backend",
+    )

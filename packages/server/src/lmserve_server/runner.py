@@ -1,0 +1,82 @@
+"""Start the server: pre-flight, listen, load the model in the background, exit cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+import uvicorn
+
+from lmserve_core.errors import ConfigurationError
+from lmserve_core.settings import ServeSettings
+
+from lmserve_server.app import create_app
+from lmserve_server.model_host import ModelHost, ModelState
+from lmserve_server.plan import plan_serving
+
+logger = logging.getLogger("lmserve")
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # transformers and httpx are chatty at INFO about things users cannot act on.
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(settings: ServeSettings) -> int:
+    """Returns the process exit code: 0 clean stop, 1 model failed, 2 bad configuration."""
+    configure_logging(settings.log_level)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("SAFETENSORS_FAST_GPU", "1")
+    try:
+        plan = plan_serving(settings)
+    except ConfigurationError as exc:
+        print(f"lmserve: error: {exc.message}", file=sys.stderr)
+        return 2
+    logger.info(
+        "serving %s as %r: task %s, backend %s (%s)",
+        plan.source.display_name, settings.model_name, plan.task.value, plan.backend,
+        plan.backend_reason,
+    )  # fmt: skip
+    host = ModelHost(settings, plan)
+    app = create_app(settings, host)
+    return asyncio.run(_serve(app, host, settings))
+
+
+async def _serve(app: object, host: ModelHost, settings: ServeSettings) -> int:
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+
+    async def load() -> None:
+        try:
+            await host.load()
+        except ConfigurationError as exc:
+            print(f"lmserve: error: {exc.message}", file=sys.stderr)
+            server.should_exit = True
+        except Exception:
+            logger.exception("model failed to load")
+            server.should_exit = True
+
+    loader = asyncio.create_task(load())
+    try:
+        await server.serve()
+    finally:
+        if not loader.done():
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loader
+        await host.close()
+    return 1 if host.state is ModelState.failed or (host.error is not None) else 0

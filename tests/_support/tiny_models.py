@@ -1,0 +1,469 @@
+"""Small, trained BERT models built locally at test time (no Hugging Face hub needed).
+
+``model_path(name)`` returns a directory holding a complete ``save_pretrained`` model and a fast
+BERT tokenizer that ``AutoTokenizer`` / ``AutoConfig`` / ``AutoModelFor*`` load offline:
+
+- ``"sentiment"``: ``BertForSequenceClassification`` (NEGATIVE / POSITIVE), lowercasing.
+  "I love this" -> POSITIVE, "I hate this" -> NEGATIVE, both with probability > 0.9.
+- ``"ner"``: ``BertForTokenClassification`` with IOB2 PER / LOC / ORG tags, cased.
+  "Alice lives in Paris and works at Google" -> Alice B-PER, Paris B-LOC, Google B-ORG, rest O.
+  Training labels sit on the first sub-token of each word; later sub-tokens get -100 (ignored),
+  so read predictions from the first sub-token of each word (what pipelines do with
+  ``aggregation_strategy="first"``/``"simple"``).
+- ``"masked_lm"``: ``BertForMaskedLM``, lowercasing. "The capital of France is [MASK]." fills
+  "paris" (also germany -> berlin, italy -> rome, spain -> madrid, japan -> tokyo).
+- ``"embedding_mean"`` / ``"embedding_cls"``: a sentence-transformers directory laid out like
+  all-MiniLM-L6-v2 (``BertModel`` + tokenizer at the root, ``modules.json``, ``1_Pooling``,
+  ``2_Normalize``) with mean resp. CLS pooling. The weights are random but seeded and identical in
+  both, so any difference between their embeddings comes from the pooling mode alone.
+
+Every model: hidden size 64, 2 heads (head_dim 32, the minimum vLLM's CPU attention takes),
+2 layers, intermediate size 128, 64 positions, a WordPiece tokenizer built from the model's own
+sentences with ``model_max_length`` 64.
+
+Builds are cached in ``<repo>/.cache/test-models/<name>-<hash>``, the hash covering this file's
+source so any edit rebuilds. A per-model ``fcntl`` lock makes parallel pytest processes build each
+model once; a build goes to a temporary directory renamed into place, so a cache directory that
+exists is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import string
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BertConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+CACHE_DIR = _REPO_ROOT / ".cache" / "test-models"
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MAX_LENGTH = 64
+HIDDEN_SIZE = 64
+SEED = 0
+
+SENTIMENT_LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC", 5: "B-ORG", 6: "I-ORG"}
+CAPITALS = {
+    "france": "paris",
+    "germany": "berlin",
+    "italy": "rome",
+    "spain": "madrid",
+    "japan": "tokyo",
+}
+# Label id the loss ignores (torch.nn.CrossEntropyLoss default).
+IGNORE = -100
+
+
+def model_path(name: str) -> Path:
+    """Return the directory of the tiny model ``name``, building it on first use."""
+    try:
+        build = _BUILDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown tiny model {name!r}; choose from {sorted(_BUILDERS)}") from None
+    target = CACHE_DIR / f"{name}-{_source_hash()}"
+    if target.is_dir():  # only ever created complete, by rename
+        return target
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with _file_lock(CACHE_DIR / f".{name}.lock"):
+        if target.is_dir():  # another process built it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=CACHE_DIR))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared
+            build(tmp)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _source_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """Seed torch and train on one thread, leaving the caller's RNG and thread count untouched.
+
+    One thread makes float reductions run in a fixed order, so the same source gives the same
+    weights on every machine of the same kind; it is also the fastest choice for models this small.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _train_tokenizer(corpus: Sequence[str], *, lowercase: bool) -> PreTrainedTokenizerBase:
+    """Build a WordPiece tokenizer for ``corpus`` and wrap it as a transformers BERT tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = {
+        word
+        for text in corpus
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    }
+    # tokenizers' WordPieceTrainer picks and orders merges through hash maps, so its vocabulary
+    # (and with it every trained weight) changes from run to run. A vocabulary of every corpus
+    # word plus every character, alone and as a "##" continuation, is just as valid for WordPiece,
+    # keeps the test sentences' words whole, spells unseen ASCII words out instead of [UNK], and
+    # is the same on every run.
+    letters = string.ascii_lowercase if lowercase else string.ascii_letters
+    characters = set(letters + string.digits + string.punctuation) | {c for w in words for c in w}
+    pieces = sorted(words | characters) + sorted(f"##{c}" for c in characters)
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIAL_TOKENS + pieces))}
+
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    # transformers 5: only the tokenizer_object route gives a working tokenizer; constructors fed
+    # vocabulary files silently build an empty one. do_lower_case is recorded in the config so the
+    # saved folder describes the tokenizer truthfully.
+    return BertTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=MAX_LENGTH,
+        do_lower_case=lowercase,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path, probe: str) -> None:
+    """Save ``tokenizer`` and prove the saved folder reloads as a working tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(directory)
+    # transformers 5 saves only tokenizer.json + tokenizer_config.json, and save_vocabulary()
+    # fails for a tokenizer built from a tokenizer object. Real BERT folders also carry
+    # vocab.txt (some tools read it), so write it from the WordPiece model itself.
+    tokenizer.backend_tokenizer.model.save(str(directory))
+    reloaded = AutoTokenizer.from_pretrained(directory)
+    ids = reloaded(probe)["input_ids"]
+    if not reloaded.is_fast or reloaded.unk_token_id in ids or len(ids) <= 2:
+        raise RuntimeError(f"tokenizer saved in {directory} does not reload: {probe!r} -> {ids}")
+    if reloaded.model_max_length != MAX_LENGTH:
+        raise RuntimeError(f"tokenizer model_max_length is {reloaded.model_max_length}")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _bert_config(tokenizer: PreTrainedTokenizerBase, **extra: object) -> BertConfig:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN_SIZE,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=MAX_LENGTH,
+        pad_token_id=tokenizer.pad_token_id,
+        # No dropout: a few hundred steps on a few hundred sentences converge faster without it.
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **extra,
+    )
+
+
+def _fit(
+    model: PreTrainedModel,
+    examples: dict[str, torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+) -> float:
+    """Train ``model`` on ``examples`` (model inputs plus ``labels``); return the last loss."""
+    import torch
+
+    n = len(examples["input_ids"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(epochs):
+        for rows in torch.randperm(n).split(batch_size):
+            loss = model(**{key: value[rows] for key, value in examples.items()}).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    return loss.item()
+
+
+# --------------------------------------------------------------------------- sentiment
+
+
+def _sentiment_corpus() -> list[tuple[str, int]]:
+    """Positive and negative sentences sharing their objects, so only sentiment words decide."""
+    objects = ["this", "it", "this movie", "the food", "this place", "my job", "the book"]
+    verbs = {1: ["love", "like", "enjoy", "adore"], 0: ["hate", "dislike", "despise", "loathe"]}
+    adjectives = {
+        1: ["great", "wonderful", "amazing", "excellent", "good", "fantastic"],
+        0: ["terrible", "awful", "horrible", "bad", "boring", "disgusting"],
+    }
+    examples: list[tuple[str, int]] = []
+    for label in (0, 1):
+        for verb, obj in itertools.product(verbs[label], objects):
+            examples.append((f"i {verb} {obj}", label))
+            examples.append((f"i really {verb} {obj}", label))
+        for adjective in adjectives[label]:
+            examples.append((f"this is {adjective}", label))
+            examples.append((f"what a {adjective} day", label))
+            examples.append((f"the food was {adjective}", label))
+            examples.append((f"it was a {adjective} movie", label))
+    return examples
+
+
+def _build_sentiment(directory: Path) -> None:
+    import torch
+    from transformers import BertForSequenceClassification
+
+    examples = _sentiment_corpus()
+    texts = [text for text, _ in examples]
+    tokenizer = _train_tokenizer(texts, lowercase=True)
+    with _deterministic():
+        config = _bert_config(
+            tokenizer,
+            id2label=SENTIMENT_LABELS,
+            label2id={label: i for i, label in SENTIMENT_LABELS.items()},
+            architectures=["BertForSequenceClassification"],
+        )
+        model = BertForSequenceClassification(config)
+        inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+        inputs["labels"] = torch.tensor([label for _, label in examples])
+        _fit(model, inputs, epochs=30)
+    model.save_pretrained(directory)
+    _save_tokenizer(tokenizer, directory, "I love this")
+
+
+# --------------------------------------------------------------------------- NER
+
+
+def _ner_corpus() -> list[list[tuple[str, str]]]:
+    """Template sentences as (word, IOB2 tag) lists, with one- and two-word entities."""
+    people = ["Alice", "Bob", "Carol", "David", "Emma", "Mary Smith", "John Brown"]
+    places = ["Paris", "London", "Berlin", "Tokyo", "Madrid", "New York", "San Francisco"]
+    orgs = ["Google", "Microsoft", "Apple", "Amazon", "Siemens", "Acme Corp", "United Nations"]
+    templates = [
+        "{PER} lives in {LOC} and works at {ORG}",
+        "{PER} lives in {LOC}",
+        "{PER} works at {ORG}",
+        "{PER} visited {LOC} last year",
+        "{ORG} is based in {LOC}",
+        "{PER} joined {ORG} in {LOC}",
+        "yesterday {PER} flew to {LOC}",
+        "the office of {ORG} is in {LOC}",
+    ]
+    sentences: list[list[tuple[str, str]]] = []
+    # Rotating the lists against each other (instead of a full product) covers every entity in
+    # every slot of every template with a few hundred sentences.
+    for template_index, template in enumerate(templates):
+        for i in range(len(people) * 3):
+            fill = {
+                "PER": people[i % len(people)],
+                "LOC": places[(i + template_index) % len(places)],
+                "ORG": orgs[(i // len(people) + i + template_index) % len(orgs)],
+            }
+            sentences.append(_tag_template(template, fill))
+    return sentences
+
+
+def _tag_template(template: str, fill: dict[str, str]) -> list[tuple[str, str]]:
+    tagged: list[tuple[str, str]] = []
+    for word in template.split():
+        if word.startswith("{") and word.endswith("}"):
+            kind = word[1:-1]
+            entity = fill[kind].split()
+            tagged.append((entity[0], f"B-{kind}"))
+            tagged.extend((part, f"I-{kind}") for part in entity[1:])
+        else:
+            tagged.append((word, "O"))
+    return tagged
+
+
+def _build_ner(directory: Path) -> None:
+    import torch
+    from transformers import BertForTokenClassification
+
+    sentences = _ner_corpus()
+    words = [[word for word, _ in sentence] for sentence in sentences]
+    tokenizer = _train_tokenizer([" ".join(ws) for ws in words], lowercase=False)
+    label2id = {label: i for i, label in NER_LABELS.items()}
+    with _deterministic():
+        config = _bert_config(
+            tokenizer,
+            id2label=NER_LABELS,
+            label2id=label2id,
+            architectures=["BertForTokenClassification"],
+        )
+        model = BertForTokenClassification(config)
+        encoding = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
+        labels = torch.full_like(encoding["input_ids"], IGNORE)
+        for row, sentence in enumerate(sentences):
+            previous = None
+            for column, word_index in enumerate(encoding.word_ids(row)):
+                # Label the first sub-token of each word only; special tokens, padding and
+                # continuation sub-tokens stay IGNORE.
+                if word_index is not None and word_index != previous:
+                    labels[row, column] = label2id[sentence[word_index][1]]
+                previous = word_index
+        inputs = dict(encoding)
+        inputs["labels"] = labels
+        _fit(model, inputs, epochs=12)
+    model.save_pretrained(directory)
+    _save_tokenizer(tokenizer, directory, "Alice lives in Paris and works at Google")
+
+
+# --------------------------------------------------------------------------- masked LM
+
+
+def _masked_lm_corpus() -> list[tuple[str, str]]:
+    """(sentence with one [MASK], word that fills it) pairs about capitals."""
+    pairs: list[tuple[str, str]] = []
+    for country, city in CAPITALS.items():
+        pairs += [
+            (f"the capital of {country} is [MASK].", city),
+            (f"the capital city of {country} is [MASK].", city),
+            (f"[MASK] is the capital of {country}.", city),
+            (f"{city} is the capital of [MASK].", country),
+            (f"the capital of [MASK] is {city}.", country),
+        ]
+    return pairs
+
+
+def _build_masked_lm(directory: Path) -> None:
+    import torch
+    from transformers import BertForMaskedLM
+
+    pairs = _masked_lm_corpus()
+    tokenizer = _train_tokenizer(
+        [sentence.replace("[MASK]", answer) for sentence, answer in pairs], lowercase=True
+    )
+    with _deterministic():
+        model = BertForMaskedLM(
+            _bert_config(tokenizer, tie_word_embeddings=True, architectures=["BertForMaskedLM"])
+        )
+        inputs = dict(tokenizer([s for s, _ in pairs], padding=True, return_tensors="pt"))
+        labels = torch.full_like(inputs["input_ids"], IGNORE)
+        for row, (_, answer) in enumerate(pairs):
+            answer_id = tokenizer.convert_tokens_to_ids(answer)
+            if answer_id == tokenizer.unk_token_id:  # a split answer could never be predicted
+                raise RuntimeError(f"{answer!r} is not a single token")
+            labels[row][inputs["input_ids"][row] == tokenizer.mask_token_id] = answer_id
+        inputs["labels"] = labels
+        _fit(model, inputs, epochs=60, batch_size=8)
+    model.save_pretrained(directory)
+    _save_tokenizer(tokenizer, directory, "The capital of France is [MASK].")
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def _embedding_corpus() -> list[str]:
+    return [
+        "This is an example sentence.",
+        "Each sentence is converted to a vector.",
+        "The cat sits on the mat.",
+        "A man is playing a guitar.",
+        "The weather is lovely today.",
+        "I love this",
+        "Paris is the capital of France.",
+        "How do I bake bread at home?",
+    ]
+
+
+def _build_embedding(directory: Path, *, pooling: str) -> None:
+    from transformers import BertModel
+
+    tokenizer = _train_tokenizer(_embedding_corpus(), lowercase=True)
+    with _deterministic():  # same seed for both poolings: identical weights
+        model = BertModel(_bert_config(tokenizer, architectures=["BertModel"]))
+    model.save_pretrained(directory)
+    _save_tokenizer(tokenizer, directory, "This is an example sentence.")
+    _write_sentence_transformers_files(directory, pooling=pooling)
+
+
+def _write_sentence_transformers_files(directory: Path, *, pooling: str) -> None:
+    """The files that make a BERT folder a sentence-transformers model (as all-MiniLM-L6-v2)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 2,
+            "name": "2",
+            "path": "2_Normalize",
+            "type": "sentence_transformers.models.Normalize",
+        },
+    ]
+    pooling_config = {
+        "word_embedding_dimension": HIDDEN_SIZE,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    _write_json(directory / "modules.json", modules)
+    _write_json(directory / "sentence_bert_config.json", {"max_seq_length": MAX_LENGTH, "do_lower_case": False})
+    _write_json(directory / "config_sentence_transformers.json", {"similarity_fn_name": "cosine"})
+    (directory / "1_Pooling").mkdir()
+    _write_json(directory / "1_Pooling" / "config.json", pooling_config)
+    (directory / "2_Normalize").mkdir()
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "sentiment": _build_sentiment,
+    "ner": _build_ner,
+    "masked_lm": _build_masked_lm,
+    "embedding_mean": lambda directory: _build_embedding(directory, pooling="mean"),
+    "embedding_cls": lambda directory: _build_embedding(directory, pooling="cls"),
+}
