@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _support import tiny_models
+from _support.tiny_models import model_path
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -16,9 +18,6 @@ from transformers import (
     AutoModelForTokenClassification,
     AutoTokenizer,
 )
-
-from _support import tiny_models
-from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +95,7 @@ def test_ner_tags_people_places_and_organisations() -> None:
     path = model_path("ner")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForTokenClassification.from_pretrained(path)
-    words = "Alice lives in Paris and works at Google".split()
+    words = ["Alice", "lives", "in", "Paris", "and", "works", "at", "Google"]
     encoding = tokenizer(words, is_split_into_words=True, return_tensors="pt")
     with torch.no_grad():
         predicted = model(**encoding).logits.argmax(-1)[0].tolist()
@@ -136,7 +135,9 @@ def test_masked_lm_fills_capitals(text: str, answer: str) -> None:
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-@pytest.mark.parametrize(("name", "pooling"), [("embedding_mean", "mean"), ("embedding_cls", "cls")])
+@pytest.mark.parametrize(
+    ("name", "pooling"), [("embedding_mean", "mean"), ("embedding_cls", "cls")]
+)
 def test_embedding_directory_is_a_sentence_transformers_model(name: str, pooling: str) -> None:
     path = model_path(name)
     modules = json.loads((path / "modules.json").read_text())

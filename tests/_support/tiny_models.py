@@ -40,7 +40,7 @@ import string
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -130,7 +130,7 @@ def _deterministic() -> Iterator[None]:
 def _train_tokenizer(corpus: Sequence[str], *, lowercase: bool) -> PreTrainedTokenizerBase:
     """Build a WordPiece tokenizer for ``corpus`` and wrap it as a transformers BERT tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -158,10 +158,10 @@ def _train_tokenizer(corpus: Sequence[str], *, lowercase: bool) -> PreTrainedTok
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    # transformers 5: only the tokenizer_object route gives a working tokenizer; constructors fed
-    # vocabulary files silently build an empty one. do_lower_case is recorded in the config so the
-    # saved folder describes the tokenizer truthfully.
-    return BertTokenizerFast(
+    # transformers 5: BertTokenizer is the fast (tokenizers-backed) class, and only the
+    # tokenizer_object route gives a working one; constructors fed vocabulary files silently build
+    # an empty tokenizer. do_lower_case is recorded so the saved config tells the truth.
+    return BertTokenizer(
         tokenizer_object=tokenizer,
         model_max_length=MAX_LENGTH,
         do_lower_case=lowercase,
@@ -193,7 +193,7 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path, probe: 
 # --------------------------------------------------------------------------- training
 
 
-def _bert_config(tokenizer: PreTrainedTokenizerBase, **extra: object) -> BertConfig:
+def _bert_config(tokenizer: PreTrainedTokenizerBase, **extra: Any) -> BertConfig:
     from transformers import BertConfig
 
     return BertConfig(
@@ -218,14 +218,13 @@ def _fit(
     epochs: int,
     batch_size: int = 32,
     lr: float = 3e-3,
-) -> float:
-    """Train ``model`` on ``examples`` (model inputs plus ``labels``); return the last loss."""
+) -> None:
+    """Train ``model`` on ``examples`` (model inputs plus ``labels``) with AdamW."""
     import torch
 
     n = len(examples["input_ids"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    loss = torch.tensor(float("nan"))
     for _ in range(epochs):
         for rows in torch.randperm(n).split(batch_size):
             loss = model(**{key: value[rows] for key, value in examples.items()}).loss
@@ -233,7 +232,6 @@ def _fit(
             optimizer.step()
             optimizer.zero_grad()
     model.eval()
-    return loss.item()
 
 
 # --------------------------------------------------------------------------- sentiment
@@ -391,11 +389,11 @@ def _build_masked_lm(directory: Path) -> None:
         )
         inputs = dict(tokenizer([s for s, _ in pairs], padding=True, return_tensors="pt"))
         labels = torch.full_like(inputs["input_ids"], IGNORE)
+        vocab = tokenizer.get_vocab()
         for row, (_, answer) in enumerate(pairs):
-            answer_id = tokenizer.convert_tokens_to_ids(answer)
-            if answer_id == tokenizer.unk_token_id:  # a split answer could never be predicted
+            if answer not in vocab:  # an answer split into pieces could never fill one [MASK]
                 raise RuntimeError(f"{answer!r} is not a single token")
-            labels[row][inputs["input_ids"][row] == tokenizer.mask_token_id] = answer_id
+            labels[row][inputs["input_ids"][row] == tokenizer.mask_token_id] = vocab[answer]
         inputs["labels"] = labels
         _fit(model, inputs, epochs=60, batch_size=8)
     model.save_pretrained(directory)
@@ -433,7 +431,12 @@ def _write_sentence_transformers_files(directory: Path, *, pooling: str) -> None
     """The files that make a BERT folder a sentence-transformers model (as all-MiniLM-L6-v2)."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
         {
             "idx": 2,
             "name": "2",
@@ -449,7 +452,10 @@ def _write_sentence_transformers_files(directory: Path, *, pooling: str) -> None
         "pooling_mode_mean_sqrt_len_tokens": False,
     }
     _write_json(directory / "modules.json", modules)
-    _write_json(directory / "sentence_bert_config.json", {"max_seq_length": MAX_LENGTH, "do_lower_case": False})
+    _write_json(
+        directory / "sentence_bert_config.json",
+        {"max_seq_length": MAX_LENGTH, "do_lower_case": False},
+    )
     _write_json(directory / "config_sentence_transformers.json", {"similarity_fn_name": "cosine"})
     (directory / "1_Pooling").mkdir()
     _write_json(directory / "1_Pooling" / "config.json", pooling_config)

@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.settings import ServeSettings
+from lmserve_core.tasks import Task
 
 ENV_PREFIX = "LMSERVE_"
 _GROUP_TITLES = {
@@ -70,7 +71,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(*_spellings(name, field), action="store_true", **kwargs)
             continue
-        if isinstance(kind, type) and issubclass(kind, Enum):
+        # Tasks take pipeline spellings too, so pydantic (not argparse) validates them.
+        if isinstance(kind, type) and issubclass(kind, Enum) and kind is not Task:
             kwargs["choices"] = [m.value for m in kind]
         kwargs["metavar"] = name.upper()
         group.add_argument(*_spellings(name, field), **kwargs)

@@ -1,0 +1,59 @@
+"""The CLI is generated from ServeSettings: both spellings, env twins, strict errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve_core.settings import ServeSettings
+from lmserve_core.tasks import Task
+from lmserve_server.cli import build_settings, serve_parser
+
+
+def parse(*argv: str, env: dict[str, str] | None = None) -> ServeSettings:
+    parser = serve_parser()
+    return build_settings(parser, parser.parse_args(list(argv)), environ=env or {})
+
+
+def test_every_field_has_both_spellings() -> None:
+    parser = serve_parser()
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for name in ServeSettings.model_fields:
+        assert f"--{name}" in flags and f"--{name.replace('_', '-')}" in flags
+    assert "--max_model_len" in flags and "--max-model-len" in flags
+
+
+def test_spellings_mean_the_same() -> None:
+    a = parse("--model_name", "m", "--max_length", "12", "--return_probabilities")
+    b = parse("--model-name", "m", "--max-model-len", "12", "--return-probabilities")
+    assert a == b
+    assert a.model_name == "m" and a.max_length == 12 and a.return_probabilities
+
+
+def test_task_accepts_pipeline_names() -> None:
+    assert parse("--task", "text-classification").task is Task.sequence_classification
+    assert parse("--task", "fill_mask").task is Task.fill_mask
+
+
+def test_env_twins_and_cli_wins() -> None:
+    env = {"LMSERVE_MODEL_NAME": "from-env", "LMSERVE_DISABLE_LOWER_CASE": "1", "LMSERVE_HTTP_PORT": "9000"}
+    s = parse(env=env)
+    assert (s.model_name, s.disable_lower_case, s.http_port) == ("from-env", True, 9000)
+    assert parse("--model_name", "cli", env=env).model_name == "cli"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--unknown"], ["--task", "summarize"], ["--dtype", "int4"], ["--http_port", "x"],
+     ["--max_length", "0"], ["--backend", "tf"], ["--model_nam", "abbrev"]],
+)  # fmt: skip
+def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_bad_env_boolean_exits_2() -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(env={"LMSERVE_TRUST_REMOTE_CODE": "maybe"})
+    assert exc.value.code == 2
