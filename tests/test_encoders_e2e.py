@@ -215,13 +215,23 @@ def test_openai_embeddings_base64_and_token_ids(minilm: ServerProcess) -> None:
         floats = c.post("/openai/v1/embeddings", json={"model": "minilm", "input": [EXAMPLE, "hi"]}).json()
         b64 = c.post("/openai/v1/embeddings",
                      json={"model": "minilm", "input": [EXAMPLE], "encoding_format": "base64"}).json()  # fmt: skip
-        ids = c.post("/openai/v1/embeddings", json={"model": "minilm", "input": [101, 7592, 102]}).json()
+        ids = c.post("/openai/v1/embeddings", json={"model": "minilm", "input": minilm_ids("hi")}).json()
         hi = c.post("/openai/v1/embeddings", json={"model": "minilm", "input": "hi"}).json()
     assert [d["index"] for d in floats["data"]] == [0, 1]
     decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
     assert decoded.tolist() == pytest.approx(floats["data"][0]["embedding"], abs=1e-6)
-    # 101 [CLS], 7592 "hi", 102 [SEP] in bert-base-uncased: same as the text "hi".
+    # Token ids of "hi" (with [CLS]/[SEP]) embed exactly as the text does.
     assert ids["data"][0]["embedding"] == pytest.approx(hi["data"][0]["embedding"], abs=1e-5)
+
+
+def minilm_ids(text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from lmserve_core.builtin_models import locate_builtin
+
+    ids: list[int] = AutoTokenizer.from_pretrained(locate_builtin("all-minilm-l6-v2"))(text)["input_ids"]
+    assert ids[0] == 101 and ids[-1] == 102  # [CLS] ... [SEP]
+    return ids
 
 
 def test_openai_models_and_embedding_errors(minilm: ServerProcess) -> None:

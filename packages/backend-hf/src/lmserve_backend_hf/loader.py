@@ -63,14 +63,16 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
         raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
 
     try:
-        model = _model_class(task).from_pretrained(
+        model, loading_info = _model_class(task).from_pretrained(
             str(source.path),
             dtype=_TORCH_DTYPES[dtype_name],
             trust_remote_code=settings.trust_remote_code,
+            output_loading_info=True,
         )
     except Exception as exc:
         raise ConfigurationError(f"cannot load the model from {source.display_name!r} as "
                                  f"{task.value}: {exc}", param="model_dir") from exc  # fmt: skip
+    _refuse_untrained_heads(loading_info, source.display_name, task)
     model.eval().to(device)
 
     config = request.config
@@ -107,6 +109,23 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
         details={"device": str(device), "dtype": dtype_name, "torch_threads": threads,
                  "architecture": (config.get("architectures") or ["?"])[0]},
     )  # fmt: skip
+
+
+def _refuse_untrained_heads(loading_info: dict[str, Any], name: str, task: Task) -> None:
+    """transformers fills missing head weights with random values and only warns; serving
+    that would answer confidently and wrongly, so a checkpoint without them is refused."""
+    missing = sorted(
+        k for k in loading_info.get("missing_keys", ())
+        # Embeddings read the last hidden state; an absent pooler does not matter.
+        if k.endswith(".weight") and not (task is Task.text_embedding and "pooler" in k)
+    )
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise ConfigurationError(
+            f"{name!r} has no trained weights for {task.value} (missing {shown}); "
+            "is --task right for this checkpoint?",
+            param="task",
+        )
 
 
 def _max_length(requested: int | None, config: dict[str, Any], path: Any, tokenizer: Any) -> int:

@@ -103,12 +103,21 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [p.item for p in batch]
                 )
+            except asyncio.CancelledError:
+                # stop() during a pass: nobody will deliver its results, so fail it now.
+                self._fail(batch, ModelNotReady("the model is shutting down"))
+                raise
             except LmserveError as exc:
                 self._fail(batch, exc)
                 continue
             except Exception as exc:
                 logger.exception("model forward pass failed")
                 self._fail(batch, BackendError(f"model forward pass failed: {exc}"))
+                continue
+            if len(results) != len(batch):
+                # zip(strict=True) below would raise and end this loop for good.
+                message = f"the model returned {len(results)} results for {len(batch)} requests"
+                self._fail(batch, BackendError(message))
                 continue
             self.batches_run += 1
             for pending, result in zip(batch, results, strict=True):

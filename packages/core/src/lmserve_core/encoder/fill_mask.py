@@ -52,7 +52,11 @@ class FillMask(EncoderTask):
         for enc, logits in zip(request.encodings, outputs, strict=True):
             positions = _mask_positions(enc, mask_id)
             if request.params.labels:
-                per_mask = [self._labelled(enc, logits, pos, request, ctx) for pos in positions]
+                single = len(positions) == 1
+                per_mask = [
+                    self._labelled(enc, logits, pos, request, ctx, single=single)
+                    for pos in positions
+                ]
                 rows.append(per_mask[0] if len(per_mask) == 1 else per_mask)
             elif ctx.options.return_probabilities:
                 top_k = request.params.top_k or DEFAULT_TOP_K
@@ -71,7 +75,13 @@ class FillMask(EncoderTask):
 
     @staticmethod
     def _labelled(
-        enc: Encoding, logits: FloatArray, pos: int, request: EncodedRequest, ctx: TaskContext
+        enc: Encoding,
+        logits: FloatArray,
+        pos: int,
+        request: EncodedRequest,
+        ctx: TaskContext,
+        *,
+        single: bool,
     ) -> list[dict[str, Any]]:
         probs = softmax(logits[pos])
         out = []
@@ -82,7 +92,9 @@ class FillMask(EncoderTask):
                 "score": float(probs[token]),
                 "token": int(token),
                 "token_str": ctx.tokenizer.decode([int(token)]),
-                "sequence": ctx.tokenizer.decode(ids, skip_special_tokens=True),
+                # As the pipeline: with several masks keep special tokens, or the other
+                # [MASK]s would vanish from the sequence.
+                "sequence": ctx.tokenizer.decode(ids, skip_special_tokens=single),
             })  # fmt: skip
         return out
 

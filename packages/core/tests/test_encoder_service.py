@@ -1,0 +1,290 @@
+"""EncoderService: tokenization options, truncation, merged batches, input checks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lmserve_core import BackendError, InputTooLong, InvalidInput, ModelNotReady, Task
+from lmserve_core.encoder import EncoderOptions, EncoderResult, EncoderService, ModelInfo, RequestParams
+from lmserve_core.encoder.service import check_texts, pad_encodings
+from lmserve_core.tokenizer import Encoding
+
+PAD, CLS, SEP = 0, 2, 3
+WAIT_S = 10.0  # bound on waits for the model thread; never asserted on
+
+
+def position_logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Token logits whose argmax is the token id (3 classes: id % 3), padding class 2."""
+    labels = np.where(mask == 1, ids % 3, 2)
+    return 4.0 * np.eye(3)[labels]
+
+
+def first_word_logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.stack([ids[:, 1] % 2 == 0, ids[:, 1] % 2 == 1], axis=1).astype(np.float32)
+
+
+def test_truncates_to_the_model_max_length_by_default(
+    make_service: Callable[..., Any], infer: Callable[..., Any], tokenizer: Any
+) -> None:
+    service, backend = make_service(Task.token_classification, position_logits,
+                                    info=ModelInfo(max_length=5))  # fmt: skip
+    result = infer(service, ["the cat sat on the mat", "a dog"])
+    assert tokenizer.calls[-1]["max_length"] == 5
+    assert backend.calls[0]["input_ids"].tolist() == [[CLS, 5, 6, 7, SEP], [CLS, 17, 18, SEP, PAD]]
+    assert result.outputs[0].shape == [2, 1, 5]
+    assert result.token_count == 5 + 4
+
+
+def test_truncate_false_refuses_too_long_input(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    service, backend = make_service(Task.token_classification, position_logits,
+                                    info=ModelInfo(max_length=5))  # fmt: skip
+    with pytest.raises(InputTooLong) as info:
+        infer(service, ["a dog", "the cat sat on the mat"], {"truncate": False})
+    assert isinstance(info.value, InvalidInput)
+    assert info.value.param == "truncate"
+    assert "instance 1" in info.value.message and "8 tokens" in info.value.message
+    assert backend.calls == []
+
+
+def test_truncate_false_accepts_input_that_fits(
+    make_service: Callable[..., Any], infer: Callable[..., Any], tokenizer: Any
+) -> None:
+    service, backend = make_service(Task.token_classification, position_logits,
+                                    info=ModelInfo(max_length=5))  # fmt: skip
+    result = infer(service, ["the cat sat"], {"truncate": False})
+    assert tokenizer.calls[-1]["max_length"] is None
+    assert result.outputs[0].shape == [1, 1, 5]
+
+
+def test_truncate_must_be_a_boolean(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+    service, _ = make_service(Task.token_classification, position_logits)
+    with pytest.raises(InvalidInput) as info:
+        infer(service, ["a"], {"truncate": "no"})
+    assert info.value.param == "truncate"
+
+
+def test_backend_inputs_are_right_padded_int64(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    service, backend = make_service(Task.sequence_classification, first_word_logits)
+    infer(service, ["a", "the cat sat"])
+    (call,) = backend.calls
+    assert set(call) == {"input_ids", "attention_mask"}
+    assert call["input_ids"].dtype == np.int64 and call["attention_mask"].dtype == np.int64
+    assert call["input_ids"].tolist() == [[CLS, 17, SEP, PAD, PAD], [CLS, 5, 6, 7, SEP]]
+    assert call["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_token_type_ids_only_when_asked(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+    options = EncoderOptions(return_token_type_ids=True)
+    service, backend = make_service(Task.sequence_classification, first_word_logits, options=options)
+    infer(service, ["a", "the cat"])
+    assert backend.calls[0]["token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_disable_special_tokens(make_service: Callable[..., Any], infer: Callable[..., Any], tokenizer: Any) -> None:
+    options = EncoderOptions(add_special_tokens=False)
+    service, backend = make_service(Task.token_classification, position_logits, options=options)
+    result = infer(service, ["the cat"])
+    assert tokenizer.calls[-1]["add_special_tokens"] is False
+    assert backend.calls[0]["input_ids"].tolist() == [[5, 6]]
+    assert result.predictions == [[[5 % 3, 6 % 3]]]
+
+
+def test_text_with_no_tokens_is_invalid(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+    options = EncoderOptions(add_special_tokens=False)
+    service, backend = make_service(Task.token_classification, position_logits, options=options)
+    with pytest.raises(InvalidInput) as info:
+        infer(service, ["the", "   "])
+    assert info.value.param == "instances"
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("texts", [[], (), "a string", None, {"a": 1}, [1], ["ok", None], ["ok", b"bytes"]])
+def test_check_texts_errors(texts: Any) -> None:
+    with pytest.raises(InvalidInput) as info:
+        check_texts(texts)
+    assert info.value.param == "instances"
+
+
+def test_check_texts_accepts_lists_and_tuples() -> None:
+    assert check_texts(("a", "")) == ["a", ""]
+    assert check_texts(["x"]) == ["x"]
+
+
+def test_infer_rejects_bad_texts(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+    service, backend = make_service(Task.sequence_classification, first_word_logits)
+    with pytest.raises(InvalidInput, match="instance 1 is int"):
+        infer(service, ["a", 3])
+    assert backend.calls == []
+
+
+def test_backend_with_wrong_row_count_is_a_backend_error(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    service, _ = make_service(Task.sequence_classification, lambda ids, mask: np.zeros((1, 2)))
+    with pytest.raises(BackendError, match="1 rows for 2 inputs"):
+        infer(service, ["a", "the"])
+
+
+def test_backend_crash_is_a_backend_error(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+    def crash(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        raise RuntimeError("device lost")
+
+    service, _ = make_service(Task.sequence_classification, crash)
+    with pytest.raises(BackendError, match="device lost"):
+        infer(service, ["a"])
+
+
+def test_model_thread_is_not_the_event_loop_thread(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    import threading
+
+    service, backend = make_service(Task.sequence_classification, first_word_logits)
+    infer(service, ["a"])
+    assert backend.threads and backend.threads[0] != threading.get_ident()
+
+
+def test_stop_closes_the_backend_and_refuses_requests(make_service: Callable[..., Any]) -> None:
+    service, backend = make_service(Task.sequence_classification, first_word_logits)
+
+    async def main() -> None:
+        await service.start()
+        await service.stop()
+        with pytest.raises(ModelNotReady):
+            await service.infer(["a"], None)
+
+    asyncio.run(main())
+    assert backend.closed
+
+
+def test_generative_tasks_are_not_encoder_tasks(make_service: Callable[..., Any]) -> None:
+    for task in (Task.text_generation, Task.text2text_generation):
+        with pytest.raises(ValueError):
+            make_service(task, first_word_logits)
+
+
+def test_pad_encodings() -> None:
+    a = Encoding([2, 7, 3], [0, 1, 1], [(0, 0)] * 3, [1, 0, 1], [None, 0, None])
+    b = Encoding([2, 3], [], [(0, 0)] * 2, [1, 1], [None, None])
+    out = pad_encodings([a, b], pad_id=9, length=4, with_token_types=True)
+    assert out["input_ids"].tolist() == [[2, 7, 3, 9], [2, 3, 9, 9]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert out["token_type_ids"].tolist() == [[0, 1, 1, 0], [0, 0, 0, 0]]
+    assert "token_type_ids" not in pad_encodings([a], pad_id=0, length=3, with_token_types=False)
+
+
+# --- merged batches -----------------------------------------------------------------
+
+
+def test_run_batch_trims_each_request_to_its_own_length(
+    make_service: Callable[..., Any], tokenizer: Any
+) -> None:
+    service, backend = make_service(Task.token_classification, position_logits)
+    short = service.encode(["a"], RequestParams())  # 3 tokens
+    long = service.encode(["the cat sat on", "dog"], RequestParams())  # 6 and 3 tokens
+    out_short, out_long = service._run_batch([short, long])
+    assert backend.calls[0]["input_ids"].shape == (3, 6)  # one padded forward pass
+    assert out_short.shape == (1, 3, 3)
+    assert out_long.shape == (2, 6, 3)
+    # Rows stay with their request: the short one's tokens are [CLS] a [SEP].
+    assert out_short[0].argmax(-1).tolist() == [CLS % 3, 17 % 3, SEP % 3]
+
+
+def _merged(make_service: Callable[..., Any], task: Task, fn: Any, **kw: Any) -> tuple[list[EncoderResult], Any]:
+    """Block the first forward pass, queue two requests of different lengths, release."""
+    service, backend = make_service(task, fn, block_first=True, **kw)
+    long_texts = ["the cat sat on the mat .", "a"]  # 9 and 3 tokens -> L = 9
+    short_texts = ["a dog", "new york", "paris"]  # 4, 4, 3 tokens -> L = 4
+
+    async def main() -> list[EncoderResult]:
+        await service.start()
+        try:
+            blocker = asyncio.ensure_future(service.infer(["john"], None))
+            assert await asyncio.to_thread(backend.started.wait, WAIT_S)
+            long_req = asyncio.ensure_future(service.infer(long_texts, None))
+            short_req = asyncio.ensure_future(service.infer(short_texts, None))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT_S
+            while service.batcher.queued < 2:
+                assert loop.time() < deadline, "the requests never reached the queue"
+                await asyncio.sleep(0.001)
+            backend.release.set()
+            return list(await asyncio.gather(blocker, long_req, short_req))
+        finally:
+            backend.release.set()
+            await service.stop()
+
+    return asyncio.run(main()), backend
+
+
+def test_concurrent_requests_are_merged_and_trimmed(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+    (blocker, long_res, short_res), backend = _merged(make_service, Task.token_classification, position_logits)
+    assert len(backend.calls) == 2
+    assert backend.calls[1]["input_ids"].shape == (5, 9)  # both requests in one pass
+    assert blocker.outputs[0].shape == [1, 1, 3]
+    assert long_res.outputs[0].shape == [2, 1, 9]
+    assert short_res.outputs[0].shape == [3, 1, 4]
+    assert [len(p[0]) for p in short_res.predictions] == [4, 4, 4]
+    # The same as serving each request alone.
+    for texts, merged in ((["the cat sat on the mat .", "a"], long_res), (["a dog", "new york", "paris"], short_res)):
+        service, _ = make_service(Task.token_classification, position_logits)
+        alone = infer(service, texts)
+        assert merged.predictions == alone.predictions
+        np.testing.assert_array_equal(merged.outputs[0].data, alone.outputs[0].data)
+    assert short_res.token_count == 11 and long_res.token_count == 12
+
+
+def test_merged_embeddings_ignore_the_other_request_padding(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    table = np.random.default_rng(3).standard_normal((20, 6)).astype(np.float32)
+
+    def hidden(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        h = table[ids].copy()
+        h[mask == 0] = 1e4
+        return h
+
+    (_, long_res, short_res), backend = _merged(make_service, Task.text_embedding, hidden)
+    assert backend.calls[1]["input_ids"].shape == (5, 9)
+    assert short_res.outputs[0].shape == [3, 6]
+    service, _ = make_service(Task.text_embedding, hidden)
+    alone = infer(service, ["a dog", "new york", "paris"])
+    np.testing.assert_allclose(short_res.outputs[0].data, alone.outputs[0].data, rtol=1e-6)
+
+
+# --- pre-tokenized input --------------------------------------------------------------
+
+
+def test_encode_token_ids(make_service: Callable[..., Any]) -> None:
+    service, backend = make_service(Task.text_embedding, lambda ids, mask: np.ones((*ids.shape, 2)),
+                                    info=ModelInfo(max_length=3, vocab_size=20))  # fmt: skip
+    request = service.encode_token_ids([[5, 6, 7, 8], [9]], RequestParams())
+    assert [e.ids for e in request.encodings] == [[5, 6, 7], [9]]  # truncated
+    with pytest.raises(InputTooLong) as info:
+        service.encode_token_ids([[5, 6, 7, 8]], RequestParams(truncate=False))
+    assert info.value.param == "input"
+    for bad in ([[]], [[5, 20]], [[-1]]):
+        with pytest.raises(InvalidInput) as err:
+            service.encode_token_ids(bad, RequestParams())
+        assert err.value.param == "input"
+
+    async def main() -> EncoderResult:
+        await service.start()
+        try:
+            return await service.infer_encoded(request)
+        finally:
+            await service.stop()
+
+    result = asyncio.run(main())
+    assert result.outputs[0].shape == [2, 2]
+    assert result.token_count == 4
+    assert backend.calls[0]["input_ids"].tolist() == [[5, 6, 7], [9, PAD, PAD]]
