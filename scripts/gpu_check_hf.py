@@ -33,7 +33,10 @@ from lmserve_core.tasks import Task
 MODELS = {
     "sentiment": (Task.sequence_classification, ["I love this", "I hate this", "what a day"]),
     "ner": (Task.token_classification, ["Alice lives in Paris and works at Google", "Bob"]),
-    "masked_lm": (Task.fill_mask, ["The capital of France is [MASK].", "the capital of italy is [MASK]."]),
+    "masked_lm": (
+        Task.fill_mask,
+        ["The capital of France is [MASK].", "the capital of italy is [MASK]."],
+    ),
     "embedding_mean": (Task.text_embedding, ["alpha beta gamma", "one"]),
 }
 report: dict[str, Any] = {"checks": []}
@@ -45,7 +48,9 @@ def check(name: str, ok: bool, **figures: Any) -> None:
 
 
 def load(path: Path, task: Task, **settings: Any) -> Any:
-    request = LoadRequest(ServeSettings(**settings), ModelSource(path, path.name), task, read_model_config(path))
+    request = LoadRequest(
+        ServeSettings(**settings), ModelSource(path, path.name), task, read_model_config(path)
+    )
     return create_backend(request)
 
 
@@ -123,9 +128,24 @@ def server_checks(models_dir: Path) -> None:
             time.sleep(0.2)
         v1 = httpx.post(url + "/v1/models/model:predict",
                         json={"instances": ["I love this"], "parameters": {"output": "labels"}}).json()  # fmt: skip
-        check("server on GPU: V1 labels say POSITIVE", v1["predictions"][0][0]["label"] == "POSITIVE", v1=v1)
-        v2 = httpx.post(url + "/v2/models/model/infer", json={"inputs": [
-            {"name": "t", "shape": [2], "datatype": "BYTES", "data": ["I love this", "I hate this"]}]}).json()
+        check(
+            "server on GPU: V1 labels say POSITIVE",
+            v1["predictions"][0][0]["label"] == "POSITIVE",
+            v1=v1,
+        )
+        v2 = httpx.post(
+            url + "/v2/models/model/infer",
+            json={
+                "inputs": [
+                    {
+                        "name": "t",
+                        "shape": [2],
+                        "datatype": "BYTES",
+                        "data": ["I love this", "I hate this"],
+                    }
+                ]
+            },
+        ).json()
         check("server on GPU: V2 INT64 [1, 0]", v2["outputs"][0]["data"] == [1, 0], v2=v2)
         meta = httpx.get(url + "/v2/models/model").json()
         check("server on GPU: metadata says cuda", meta["parameters"]["device"].startswith("cuda"),
@@ -149,7 +169,11 @@ def main() -> int:
     report["passed"] = all(c["ok"] for c in report["checks"])
     if out_json:
         out_json.write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps({k: v for k, v in report.items() if k != "server_log_tail"}, indent=1, default=str))
+    print(
+        json.dumps(
+            {k: v for k, v in report.items() if k != "server_log_tail"}, indent=1, default=str
+        )
+    )
     return 0 if report["passed"] else 1
 
 

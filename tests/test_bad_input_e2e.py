@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 
 import pytest
+
 from _support.servers import ServerProcess
 from _support.tiny_models import model_path
 
@@ -40,7 +41,12 @@ def test_v1_bad_bodies(server: ServerProcess, body: dict[str, object], needle: s
 
 
 def _tensor(**overrides: object) -> dict[str, object]:
-    base: dict[str, object] = {"name": "t", "shape": [1], "datatype": "BYTES", "data": ["I love this"]}
+    base: dict[str, object] = {
+        "name": "t",
+        "shape": [1],
+        "datatype": "BYTES",
+        "data": ["I love this"],
+    }
     return {"inputs": [{**base, **overrides}]}
 
 
@@ -93,7 +99,9 @@ def test_unknown_model_is_404_everywhere(server: ServerProcess) -> None:
 
 
 def test_body_over_limit_is_413(server_pool: Callable[..., ServerProcess]) -> None:
-    small = server_pool("--model_dir", str(model_path("sentiment")), "--max_request_body_bytes", "1024")
+    small = server_pool(
+        "--model_dir", str(model_path("sentiment")), "--max_request_body_bytes", "1024"
+    )
     with small.client() as c:
         r = c.post("/v1/models/model:predict", json={"instances": ["x" * 2000]})
         assert r.status_code == 413 and "1024" in r.json()["error"]

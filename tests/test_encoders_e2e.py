@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
 from _support.servers import ServerProcess
 from _support.tiny_models import model_path
 
@@ -17,7 +18,10 @@ Pool = Callable[..., ServerProcess]
 
 
 def v2_text(texts: list[str], **extra: object) -> dict[str, object]:
-    return {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}], **extra}
+    return {
+        "inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}],
+        **extra,
+    }
 
 
 def predict(server: ServerProcess, instances: object, **extra: object) -> dict[str, object]:
@@ -27,7 +31,9 @@ def predict(server: ServerProcess, instances: object, **extra: object) -> dict[s
     return r.json()
 
 
-def infer(server: ServerProcess, body: dict[str, object], model: str = "model") -> dict[str, object]:
+def infer(
+    server: ServerProcess, body: dict[str, object], model: str = "model"
+) -> dict[str, object]:
     with server.client() as c:
         r = c.post(f"/v2/models/{model}/infer", json=body)
     assert r.status_code == 200, r.text
@@ -53,7 +59,9 @@ def test_sentiment_v1_argmax_and_labels(sentiment: ServerProcess) -> None:
 def test_sentiment_v2_int64_and_labels(sentiment: ServerProcess) -> None:
     out = infer(sentiment, v2_text(["I love this", "I hate this"]))
     assert out["model_name"] == "model"
-    assert out["outputs"] == [{"name": "output-0", "datatype": "INT64", "shape": [2], "data": [1, 0]}]
+    assert out["outputs"] == [
+        {"name": "output-0", "datatype": "INT64", "shape": [2], "data": [1, 0]}
+    ]
     out = infer(sentiment, v2_text(["I love this"], parameters={"output": "labels", "top_k": 2}))
     (tensor,) = out["outputs"]
     assert tensor["datatype"] == "BYTES" and tensor["shape"] == [1]
@@ -105,9 +113,9 @@ def test_ner_entities_with_offsets(ner: ServerProcess) -> None:
     assert found == {("PER", "Alice"), ("LOC", "Paris"), ("ORG", "Google")}
     for e in entities:
         assert ALICE[e["start"] : e["end"]] == e["word"]
-    (tokens,) = predict(ner, [ALICE], parameters={"output": "labels", "aggregation_strategy": "none"})[
-        "predictions"
-    ]
+    (tokens,) = predict(
+        ner, [ALICE], parameters={"output": "labels", "aggregation_strategy": "none"}
+    )["predictions"]
     assert {t["entity"] for t in tokens} >= {"B-PER", "B-LOC", "B-ORG"}
     assert all({"score", "index", "word", "start", "end"} <= set(t) for t in tokens)
 
@@ -174,8 +182,13 @@ def test_fill_mask_probabilities(server_pool: Pool) -> None:
     assert len(probs) == 5
     assert all(isinstance(p, float) for p in probs.values())
     with server.client() as c:
-        vocab_check = c.post("/v1/models/model:predict", json={
-            "instances": ["The capital of France is [MASK]."], "parameters": {"output": "labels", "top_k": 1}})
+        vocab_check = c.post(
+            "/v1/models/model:predict",
+            json={
+                "instances": ["The capital of France is [MASK]."],
+                "parameters": {"output": "labels", "top_k": 1},
+            },
+        )
     paris_id = str(vocab_check.json()["predictions"][0][0]["token"])
     assert max(probs, key=probs.get) == paris_id
 
@@ -212,10 +225,14 @@ def test_openai_embeddings_base64_and_token_ids(minilm: ServerProcess) -> None:
     import base64
 
     with minilm.client() as c:
-        floats = c.post("/openai/v1/embeddings", json={"model": "minilm", "input": [EXAMPLE, "hi"]}).json()
+        floats = c.post(
+            "/openai/v1/embeddings", json={"model": "minilm", "input": [EXAMPLE, "hi"]}
+        ).json()
         b64 = c.post("/openai/v1/embeddings",
                      json={"model": "minilm", "input": [EXAMPLE], "encoding_format": "base64"}).json()  # fmt: skip
-        ids = c.post("/openai/v1/embeddings", json={"model": "minilm", "input": minilm_ids("hi")}).json()
+        ids = c.post(
+            "/openai/v1/embeddings", json={"model": "minilm", "input": minilm_ids("hi")}
+        ).json()
         hi = c.post("/openai/v1/embeddings", json={"model": "minilm", "input": "hi"}).json()
     assert [d["index"] for d in floats["data"]] == [0, 1]
     decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
@@ -229,7 +246,9 @@ def minilm_ids(text: str) -> list[int]:
 
     from lmserve_core.builtin_models import locate_builtin
 
-    ids: list[int] = AutoTokenizer.from_pretrained(locate_builtin("all-minilm-l6-v2"))(text)["input_ids"]
+    ids: list[int] = AutoTokenizer.from_pretrained(locate_builtin("all-minilm-l6-v2"))(text)[
+        "input_ids"
+    ]
     assert ids[0] == 101 and ids[-1] == 102  # [CLS] ... [SEP]
     return ids
 
@@ -249,7 +268,9 @@ def test_openai_models_and_embedding_errors(minilm: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("name,mode", [("embedding_cls", "cls"), ("embedding_mean", "mean")])
-def test_pooling_follows_sentence_transformers_config(server_pool: Pool, name: str, mode: str) -> None:
+def test_pooling_follows_sentence_transformers_config(
+    server_pool: Pool, name: str, mode: str
+) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -315,7 +336,10 @@ def test_metadata_health_and_listing(ner: ServerProcess) -> None:
         c.post("/v1/models/model:predict", json={"instances": [ALICE]})
         c.post("/v1/models/model:predict", json={"instances": []})
         metrics = c.get("/metrics").text
-    assert 'lmserve_requests_total{method="POST",route="/v1/models/{model_name}:predict",status="200"}' in metrics
+    assert (
+        'lmserve_requests_total{method="POST",route="/v1/models/{model_name}:predict",status="200"}'
+        in metrics
+    )
     assert 'status="400"' in metrics
     assert "lmserve_batch_size_bucket" in metrics
     assert 'lmserve_model_ready{model="model"} 1.0' in metrics

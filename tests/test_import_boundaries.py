@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "vllm", "fastapi", "starlette", "grpc", "onnxruntime", "tritonclient")
+HEAVY = (
+    "torch",
+    "transformers",
+    "vllm",
+    "fastapi",
+    "starlette",
+    "grpc",
+    "onnxruntime",
+    "tritonclient",
+)
 
 
 def test_import_linter_contracts_hold() -> None:
@@ -23,14 +32,20 @@ def test_import_linter_contracts_hold() -> None:
 @pytest.mark.parametrize(
     "package,forbidden",
     [
-        ("lmserve_protocols", HEAVY + ("numpy",)),
+        ("lmserve_protocols", (*HEAVY, "numpy")),
         ("lmserve_core", HEAVY),
         ("lmserve_core.encoder", HEAVY),
         ("lmserve_core.v2_codec", HEAVY),
         ("lmserve_backend_hf", HEAVY),  # heavy imports wait for the factory
         ("lmserve_backend_vllm", HEAVY),
-        ("lmserve_server", ("torch", "transformers", "vllm", "lmserve_backend_hf", "lmserve_backend_vllm")),
-        ("lmserve_server.app", ("torch", "transformers", "vllm", "lmserve_backend_hf", "lmserve_backend_vllm")),
+        (
+            "lmserve_server",
+            ("torch", "transformers", "vllm", "lmserve_backend_hf", "lmserve_backend_vllm"),
+        ),
+        (
+            "lmserve_server.app",
+            ("torch", "transformers", "vllm", "lmserve_backend_hf", "lmserve_backend_vllm"),
+        ),
     ],
 )
 def test_fresh_import_stays_light(package: str, forbidden: tuple[str, ...]) -> None:

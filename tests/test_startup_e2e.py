@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from _support.servers import start_server
 from _support.tiny_models import model_path
 
@@ -53,7 +54,9 @@ def test_unreadable_config_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_names_task(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForQuestionAnswering"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["BertForQuestionAnswering"]})
+    )
     r = run_cli("--model_dir", str(tmp_path))
     assert r.returncode == 2 and "--task" in r.stderr and "BertForQuestionAnswering" in r.stderr
 
@@ -76,7 +79,9 @@ def test_weights_that_do_not_load_exit_1(tmp_path: Path) -> None:
 
 
 def test_help_explains_every_flag() -> None:
-    r = subprocess.run([sys.executable, "-m", "lmserve_server", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmserve_server", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0
     for flag in ("--model_name", "--model_id", "--model_dir", "--task", "--dtype", "--max_length",
                  "--disable_lower_case", "--disable_special_tokens", "--return_token_type_ids",

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _support import tiny_models
-from _support.tiny_models import model_path
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -18,6 +16,9 @@ from transformers import (
     AutoModelForTokenClassification,
     AutoTokenizer,
 )
+
+from _support import tiny_models
+from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support.tiny_models import model_path
 
+from _support.tiny_models import model_path
 from lmserve_backend_hf import create_backend
 from lmserve_backend_hf.tokenizer import load_tokenizer
 from lmserve_core.backend import LoadRequest
@@ -29,24 +29,32 @@ def load(path: Path, task: Task, **settings: object):
 
 
 def test_tokenizer_offsets_word_ids_and_special_mask() -> None:
-    tok = load_tokenizer(str(model_path("ner")), revision=None, trust_remote_code=False, disable_lower_case=False)
+    tok = load_tokenizer(
+        str(model_path("ner")), revision=None, trust_remote_code=False, disable_lower_case=False
+    )
     (enc,) = tok.encode_batch(["Alice lives"], add_special_tokens=True, max_length=None)
     assert enc.special_tokens_mask[0] == 1 and enc.special_tokens_mask[-1] == 1
     assert enc.word_ids[0] is None and enc.word_ids[1] == 0
     assert enc.offsets[1] == (0, 5)
     (bare,) = tok.encode_batch(["Alice lives"], add_special_tokens=False, max_length=None)
     assert len(bare) == len(enc) - 2
-    (cut,) = tok.encode_batch(["Alice lives in Paris and works"], add_special_tokens=True, max_length=4)
+    (cut,) = tok.encode_batch(
+        ["Alice lives in Paris and works"], add_special_tokens=True, max_length=4
+    )
     assert len(cut) == 4 and cut.special_tokens_mask[-1] == 1  # still ends with [SEP]
 
 
-@pytest.mark.parametrize("path_fn", [lambda: model_path("masked_lm"), lambda: locate_builtin("all-minilm-l6-v2")])
+@pytest.mark.parametrize(
+    "path_fn", [lambda: model_path("masked_lm"), lambda: locate_builtin("all-minilm-l6-v2")]
+)
 def test_disable_lower_case_stops_lowercasing(path_fn) -> None:
     path = str(path_fn())
     default = load_tokenizer(path, revision=None, trust_remote_code=False, disable_lower_case=False)
     cased = load_tokenizer(path, revision=None, trust_remote_code=False, disable_lower_case=True)
     lower = default.encode_batch(["Paris"], add_special_tokens=False, max_length=None)[0].ids
-    assert default.encode_batch(["paris"], add_special_tokens=False, max_length=None)[0].ids == lower
+    assert (
+        default.encode_batch(["paris"], add_special_tokens=False, max_length=None)[0].ids == lower
+    )
     # Uncased vocabularies have no "Paris": the cased tokenizer must produce other ids.
     assert cased.encode_batch(["Paris"], add_special_tokens=False, max_length=None)[0].ids != lower
     assert cased.encode_batch(["paris"], add_special_tokens=False, max_length=None)[0].ids == lower
@@ -64,7 +72,9 @@ def test_loader_facts_and_service_answers() -> None:
                                  backend=loaded.backend, info=loaded.info, options=loaded.options)  # fmt: skip
         await service.start()
         try:
-            results = await asyncio.gather(*(service.infer([t], None) for t in ["I love this", "I hate this"] * 4))
+            results = await asyncio.gather(
+                *(service.infer([t], None) for t in ["I love this", "I hate this"] * 4)
+            )
         finally:
             await service.stop()
         return [r.predictions[0] for r in results]
@@ -107,5 +117,7 @@ def test_dtype_flag_is_applied() -> None:
     loaded = load(model_path("sentiment"), Task.sequence_classification, dtype="bfloat16")
     assert loaded.details["dtype"] == "bfloat16"
     assert next(loaded.backend.model.parameters()).dtype.__str__() == "torch.bfloat16"
-    out = loaded.backend.forward({"input_ids": np.array([[2, 5, 3]]), "attention_mask": np.ones((1, 3), dtype=np.int64)})
+    out = loaded.backend.forward(
+        {"input_ids": np.array([[2, 5, 3]]), "attention_mask": np.ones((1, 3), dtype=np.int64)}
+    )
     assert out.dtype == np.float32

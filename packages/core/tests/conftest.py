@@ -71,7 +71,9 @@ class FakeTokenizer:
                 return [(UNK, start, start + len(word))]
         return pieces
 
-    def encode_one(self, text: str, *, add_special_tokens: bool, max_length: int | None) -> Encoding:
+    def encode_one(
+        self, text: str, *, add_special_tokens: bool, max_length: int | None
+    ) -> Encoding:
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         word_ids: list[int | None] = []
@@ -212,7 +214,9 @@ def _infer_all(
 def infer() -> Callable[..., EncoderResult]:
     """``infer(service, texts, parameters=None)``: start, one request, stop."""
 
-    def run(service: EncoderService, texts: Any, parameters: Mapping[str, Any] | None = None) -> EncoderResult:
+    def run(
+        service: EncoderService, texts: Any, parameters: Mapping[str, Any] | None = None
+    ) -> EncoderResult:
         return _infer_all(service, [(texts, parameters)])[0]
 
     return run

@@ -66,6 +66,10 @@ async def _until(predicate: Callable[[], bool]) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _queued(batcher: DynamicBatcher[Item, Any], n: int) -> None:
+    await _until(lambda: batcher.queued == n)
+
+
 async def _started(recorder: Recorder, call: int) -> None:
     assert await asyncio.to_thread(recorder.started[call].wait, WAIT_S)
 
@@ -145,7 +149,7 @@ def test_max_batch_size_counts_item_sizes() -> None:
             later = []
             for item in items:  # one at a time, to fix the queue order
                 later.append(asyncio.ensure_future(batcher.submit(item)))
-                await _until(lambda n=len(later): batcher.queued == n)
+                await _queued(batcher, len(later))
             recorder.release_all()
             return await asyncio.gather(first, *later)
         finally:
@@ -299,14 +303,12 @@ def test_stop_fails_waiting_requests_with_model_not_ready() -> None:
             queued = []
             for item in [Item("a", 2), Item("carry", 1), Item("q1"), Item("q2")]:
                 queued.append(asyncio.ensure_future(batcher.submit(item)))
-                await _until(lambda n=len(queued): batcher.queued == n)
+                await _queued(batcher, len(queued))
             recorder.release[0].set()
             assert await first == "result:first"
             await _started(recorder, 1)  # batch ["a"] runs; "carry" waits as the carry
             await batcher.stop()
-            return await asyncio.wait_for(
-                asyncio.gather(*queued, return_exceptions=True), WAIT_S
-            )
+            return await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), WAIT_S)
         finally:
             recorder.release_all()
             await batcher.stop()

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from lmserve_core import BackendError, InputTooLong, InvalidInput, ModelNotReady, Task
-from lmserve_core.encoder import EncoderOptions, EncoderResult, EncoderService, ModelInfo, RequestParams
+from lmserve_core.encoder import (
+    EncoderOptions,
+    EncoderResult,
+    ModelInfo,
+    RequestParams,
+)
 from lmserve_core.encoder.service import check_texts, pad_encodings
 from lmserve_core.tokenizer import Encoding
 
@@ -56,14 +61,16 @@ def test_truncate_false_refuses_too_long_input(
 def test_truncate_false_accepts_input_that_fits(
     make_service: Callable[..., Any], infer: Callable[..., Any], tokenizer: Any
 ) -> None:
-    service, backend = make_service(Task.token_classification, position_logits,
-                                    info=ModelInfo(max_length=5))  # fmt: skip
+    service, _ = make_service(Task.token_classification, position_logits,
+                              info=ModelInfo(max_length=5))  # fmt: skip
     result = infer(service, ["the cat sat"], {"truncate": False})
     assert tokenizer.calls[-1]["max_length"] is None
     assert result.outputs[0].shape == [1, 1, 5]
 
 
-def test_truncate_must_be_a_boolean(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+def test_truncate_must_be_a_boolean(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
     service, _ = make_service(Task.token_classification, position_logits)
     with pytest.raises(InvalidInput) as info:
         infer(service, ["a"], {"truncate": "no"})
@@ -82,14 +89,20 @@ def test_backend_inputs_are_right_padded_int64(
     assert call["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
 
 
-def test_token_type_ids_only_when_asked(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+def test_token_type_ids_only_when_asked(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
     options = EncoderOptions(return_token_type_ids=True)
-    service, backend = make_service(Task.sequence_classification, first_word_logits, options=options)
+    service, backend = make_service(
+        Task.sequence_classification, first_word_logits, options=options
+    )
     infer(service, ["a", "the cat"])
     assert backend.calls[0]["token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
 
 
-def test_disable_special_tokens(make_service: Callable[..., Any], infer: Callable[..., Any], tokenizer: Any) -> None:
+def test_disable_special_tokens(
+    make_service: Callable[..., Any], infer: Callable[..., Any], tokenizer: Any
+) -> None:
     options = EncoderOptions(add_special_tokens=False)
     service, backend = make_service(Task.token_classification, position_logits, options=options)
     result = infer(service, ["the cat"])
@@ -98,7 +111,9 @@ def test_disable_special_tokens(make_service: Callable[..., Any], infer: Callabl
     assert result.predictions == [[[5 % 3, 6 % 3]]]
 
 
-def test_text_with_no_tokens_is_invalid(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+def test_text_with_no_tokens_is_invalid(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
     options = EncoderOptions(add_special_tokens=False)
     service, backend = make_service(Task.token_classification, position_logits, options=options)
     with pytest.raises(InvalidInput) as info:
@@ -107,7 +122,9 @@ def test_text_with_no_tokens_is_invalid(make_service: Callable[..., Any], infer:
     assert backend.calls == []
 
 
-@pytest.mark.parametrize("texts", [[], (), "a string", None, {"a": 1}, [1], ["ok", None], ["ok", b"bytes"]])
+@pytest.mark.parametrize(
+    "texts", [[], (), "a string", None, {"a": 1}, [1], ["ok", None], ["ok", b"bytes"]]
+)
 def test_check_texts_errors(texts: Any) -> None:
     with pytest.raises(InvalidInput) as info:
         check_texts(texts)
@@ -119,7 +136,9 @@ def test_check_texts_accepts_lists_and_tuples() -> None:
     assert check_texts(["x"]) == ["x"]
 
 
-def test_infer_rejects_bad_texts(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+def test_infer_rejects_bad_texts(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
     service, backend = make_service(Task.sequence_classification, first_word_logits)
     with pytest.raises(InvalidInput, match="instance 1 is int"):
         infer(service, ["a", 3])
@@ -134,7 +153,9 @@ def test_backend_with_wrong_row_count_is_a_backend_error(
         infer(service, ["a", "the"])
 
 
-def test_backend_crash_is_a_backend_error(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
+def test_backend_crash_is_a_backend_error(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
     def crash(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise RuntimeError("device lost")
 
@@ -199,7 +220,9 @@ def test_run_batch_trims_each_request_to_its_own_length(
     assert out_short[0].argmax(-1).tolist() == [CLS % 3, 17 % 3, SEP % 3]
 
 
-def _merged(make_service: Callable[..., Any], task: Task, fn: Any, **kw: Any) -> tuple[list[EncoderResult], Any]:
+def _merged(
+    make_service: Callable[..., Any], task: Task, fn: Any, **kw: Any
+) -> tuple[list[EncoderResult], Any]:
     """Block the first forward pass, queue two requests of different lengths, release."""
     service, backend = make_service(task, fn, block_first=True, **kw)
     long_texts = ["the cat sat on the mat .", "a"]  # 9 and 3 tokens -> L = 9
@@ -226,8 +249,12 @@ def _merged(make_service: Callable[..., Any], task: Task, fn: Any, **kw: Any) ->
     return asyncio.run(main()), backend
 
 
-def test_concurrent_requests_are_merged_and_trimmed(make_service: Callable[..., Any], infer: Callable[..., Any]) -> None:
-    (blocker, long_res, short_res), backend = _merged(make_service, Task.token_classification, position_logits)
+def test_concurrent_requests_are_merged_and_trimmed(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    (blocker, long_res, short_res), backend = _merged(
+        make_service, Task.token_classification, position_logits
+    )
     assert len(backend.calls) == 2
     assert backend.calls[1]["input_ids"].shape == (5, 9)  # both requests in one pass
     assert blocker.outputs[0].shape == [1, 1, 3]
@@ -235,7 +262,10 @@ def test_concurrent_requests_are_merged_and_trimmed(make_service: Callable[..., 
     assert short_res.outputs[0].shape == [3, 1, 4]
     assert [len(p[0]) for p in short_res.predictions] == [4, 4, 4]
     # The same as serving each request alone.
-    for texts, merged in ((["the cat sat on the mat .", "a"], long_res), (["a dog", "new york", "paris"], short_res)):
+    for texts, merged in (
+        (["the cat sat on the mat .", "a"], long_res),
+        (["a dog", "new york", "paris"], short_res),
+    ):
         service, _ = make_service(Task.token_classification, position_logits)
         alone = infer(service, texts)
         assert merged.predictions == alone.predictions
@@ -255,6 +285,7 @@ def test_merged_embeddings_ignore_the_other_request_padding(
 
     (_, long_res, short_res), backend = _merged(make_service, Task.text_embedding, hidden)
     assert backend.calls[1]["input_ids"].shape == (5, 9)
+    assert long_res.outputs[0].shape == [2, 6]
     assert short_res.outputs[0].shape == [3, 6]
     service, _ = make_service(Task.text_embedding, hidden)
     alone = infer(service, ["a dog", "new york", "paris"])

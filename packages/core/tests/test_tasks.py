@@ -118,3 +118,12 @@ def test_infer_task_unsupported_architecture_names_the_flag(architecture: str) -
     assert info.value.param == "task"
     assert "--task" in info.value.message
     assert repr(architecture) in info.value.message
+
+
+@pytest.mark.parametrize(
+    "spelled,task",
+    [("text_classification", Task.sequence_classification), ("feature_extraction", Task.text_embedding),
+     ("sentiment_analysis", Task.sequence_classification)],
+)  # fmt: skip
+def test_pipeline_names_with_underscores(spelled: str, task: Task) -> None:
+    assert parse_task(spelled) is task

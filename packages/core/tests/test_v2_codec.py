@@ -25,7 +25,9 @@ from lmserve_core.v2_codec import (
 from lmserve_protocols.v2 import V2InferRequest
 
 
-def _input(name: str, datatype: str, shape: list[int], data: Any = None, **params: Any) -> dict[str, Any]:
+def _input(
+    name: str, datatype: str, shape: list[int], data: Any = None, **params: Any
+) -> dict[str, Any]:
     spec: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
     if data is not None:
         spec["data"] = data
@@ -286,7 +288,9 @@ def test_binary_zero_size_tensor() -> None:
         ("FP16", [2], b"\x00" * 3),
     ],
 )
-def test_binary_numeric_size_must_match_the_shape(datatype: str, shape: list[int], blob: bytes) -> None:
+def test_binary_numeric_size_must_match_the_shape(
+    datatype: str, shape: list[int], blob: bytes
+) -> None:
     with pytest.raises(InvalidInput):
         decode_inputs([_input("x", datatype, shape, binary_data_size=len(blob))], blob)
 
@@ -446,8 +450,10 @@ def _random_tensor(rng: random.Random, nprng: np.random.Generator, datatype: str
     shape = tuple(rng.randint(0, 4) for _ in range(rng.randint(0, 3)))
     count = int(np.prod(shape)) if shape else 1
     if datatype == "BYTES":
-        alphabet = "ab yzé✓\n\"\\\x00"
-        values = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(count)]
+        alphabet = 'ab yzé✓\n"\\\x00'
+        values = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(count)
+        ]
         return _str_array(values, shape) if shape else _str_array(values).reshape(())
     dtype = NUMPY_DTYPES[datatype]
     if datatype == "BOOL":
@@ -487,3 +493,17 @@ def test_random_round_trip_json_and_binary() -> None:
             else:
                 assert tensor.data.dtype == data.dtype
                 np.testing.assert_array_equal(tensor.data, data)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "x", "shape": [1], "datatype": "FP32", "data": [1e300]},
+        {"name": "x", "shape": [1], "datatype": "INT8", "data": [300]},
+        {"name": "x", "shape": [1], "datatype": "UINT8", "data": [-1]},
+        {"shape": [1], "data": [1]},
+    ],
+)
+def test_out_of_range_values_and_missing_keys_are_invalid_input(spec: dict[str, object]) -> None:
+    with pytest.raises(InvalidInput):
+        decode_inputs([spec], b"")

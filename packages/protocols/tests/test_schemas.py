@@ -13,7 +13,9 @@ from lmserve_protocols.v2 import V2InferRequest, V2ModelMetadata
 def test_v1_accepts_instances_or_inputs_and_extra_keys() -> None:
     assert V1PredictRequest.model_validate({"instances": ["a"]}).instances == ["a"]
     assert V1PredictRequest.model_validate({"inputs": ["a"]}).inputs == ["a"]
-    req = V1PredictRequest.model_validate({"instances": ["a"], "parameters": {"output": "labels"}, "x": 1})
+    req = V1PredictRequest.model_validate(
+        {"instances": ["a"], "parameters": {"output": "labels"}, "x": 1}
+    )
     assert req.parameters == {"output": "labels"}
 
 
@@ -27,7 +29,11 @@ def test_v2_infer_request_shape() -> None:
     req = V2InferRequest.model_validate(body)
     assert req.inputs[0].data == ["hi"] and req.outputs and req.outputs[0].name == "output-0"
     # Binary inputs carry no data, only parameters.binary_data_size.
-    binary = {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}
+    binary = {
+        "inputs": [
+            {"name": "t", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}
+        ]
+    }
     assert V2InferRequest.model_validate(binary).inputs[0].data is None
 
 
@@ -54,11 +60,22 @@ def test_embedding_request_input_forms() -> None:
 
 def test_response_models_serialise_as_openai_and_v2_do() -> None:
     resp = EmbeddingResponse.model_validate(
-        {"data": [{"index": 0, "embedding": [0.5]}], "model": "m", "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+        {
+            "data": [{"index": 0, "embedding": [0.5]}],
+            "model": "m",
+            "usage": {"prompt_tokens": 2, "total_tokens": 2},
+        }
     )
     dumped = resp.model_dump()
     assert dumped["object"] == "list" and dumped["data"][0]["object"] == "embedding"
-    err = OpenAIErrorResponse.model_validate({"error": {"message": "bad", "type": "invalid_request_error"}})
-    assert err.model_dump()["error"] == {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}
+    err = OpenAIErrorResponse.model_validate(
+        {"error": {"message": "bad", "type": "invalid_request_error"}}
+    )
+    assert err.model_dump()["error"] == {
+        "message": "bad",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
     meta = V2ModelMetadata(name="m", platform="p", inputs=[], outputs=[])
     assert meta.versions == []

@@ -31,7 +31,9 @@ class WordTokenizer:
     mask_token = "[MASK]"
     padding_side = "right"
 
-    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None) -> list[Encoding]:
+    def encode_batch(
+        self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None
+    ) -> list[Encoding]:
         out = []
         for text in texts:
             n = len(text.split()) or 1
@@ -66,7 +68,9 @@ class GatedBackend:
         pass
 
 
-def make(monkeypatch: pytest.MonkeyPatch, backend: GatedBackend, load_gate: threading.Event | None = None):
+def make(
+    monkeypatch: pytest.MonkeyPatch, backend: GatedBackend, load_gate: threading.Event | None = None
+):
     def factory(request: LoadRequest) -> LoadedEncoder:
         if load_gate is not None:
             assert load_gate.wait(10)
@@ -76,7 +80,9 @@ def make(monkeypatch: pytest.MonkeyPatch, backend: GatedBackend, load_gate: thre
     monkeypatch.setattr(plan_module, "load_backend_factory", lambda name: factory)
     monkeypatch.setattr("lmserve_server.model_host.load_backend_factory", lambda name: factory)
     settings = ServeSettings()
-    plan = ServingPlan(ModelSource(Path("."), "fake"), {}, Task.sequence_classification, "fake", "test")
+    plan = ServingPlan(
+        ModelSource(Path("."), "fake"), {}, Task.sequence_classification, "fake", "test"
+    )
     host = ModelHost(settings, plan)
     return host, create_app(settings, host)
 
@@ -113,13 +119,17 @@ def test_health_answers_while_the_model_runs(monkeypatch: pytest.MonkeyPatch) ->
         await host.load()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            pending = asyncio.create_task(c.post("/v1/models/model:predict", json={"instances": ["a b"]}))
+            pending = asyncio.create_task(
+                c.post("/v1/models/model:predict", json={"instances": ["a b"]})
+            )
             await asyncio.to_thread(backend.entered.wait, 5)
             # The forward pass is blocked; the event loop must still answer.
             r = await asyncio.wait_for(c.get("/v2/health/ready"), timeout=2)
             assert r.status_code == 200
             # A second request queues behind the running forward and joins the next batch.
-            second = asyncio.create_task(c.post("/v1/models/model:predict", json={"instances": ["c"]}))
+            second = asyncio.create_task(
+                c.post("/v1/models/model:predict", json={"instances": ["c"]})
+            )
             await asyncio.sleep(0.05)
             backend.release.set()
             assert (await pending).json() == {"predictions": [1]}

@@ -35,7 +35,11 @@ def test_task_accepts_pipeline_names() -> None:
 
 
 def test_env_twins_and_cli_wins() -> None:
-    env = {"LMSERVE_MODEL_NAME": "from-env", "LMSERVE_DISABLE_LOWER_CASE": "1", "LMSERVE_HTTP_PORT": "9000"}
+    env = {
+        "LMSERVE_MODEL_NAME": "from-env",
+        "LMSERVE_DISABLE_LOWER_CASE": "1",
+        "LMSERVE_HTTP_PORT": "9000",
+    }
     s = parse(env=env)
     assert (s.model_name, s.disable_lower_case, s.http_port) == ("from-env", True, 9000)
     assert parse("--model_name", "cli", env=env).model_name == "cli"

@@ -52,7 +52,9 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = canonical_dtype(settings.dtype, on_gpu=device.type == "cuda", task=task)
 
-    tokenizer_source = source.hub_id if (source.hub_id and settings.tokenizer_revision) else str(source.path)
+    tokenizer_source = (
+        source.hub_id if (source.hub_id and settings.tokenizer_revision) else str(source.path)
+    )
     tokenizer = load_tokenizer(
         tokenizer_source,
         revision=settings.tokenizer_revision if source.hub_id else None,
@@ -98,7 +100,13 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     elapsed = time.perf_counter() - started
     logger.info(
         "loaded %s (%s) on %s in %.1f s: dtype %s, max_length %d, torch threads %d",
-        source.display_name, task.value, device, elapsed, dtype_name, max_length, threads,
+        source.display_name,
+        task.value,
+        device,
+        elapsed,
+        dtype_name,
+        max_length,
+        threads,
     )
     return LoadedEncoder(
         backend=backend,
@@ -115,7 +123,8 @@ def _refuse_untrained_heads(loading_info: dict[str, Any], name: str, task: Task)
     """transformers fills missing head weights with random values and only warns; serving
     that would answer confidently and wrongly, so a checkpoint without them is refused."""
     missing = sorted(
-        k for k in loading_info.get("missing_keys", ())
+        k
+        for k in loading_info.get("missing_keys", ())
         # Embeddings read the last hidden state; an absent pooler does not matter.
         if k.endswith(".weight") and not (task is Task.text_embedding and "pooler" in k)
     )

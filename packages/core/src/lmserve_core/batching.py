@@ -97,6 +97,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             batch = [p for p in batch if not p.future.done()]  # cancelled while queued
             if not batch:
                 continue
+            size = sum(p.item.size for p in batch)
             if self.on_batch:
                 self.on_batch(size)
             try:

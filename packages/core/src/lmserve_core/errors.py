@@ -1,13 +1,13 @@
 """The one error tree of lmserve. No HTTP or gRPC codes here: the server maps them.
 
-    LmserveError
-    ├── InvalidInput          the request is malformed or asks for something impossible
-    │   └── InputTooLong      more tokens than the model accepts (with truncation off)
-    ├── ModelNotFound         no model of that name is served
-    ├── ModelNotReady         the model is loading, failed, or the server is draining
-    ├── Overloaded            the queue is full; retry later
-    ├── BackendError          the model itself failed while serving a valid request
-    └── ConfigurationError    startup settings are wrong (names the flag)
+LmserveError
+├── InvalidInput          the request is malformed or asks for something impossible
+│   └── InputTooLong      more tokens than the model accepts (with truncation off)
+├── ModelNotFound         no model of that name is served
+├── ModelNotReady         the model is loading, failed, or the server is draining
+├── Overloaded            the queue is full; retry later
+├── BackendError          the model itself failed while serving a valid request
+└── ConfigurationError    startup settings are wrong (names the flag)
 """
 
 from __future__ import annotations

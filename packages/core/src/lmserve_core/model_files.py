@@ -100,7 +100,7 @@ def is_sentence_transformer(path: Path) -> bool:
 @dataclass(frozen=True)
 class PoolingConfig:
     mode: PoolingMode = "mean"
-    normalize: bool = True
+    normalize: bool = False  # whether the model's modules.json asks for it
     include_prompt: bool = True
 
 
@@ -113,10 +113,19 @@ def read_pooling_config(path: Path) -> PoolingConfig:
     modules_file = path / "modules.json"
     if not modules_file.is_file():
         return PoolingConfig()
-    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(
+            f"cannot read {str(modules_file)!r}: {exc}", param="model_dir"
+        ) from exc
+    if not isinstance(modules, list):
+        raise ConfigurationError(f"{str(modules_file)!r} is not a JSON list", param="model_dir")
     mode: PoolingMode = "mean"
     normalize = False
     for module in modules:
+        if not isinstance(module, dict):
+            continue
         kind = str(module.get("type", ""))
         if kind.endswith("Pooling"):
             cfg = read_json(path / str(module.get("path", "")) / "config.json")

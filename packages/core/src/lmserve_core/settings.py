@@ -30,7 +30,10 @@ DTYPE_CHOICES = ("auto", "float16", "half", "bfloat16", "float32", "float")
 
 
 def _flag(description: str, *, aliases: tuple[str, ...] = (), group: str = "model") -> Any:
-    return {"description": description, "json_schema_extra": {"aliases": list(aliases), "group": group}}
+    return {
+        "description": description,
+        "json_schema_extra": {"aliases": list(aliases), "group": group},
+    }
 
 
 class ServeSettings(BaseModel):
@@ -39,83 +42,197 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- which model -------------------------------------------------------------
-    model_name: Annotated[str, Field(min_length=1, **_flag(
-        "Name used in URLs and in the OpenAI 'model' field."))] = "model"
-    model_dir: Annotated[str | None, Field(**_flag(
-        "Local directory of a saved Hugging Face model (config.json, weights, tokenizer)."))] = None
-    model_id: Annotated[str | None, Field(**_flag(
-        "Hugging Face model id, or a built-in name (all-minilm-l6-v2). Wins over --model_dir. "
-        "With HF_HUB_OFFLINE=1 only the local cache is used."))] = None
-    model_revision: Annotated[str | None, Field(**_flag(
-        "Revision (branch, tag or commit) of the model weights on the hub."))] = None
-    tokenizer_revision: Annotated[str | None, Field(**_flag(
-        "Revision of the tokenizer on the hub."))] = None
-    task: Annotated[Task | None, Field(**_flag(
-        "Task to serve: text_generation, text2text_generation, fill_mask, token_classification, "
-        "sequence_classification, text_embedding (pipeline spellings such as "
-        "text-classification also work). Default: inferred from the model architecture."))] = None
-    backend: Annotated[Backend, Field(**_flag(
-        "auto: vLLM for generative tasks when it supports the model, else Hugging Face; "
-        "huggingface; vllm."))] = Backend.auto
-    dtype: Annotated[str, Field(**_flag(
-        "Weights dtype: auto (float16 on GPU, float32 on CPU; encoders float32), "
-        "float16/half, bfloat16, float32/float."))] = "auto"
-    trust_remote_code: Annotated[bool, Field(**_flag(
-        "Allow custom model and tokenizer code from the model repository."))] = False
+    model_name: Annotated[
+        str, Field(min_length=1, **_flag("Name used in URLs and in the OpenAI 'model' field."))
+    ] = "model"
+    model_dir: Annotated[
+        str | None,
+        Field(
+            **_flag(
+                "Local directory of a saved Hugging Face model (config.json, weights, tokenizer)."
+            )
+        ),
+    ] = None
+    model_id: Annotated[
+        str | None,
+        Field(
+            **_flag(
+                "Hugging Face model id, or a built-in name (all-minilm-l6-v2). Wins over --model_dir. "
+                "With HF_HUB_OFFLINE=1 only the local cache is used."
+            )
+        ),
+    ] = None
+    model_revision: Annotated[
+        str | None,
+        Field(**_flag("Revision (branch, tag or commit) of the model weights on the hub.")),
+    ] = None
+    tokenizer_revision: Annotated[
+        str | None, Field(**_flag("Revision of the tokenizer on the hub."))
+    ] = None
+    task: Annotated[
+        Task | None,
+        Field(
+            **_flag(
+                "Task to serve: text_generation, text2text_generation, fill_mask, token_classification, "
+                "sequence_classification, text_embedding (pipeline spellings such as "
+                "text-classification also work). Default: inferred from the model architecture."
+            )
+        ),
+    ] = None
+    backend: Annotated[
+        Backend,
+        Field(
+            **_flag(
+                "auto: vLLM for generative tasks when it supports the model, else Hugging Face; "
+                "huggingface; vllm."
+            )
+        ),
+    ] = Backend.auto
+    dtype: Annotated[
+        str,
+        Field(
+            **_flag(
+                "Weights dtype: auto (float16 on GPU, float32 on CPU; encoders float32), "
+                "float16/half, bfloat16, float32/float."
+            )
+        ),
+    ] = "auto"
+    trust_remote_code: Annotated[
+        bool, Field(**_flag("Allow custom model and tokenizer code from the model repository."))
+    ] = False
 
     # --- tokenization ------------------------------------------------------------
-    max_length: Annotated[int | None, Field(gt=0, **_flag(
-        "Tokenizer max length and context limit. Default: from the model config.",
-        aliases=("max_model_len",), group="tokenizer"))] = None
-    disable_lower_case: Annotated[bool, Field(**_flag(
-        "Force lower-casing off. Default: the tokenizer's own setting (never forced on).",
-        group="tokenizer"))] = False
-    disable_special_tokens: Annotated[bool, Field(**_flag(
-        "Encode encoder inputs without special tokens ([CLS], [SEP], ...).",
-        group="tokenizer"))] = False
-    return_token_type_ids: Annotated[bool, Field(**_flag(
-        "Pass token_type_ids to the model / predictor.", group="tokenizer"))] = False
+    max_length: Annotated[
+        int | None,
+        Field(
+            gt=0,
+            **_flag(
+                "Tokenizer max length and context limit. Default: from the model config.",
+                aliases=("max_model_len",),
+                group="tokenizer",
+            ),
+        ),
+    ] = None
+    disable_lower_case: Annotated[
+        bool,
+        Field(
+            **_flag(
+                "Force lower-casing off. Default: the tokenizer's own setting (never forced on).",
+                group="tokenizer",
+            )
+        ),
+    ] = False
+    disable_special_tokens: Annotated[
+        bool,
+        Field(
+            **_flag(
+                "Encode encoder inputs without special tokens ([CLS], [SEP], ...).",
+                group="tokenizer",
+            )
+        ),
+    ] = False
+    return_token_type_ids: Annotated[
+        bool, Field(**_flag("Pass token_type_ids to the model / predictor.", group="tokenizer"))
+    ] = False
 
     # --- outputs -----------------------------------------------------------------
-    return_probabilities: Annotated[bool, Field(**_flag(
-        "Return softmax probabilities instead of the argmax for fill_mask, token and "
-        "sequence classification.", group="outputs"))] = False
-    return_raw_logits: Annotated[bool, Field(**_flag(
-        "Return the model's raw logits (FP32) instead of post-processed predictions.",
-        group="outputs"))] = False
-    return_offsets_mapping: Annotated[bool, Field(**_flag(
-        "token_classification: return each token's [start, end) character offsets "
-        "beside its prediction.", group="outputs"))] = False
+    return_probabilities: Annotated[
+        bool,
+        Field(
+            **_flag(
+                "Return softmax probabilities instead of the argmax for fill_mask, token and "
+                "sequence classification.",
+                group="outputs",
+            )
+        ),
+    ] = False
+    return_raw_logits: Annotated[
+        bool,
+        Field(
+            **_flag(
+                "Return the model's raw logits (FP32) instead of post-processed predictions.",
+                group="outputs",
+            )
+        ),
+    ] = False
+    return_offsets_mapping: Annotated[
+        bool,
+        Field(
+            **_flag(
+                "token_classification: return each token's [start, end) character offsets "
+                "beside its prediction.",
+                group="outputs",
+            )
+        ),
+    ] = False
 
     # --- Triton bridge -----------------------------------------------------------
-    tensor_input_names: Annotated[str | None, Field(**_flag(
-        "Comma list of tokenizer outputs sent as V2 input tensors to a Triton predictor "
-        "(e.g. input_ids,attention_mask).", group="predictor"))] = None
-    predictor_host: Annotated[str | None, Field(**_flag(
-        "HOST:PORT of a Triton server: tokenize here, run the model there.",
-        group="predictor"))] = None
-    predictor_protocol: Annotated[PredictorProtocol, Field(**_flag(
-        "Protocol to the predictor: v2 (REST) or grpc-v2.", group="predictor"))] = PredictorProtocol.v2
+    tensor_input_names: Annotated[
+        str | None,
+        Field(
+            **_flag(
+                "Comma list of tokenizer outputs sent as V2 input tensors to a Triton predictor "
+                "(e.g. input_ids,attention_mask).",
+                group="predictor",
+            )
+        ),
+    ] = None
+    predictor_host: Annotated[
+        str | None,
+        Field(
+            **_flag(
+                "HOST:PORT of a Triton server: tokenize here, run the model there.",
+                group="predictor",
+            )
+        ),
+    ] = None
+    predictor_protocol: Annotated[
+        PredictorProtocol,
+        Field(**_flag("Protocol to the predictor: v2 (REST) or grpc-v2.", group="predictor")),
+    ] = PredictorProtocol.v2
 
     # --- server ------------------------------------------------------------------
-    host: Annotated[str, Field(**_flag(
-        "Address to listen on (container images set 0.0.0.0).", group="server"))] = "127.0.0.1"
-    http_port: Annotated[int, Field(ge=0, le=65535, **_flag(
-        "HTTP port.", group="server"))] = 8080
-    grpc_port: Annotated[int, Field(ge=0, le=65535, **_flag(
-        "gRPC port (with --enable_grpc).", group="server"))] = 8081
-    enable_grpc: Annotated[bool, Field(**_flag(
-        "Also serve the Open Inference Protocol over gRPC.", group="server"))] = False
-    max_batch_size: Annotated[int, Field(gt=0, **_flag(
-        "Most instances one encoder forward pass takes from the queue.", group="server"))] = 32
-    max_request_body_bytes: Annotated[int, Field(gt=0, **_flag(
-        "Largest accepted request body; larger gets 413 before parsing.",
-        group="server"))] = 16 * 1024 * 1024
-    torch_threads: Annotated[int | None, Field(gt=0, **_flag(
-        "torch intra-op threads for the model. Default: the number of CPU cores.",
-        group="server"))] = None
-    log_level: Annotated[str, Field(**_flag(
-        "Log level: debug, info, warning, error.", group="server"))] = "info"
+    host: Annotated[
+        str, Field(**_flag("Address to listen on (container images set 0.0.0.0).", group="server"))
+    ] = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65535, **_flag("HTTP port.", group="server"))] = 8080
+    grpc_port: Annotated[
+        int, Field(ge=0, le=65535, **_flag("gRPC port (with --enable_grpc).", group="server"))
+    ] = 8081
+    enable_grpc: Annotated[
+        bool, Field(**_flag("Also serve the Open Inference Protocol over gRPC.", group="server"))
+    ] = False
+    max_batch_size: Annotated[
+        int,
+        Field(
+            gt=0,
+            **_flag(
+                "Most instances one encoder forward pass takes from the queue.", group="server"
+            ),
+        ),
+    ] = 32
+    max_request_body_bytes: Annotated[
+        int,
+        Field(
+            gt=0,
+            **_flag(
+                "Largest accepted request body; larger gets 413 before parsing.", group="server"
+            ),
+        ),
+    ] = 16 * 1024 * 1024
+    torch_threads: Annotated[
+        int | None,
+        Field(
+            gt=0,
+            **_flag(
+                "torch intra-op threads for the model. Default: the number of CPU cores.",
+                group="server",
+            ),
+        ),
+    ] = None
+    log_level: Annotated[
+        str, Field(**_flag("Log level: debug, info, warning, error.", group="server"))
+    ] = "info"
 
     @field_validator("task", mode="before")
     @classmethod

@@ -46,8 +46,9 @@ def parse_task(value: str) -> Task:
         return Task(key)
     except ValueError:
         pass
-    if key in _ALIASES:
-        return _ALIASES[key]
+    for spelled in (key, key.replace("_", "-")):
+        if spelled in _ALIASES:
+            return _ALIASES[spelled]
     if key.replace("-", "_") in Task.__members__:
         return Task(key.replace("-", "_"))
     choices = ", ".join(t.value for t in Task)

@@ -51,7 +51,9 @@ def element_count(shape: Sequence[Any], name: str) -> int:
     if not isinstance(shape, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers", param="shape")
+        raise InvalidInput(
+            f"input {name!r}: shape must be a list of non-negative integers", param="shape"
+        )
     count = math.prod(shape) if shape else 1
     if count > MAX_ELEMENTS:
         raise InvalidInput(f"input {name!r}: shape {list(shape)} is too large", param="shape")
@@ -84,15 +86,22 @@ def decode_inputs(inputs: Sequence[Any], binary: bytes) -> list[DecodedTensor]:
     out, offset = [], 0
     for item in inputs:
         spec = item if isinstance(item, dict) else item.model_dump()
+        missing = [k for k in ("name", "datatype", "shape") if k not in spec]
+        if missing:
+            raise InvalidInput(f"an input lacks {', '.join(missing)}", param="inputs")
         name, datatype, shape = spec["name"], spec["datatype"], spec["shape"]
         if datatype not in NUMPY_DTYPES:
-            raise InvalidInput(f"input {name!r}: unsupported datatype {datatype!r}", param="datatype")
+            raise InvalidInput(
+                f"input {name!r}: unsupported datatype {datatype!r}", param="datatype"
+            )
         count = element_count(shape, name)
         params = spec.get("parameters") or {}
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size must be a non-negative integer"
+                )
             if offset + size > len(binary):
                 raise InvalidInput(
                     f"input {name!r}: binary_data_size {size} runs past the end of the body"
@@ -141,15 +150,21 @@ def _from_json(data: Any, datatype: str, count: int, name: str) -> np.ndarray:
         return arr
     dtype = NUMPY_DTYPES[datatype]
     for value in flat:
-        ok = isinstance(value, bool) if datatype == "BOOL" else (
-            isinstance(value, int | float) and not isinstance(value, bool)
+        ok = (
+            isinstance(value, bool)
+            if datatype == "BOOL"
+            else (isinstance(value, int | float) and not isinstance(value, bool))
         )
         if not ok or (dtype.kind in "iu" and isinstance(value, float) and not value.is_integer()):
             raise InvalidInput(f"input {name!r}: {value!r} is not a valid {datatype}", param="data")
     try:
-        return np.asarray(flat, dtype=dtype)
-    except (OverflowError, ValueError) as exc:
-        raise InvalidInput(f"input {name!r}: {exc}", param="data") from None
+        # Values that overflow the datatype (1e300 as FP32) are the client's error.
+        with np.errstate(over="raise", invalid="raise"):
+            return np.asarray(flat, dtype=dtype)
+    except (OverflowError, ValueError, FloatingPointError) as exc:
+        raise InvalidInput(
+            f"input {name!r}: value out of range for {datatype}: {exc}", param="data"
+        ) from None
 
 
 def _from_binary(chunk: bytes, datatype: str, count: int, name: str) -> np.ndarray:
@@ -166,7 +181,9 @@ def _from_binary(chunk: bytes, datatype: str, count: int, name: str) -> np.ndarr
             arr[i] = chunk[pos : pos + n]
             pos += n
         if pos != len(chunk):
-            raise InvalidInput(f"input {name!r}: {len(chunk) - pos} trailing bytes after {count} elements")
+            raise InvalidInput(
+                f"input {name!r}: {len(chunk) - pos} trailing bytes after {count} elements"
+            )
         return arr
     dtype = NUMPY_DTYPES[datatype]
     if len(chunk) != count * dtype.itemsize:
@@ -214,7 +231,7 @@ def json_data(datatype: str, data: np.ndarray) -> list[Any]:
     flat = data.reshape(-1)
     if datatype == "BYTES":
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
-    return flat.tolist()  # type: ignore[no-any-return]
+    return list(flat.tolist())
 
 
 def encode_response(

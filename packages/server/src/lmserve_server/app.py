@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from lmserve_core.settings import ServeSettings
-
 from lmserve_server.dataplane import DataPlane, server_version
 from lmserve_server.errors import install_error_handlers
 from lmserve_server.limits import BodyLimitMiddleware

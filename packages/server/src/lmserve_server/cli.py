@@ -87,7 +87,9 @@ def settings_from_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, A
         if _base_type(field.annotation) is bool:
             low = raw.strip().lower()
             if low not in _TRUE | _FALSE:
-                raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean", param=name)
+                raise ConfigurationError(
+                    f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean", param=name
+                )
             values[name] = low in _TRUE
         else:
             values[name] = raw
@@ -133,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="lmserve", description="lmserve: a serving runtime for Hugging Face models."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("serve", help="serve a model (lmserve serve --help for every flag)", add_help=False)
+    sub.add_parser(
+        "serve", help="serve a model (lmserve serve --help for every flag)", add_help=False
+    )
     if not args or args[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0 if args else 2)

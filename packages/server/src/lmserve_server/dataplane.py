@@ -11,7 +11,6 @@ import numpy as np
 from lmserve_core.encoder import EncoderResult
 from lmserve_core.errors import InvalidInput
 from lmserve_core.v2_codec import DecodedTensor, tensor_to_texts
-
 from lmserve_server.metrics import Metrics
 from lmserve_server.model_host import ModelHost
 
@@ -76,7 +75,9 @@ class DataPlane:
         self, name: str, texts: Sequence[Any], parameters: Mapping[str, Any] | None
     ) -> EncoderResult:
         service = self.host.require(name)
-        result = await service.infer(list(texts) if isinstance(texts, list | tuple) else texts, parameters)
+        result = await service.infer(
+            list(texts) if isinstance(texts, list | tuple) else texts, parameters
+        )
         self.metrics.input_tokens.inc(result.token_count)
         return result
 

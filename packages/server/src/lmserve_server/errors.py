@@ -83,7 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
         if status >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        return error_response(request, status, exc.message, kind=kind, param=exc.param, headers=headers)
+        return error_response(
+            request, status, exc.message, kind=kind, param=exc.param, headers=headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

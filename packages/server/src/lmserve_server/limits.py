@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,6 +56,7 @@ class BodyLimitMiddleware:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         message = f"request body exceeds the limit of {self.max_bytes} bytes"
+        body: dict[str, Any]
         if scope["path"].startswith("/openai/"):
             body = {"error": {"message": message, "type": "invalid_request_error",
                               "param": None, "code": 413}}  # fmt: skip

@@ -13,7 +13,6 @@ from lmserve_core.encoder import EncoderService
 from lmserve_core.errors import LmserveError, ModelNotFound, ModelNotReady
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
-
 from lmserve_server.plan import ServingPlan, load_backend_factory
 
 logger = logging.getLogger(__name__)
@@ -92,7 +91,9 @@ class ModelHost:
     def require(self, name: str) -> EncoderService:
         """The service for ``name``, or the error a client should see."""
         if name != self.name:
-            raise ModelNotFound(f"model {name!r} is not served here (try {self.name!r})", param="model")
+            raise ModelNotFound(
+                f"model {name!r} is not served here (try {self.name!r})", param="model"
+            )
         if self.state is ModelState.loading:
             raise ModelNotReady(f"model {name!r} is still loading")
         if self.state is ModelState.draining:
@@ -103,4 +104,6 @@ class ModelHost:
 
     def check_name(self, name: str) -> None:
         if name != self.name:
-            raise ModelNotFound(f"model {name!r} is not served here (try {self.name!r})", param="model")
+            raise ModelNotFound(
+                f"model {name!r} is not served here (try {self.name!r})", param="model"
+            )

@@ -39,7 +39,8 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
     inferred: Task | None
     try:
         inferred = infer_task(
-            config.get("architectures"), is_sentence_transformer=is_sentence_transformer(source.path)
+            config.get("architectures"),
+            is_sentence_transformer=is_sentence_transformer(source.path),
         )
     except ConfigurationError:
         if settings.task is None:

@@ -12,7 +12,6 @@ import uvicorn
 
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.settings import ServeSettings
-
 from lmserve_server.app import create_app
 from lmserve_server.model_host import ModelHost, ModelState
 from lmserve_server.plan import plan_serving

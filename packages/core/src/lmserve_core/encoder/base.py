@@ -153,14 +153,16 @@ class EncoderTask(ABC):
 def softmax(x: FloatArray, axis: int = -1) -> FloatArray:
     shifted = x - x.max(axis=axis, keepdims=True)
     e = np.exp(shifted)
-    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+    return np.asarray(e / e.sum(axis=axis, keepdims=True), dtype=np.float32)
 
 
 def sigmoid(x: FloatArray) -> FloatArray:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return np.asarray(1.0 / (1.0 + np.exp(-x)), dtype=np.float32)
 
 
-def json_bytes_tensor(name: str, values: list[Any], shape: tuple[int, ...] | None = None) -> OutputTensor:
+def json_bytes_tensor(
+    name: str, values: list[Any], shape: tuple[int, ...] | None = None
+) -> OutputTensor:
     """Objects as a BYTES tensor of JSON strings (KServe's encoding of dict outputs)."""
     arr = np.empty(len(values), dtype=object)
     for i, value in enumerate(values):

@@ -102,4 +102,3 @@ class FillMask(EncoderTask):
         if ctx.options.return_raw_logits:
             return [("output-0", "FP32", [-1, -1, ctx.info.vocab_size or -1])]
         return [("output-0", "BYTES", [-1])]
-

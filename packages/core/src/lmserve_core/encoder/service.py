@@ -107,12 +107,16 @@ class EncoderService:
         self.backend.close()
 
     # --- request path ------------------------------------------------------------
-    async def infer(self, texts: Sequence[Any], parameters: Mapping[str, Any] | None) -> EncoderResult:
+    async def infer(
+        self, texts: Sequence[Any], parameters: Mapping[str, Any] | None
+    ) -> EncoderResult:
         params = RequestParams.parse(parameters)
         request = await asyncio.to_thread(self.encode, check_texts(texts), params)
         outputs = await self.batcher.submit(request)
         result = self.handler.postprocess(outputs, request, self.context)
-        return EncoderResult(result.predictions, result.outputs, sum(len(e) for e in request.encodings))
+        return EncoderResult(
+            result.predictions, result.outputs, sum(len(e) for e in request.encodings)
+        )
 
     def encode(self, texts: list[str], params: RequestParams) -> EncodedRequest:
         max_length = self.info.max_length
@@ -138,7 +142,9 @@ class EncoderService:
         self.handler.validate(request, self.context)
         return request
 
-    def encode_token_ids(self, rows: Sequence[Sequence[int]], params: RequestParams) -> EncodedRequest:
+    def encode_token_ids(
+        self, rows: Sequence[Sequence[int]], params: RequestParams
+    ) -> EncodedRequest:
         """Pre-tokenized input (OpenAI embeddings accept token ids)."""
         vocab = self.info.vocab_size
         encodings = []
@@ -162,7 +168,9 @@ class EncoderService:
     async def infer_encoded(self, request: EncodedRequest) -> EncoderResult:
         outputs = await self.batcher.submit(request)
         result = self.handler.postprocess(outputs, request, self.context)
-        return EncoderResult(result.predictions, result.outputs, sum(len(e) for e in request.encodings))
+        return EncoderResult(
+            result.predictions, result.outputs, sum(len(e) for e in request.encodings)
+        )
 
     # --- model thread ------------------------------------------------------------
     def _run_batch(self, requests: Sequence[EncodedRequest]) -> list[FloatArray]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from lmserve_core.encoder.base import (
@@ -25,6 +27,10 @@ def attention_mask(request: EncodedRequest, length: int) -> FloatArray:
 
 def pool(hidden: FloatArray, mask: FloatArray, mode: PoolingMode) -> FloatArray:
     """Sentence-transformers pooling over ``hidden`` [N, L, D] with ``mask`` [N, L]."""
+    return np.asarray(_pool(hidden, mask, mode), dtype=np.float32)
+
+
+def _pool(hidden: FloatArray, mask: FloatArray, mode: PoolingMode) -> Any:
     m = mask[:, :, None]
     lengths = np.clip(mask.sum(axis=1, keepdims=True), 1e-9, None)
     if mode == "cls":
@@ -45,7 +51,7 @@ def pool(hidden: FloatArray, mask: FloatArray, mode: PoolingMode) -> FloatArray:
 
 def l2_normalize(x: FloatArray) -> FloatArray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.clip(norms, 1e-12, None)).astype(np.float32)
+    return np.asarray(x / np.clip(norms, 1e-12, None), dtype=np.float32)
 
 
 class TextEmbedding(EncoderTask):

@@ -47,7 +47,9 @@ class TokenClassification(EncoderTask):
             return self._entities(outputs, request, ctx)
         elif ctx.options.return_probabilities:
             probs = softmax(outputs)
-            rows = [[{str(k): round4(p) for k, p in enumerate(tok)} for tok in inst] for inst in probs]
+            rows = [
+                [{str(k): round4(p) for k, p in enumerate(tok)} for tok in inst] for inst in probs
+            ]
             flat = [cell for row in rows for cell in row]
             result = EncoderResult(rows, [json_bytes_tensor("output-0", flat, probs.shape[:2])])
         else:
@@ -141,7 +143,9 @@ def _word_pieces(
             word_scores = scores[max(tokens, key=lambda t: float(scores[t].max()))]
         k = int(word_scores.argmax())
         start, end = enc.offsets[tokens[0]][0], enc.offsets[tokens[-1]][1]
-        pieces.append(_Piece(_label(ctx, k), float(word_scores[k]), start, end, tokens[0], text[start:end]))
+        pieces.append(
+            _Piece(_label(ctx, k), float(word_scores[k]), start, end, tokens[0], text[start:end])
+        )
     return pieces
 
 

@@ -19,7 +19,6 @@ from lmserve_protocols.openai import (
     ModelCard,
     ModelList,
 )
-
 from lmserve_server.dataplane import DataPlane
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
@@ -80,7 +79,9 @@ def _split_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
         return None, [list(value)]
     if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
         return None, [list(v) for v in value]
-    raise InvalidInput("'input' must be a string, a list of strings, or token id lists", param="input")
+    raise InvalidInput(
+        "'input' must be a string, a list of strings, or token id lists", param="input"
+    )
 
 
 def _format(vector: np.ndarray, encoding: str) -> list[float] | str:

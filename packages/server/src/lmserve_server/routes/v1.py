@@ -9,7 +9,6 @@ from fastapi import APIRouter, Request
 
 from lmserve_core.errors import InvalidInput
 from lmserve_protocols.v1 import V1PredictRequest
-
 from lmserve_server.dataplane import DataPlane
 from lmserve_server.routes.schema import request_body_schema
 
@@ -32,7 +31,7 @@ async def predict(model_name: str, request: Request) -> dict[str, Any]:
     payload = _parse_json(await request.body())
     instances = payload.get("instances", payload.get("inputs"))
     if instances is None:
-        raise InvalidInput("expected {\"instances\": [...]} or {\"inputs\": [...]}", param="instances")
+        raise InvalidInput('expected {"instances": [...]} or {"inputs": [...]}', param="instances")
     parameters = payload.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object", param="parameters")

@@ -10,7 +10,6 @@ from pydantic import ValidationError
 from lmserve_core.errors import InvalidInput
 from lmserve_core.v2_codec import HEADER_LENGTH, decode_inputs, encode_response, split_binary_body
 from lmserve_protocols.v2 import V2InferRequest
-
 from lmserve_server.dataplane import DataPlane, v2_outputs
 from lmserve_server.routes.schema import request_body_schema
 
@@ -29,7 +28,9 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 
 @router.get("/v2/models/{model_name}")
 @router.get("/v2/models/{model_name}/versions/{model_version}")
-async def model_metadata(model_name: str, request: Request, model_version: str | None = None) -> dict[str, Any]:
+async def model_metadata(
+    model_name: str, request: Request, model_version: str | None = None
+) -> dict[str, Any]:
     return _plane(request).model_metadata(model_name)
 
 
@@ -57,7 +58,9 @@ async def infer(model_name: str, request: Request, model_version: str | None = N
         wanted = {o.name for o in infer_request.outputs}
         unknown = wanted - {name for name, _, _ in outputs}
         if unknown:
-            raise InvalidInput(f"unknown requested output(s): {', '.join(sorted(unknown))}", param="outputs")
+            raise InvalidInput(
+                f"unknown requested output(s): {', '.join(sorted(unknown))}", param="outputs"
+            )
         outputs = [o for o in outputs if o[0] in wanted]
     body, header_length = encode_response(
         outputs, model_name=model_name, request_id=infer_request.id, binary_outputs=binary_names
