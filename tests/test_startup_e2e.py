@@ -101,3 +101,15 @@ def test_env_twin_and_dash_spelling() -> None:
         assert set(r.json()["predictions"][0]) == {"0", "1"}
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--enable_grpc"], "--enable_grpc"),
+        (["--predictor_host", "127.0.0.1:1"], "--predictor_host"),
+    ],
+)
+def test_flags_of_unbuilt_features_fail_loudly(flags: list[str], named: str) -> None:
+    r = run_cli("--model_dir", str(model_path("sentiment")), *flags)
+    assert r.returncode == 2 and named in r.stderr

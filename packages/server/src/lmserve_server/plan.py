@@ -7,6 +7,7 @@ once with a message that names it, instead of after a port is open.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from lmserve_core.model_files import (
 )
 from lmserve_core.settings import Backend, ServeSettings
 from lmserve_core.tasks import Task, infer_task
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,26 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
         inferred = None
     task = settings.task or inferred
     assert task is not None
+    if inferred is not None and task is not inferred:
+        logger.warning(
+            "--task %s overrides the task inferred from the model (%s)", task.value, inferred.value
+        )
+    _refuse_unbuilt_features(settings)
     backend, reason = choose_backend(settings.backend, task)
     return ServingPlan(source, config, task, backend, reason)
+
+
+def _refuse_unbuilt_features(settings: ServeSettings) -> None:
+    """Flags of SPEC §1 whose feature has not landed fail loudly instead of doing nothing."""
+    if settings.enable_grpc:
+        raise ConfigurationError(
+            "--enable_grpc: the gRPC listener is not available in this version", param="enable_grpc"
+        )
+    if settings.predictor_host:
+        raise ConfigurationError(
+            "--predictor_host: Triton transformer mode is not available in this version",
+            param="predictor_host",
+        )
 
 
 def choose_backend(requested: Backend, task: Task) -> tuple[str, str]:
