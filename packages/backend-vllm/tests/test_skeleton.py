@@ -15,7 +15,9 @@ from lmserve_core.tasks import Task
 
 
 def test_entry_point_is_registered_and_refuses_with_the_flag_named() -> None:
-    (ep,) = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == "vllm"]
+    (ep,) = [
+        ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == "vllm"
+    ]
     factory = ep.load()
     request = LoadRequest(ServeSettings(), ModelSource(Path("."), "x"), Task.text_generation, {})
     with pytest.raises(ConfigurationError) as exc:

@@ -15,6 +15,7 @@ from lmserve_core.builtin_models import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
     BuiltinModel,
+    builtin_cache_dir,
     is_builtin,
     locate_builtin,
 )
@@ -127,8 +128,24 @@ def test_builtin_names_are_case_insensitive() -> None:
 def test_no_model_flag_serves_the_default_builtin() -> None:
     assert DEFAULT_MODEL in BUILTIN_MODELS
     source = resolve_model_source(model_id=None, model_dir=None)
-    assert source.display_name == DEFAULT_MODEL
-    assert source.path == locate_builtin(DEFAULT_MODEL)
+    assert source.display_name == DEFAULT_MODEL == "smollm2-135m-instruct"
+    # A GGUF built-in resolves to its conversion folder in the cache, not the package.
+    assert source.builtin is BUILTIN_MODELS[DEFAULT_MODEL]
+    assert source.path == builtin_cache_dir(BUILTIN_MODELS[DEFAULT_MODEL])
+    assert locate_builtin(DEFAULT_MODEL).name.endswith(".gguf")
+
+
+def test_gguf_builtin_has_a_stand_in_config_until_converted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LMSERVE_CACHE_DIR", str(tmp_path))
+    source = resolve_model_source(model_id="smollm2-135m-instruct", model_dir=None)
+    assert source.path.parent == tmp_path / "builtin"
+    assert source.needs_conversion
+    assert source.config()["architectures"] == ["LlamaForCausalLM"]
+    source.path.mkdir(parents=True)
+    (source.path / "config.json").write_text('{"architectures": ["X"]}')
+    assert not source.needs_conversion and source.config() == {"architectures": ["X"]}
 
 
 def test_builtin_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:

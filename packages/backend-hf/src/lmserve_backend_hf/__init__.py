@@ -9,15 +9,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lmserve_core.backend import LoadedEncoder, LoadRequest
+    from pathlib import Path
+
+    from lmserve_core.backend import LoadedModel, LoadRequest
+    from lmserve_core.builtin_models import BuiltinModel
 
 __version__ = "0.1.0"
 
 
-def create_backend(request: LoadRequest) -> LoadedEncoder:
+def create_backend(request: LoadRequest) -> LoadedModel:
+    if request.task.is_generative:
+        from lmserve_backend_hf.gen_loader import load_generator
+
+        return load_generator(request)
     from lmserve_backend_hf.loader import load_encoder
 
     return load_encoder(request)
 
 
-__all__ = ["create_backend"]
+def convert_builtin(model: BuiltinModel) -> Path:
+    """``lmserve.converters`` entry point: GGUF built-ins to a safetensors folder."""
+    from lmserve_backend_hf.gguf import convert_gguf
+
+    return convert_gguf(model)
+
+
+__all__ = ["convert_builtin", "create_backend"]

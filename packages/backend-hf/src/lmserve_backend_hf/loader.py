@@ -20,7 +20,7 @@ from lmserve_core.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _model_class(task: Task) -> Any:
@@ -67,14 +67,14 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     try:
         model, loading_info = _model_class(task).from_pretrained(
             str(source.path),
-            dtype=_TORCH_DTYPES[dtype_name],
+            dtype=TORCH_DTYPES[dtype_name],
             trust_remote_code=settings.trust_remote_code,
             output_loading_info=True,
         )
     except Exception as exc:
         raise ConfigurationError(f"cannot load the model from {source.display_name!r} as "
                                  f"{task.value}: {exc}", param="model_dir") from exc  # fmt: skip
-    _refuse_untrained_heads(loading_info, source.display_name, task)
+    refuse_untrained_heads(loading_info, source.display_name, task)
     model.eval().to(device)
 
     config = request.config
@@ -119,7 +119,7 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     )  # fmt: skip
 
 
-def _refuse_untrained_heads(loading_info: dict[str, Any], name: str, task: Task) -> None:
+def refuse_untrained_heads(loading_info: dict[str, Any], name: str, task: Task) -> None:
     """transformers fills missing head weights with random values and only warns; serving
     that would answer confidently and wrongly, so a checkpoint without them is refused."""
     missing = sorted(

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from lmserve_core.encoder.base import EncoderOptions, ModelInfo
 from lmserve_core.encoder.service import EncoderBackend
+from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
+from lmserve_core.generation.prepare import ModelFacts
 from lmserve_core.model_files import ModelSource
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
@@ -40,5 +42,19 @@ class LoadedEncoder:
     details: dict[str, Any] = field(default_factory=dict)  # shown in V2 metadata
 
 
+@dataclass
+class LoadedGenerator:
+    """A generative model ready to serve through the OpenAI layer."""
+
+    backend: GenerativeBackend
+    tokenizer: GenerationTokenizer
+    facts: ModelFacts
+    backend_name: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+LoadedModel = LoadedEncoder | LoadedGenerator
+
+
 class BackendFactory(Protocol):
-    def __call__(self, request: LoadRequest) -> LoadedEncoder: ...
+    def __call__(self, request: LoadRequest) -> LoadedModel: ...

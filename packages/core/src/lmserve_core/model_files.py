@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmserve_core.builtin_models import DEFAULT_MODEL, is_builtin, locate_builtin
+from lmserve_core.builtin_models import (
+    BUILTIN_MODELS,
+    DEFAULT_MODEL,
+    BuiltinModel,
+    builtin_cache_dir,
+    is_builtin,
+    locate_builtin,
+)
 from lmserve_core.errors import ConfigurationError
 
 PoolingMode = Literal["mean", "cls", "max", "mean_sqrt_len", "lasttoken", "weightedmean"]
@@ -21,6 +28,18 @@ class ModelSource:
     path: Path
     display_name: str  # the built-in name, hub id or directory the user gave
     hub_id: str | None = None  # set when the files came from the hub
+    # A built-in that must be converted (GGUF) into ``path`` before loading.
+    builtin: BuiltinModel | None = None
+
+    @property
+    def needs_conversion(self) -> bool:
+        return self.builtin is not None and not (self.path / "config.json").is_file()
+
+    def config(self) -> dict[str, Any]:
+        """config.json, or the built-in's stand-in until it is converted."""
+        if self.needs_conversion and self.builtin is not None:
+            return dict(self.builtin.config)
+        return read_model_config(self.path)
 
 
 def resolve_model_source(
@@ -29,14 +48,22 @@ def resolve_model_source(
     """``--model_id`` (built-in, local path or hub id) wins over ``--model_dir``."""
     if model_id:
         if is_builtin(model_id):
-            return ModelSource(locate_builtin(model_id), model_id.lower())
+            return _builtin_source(model_id.lower())
         local = Path(model_id).expanduser()
         if local.is_dir():
             return ModelSource(_check_dir(local, "model_id"), model_id)
         return ModelSource(_download(model_id, revision), model_id, hub_id=model_id)
     if model_dir:
         return ModelSource(_check_dir(Path(model_dir).expanduser(), "model_dir"), model_dir)
-    return ModelSource(locate_builtin(DEFAULT_MODEL), DEFAULT_MODEL)
+    return _builtin_source(DEFAULT_MODEL)
+
+
+def _builtin_source(name: str) -> ModelSource:
+    model = BUILTIN_MODELS[name]
+    located = locate_builtin(name)  # fails early, naming the package, when it is missing
+    if model.layout == "gguf":
+        return ModelSource(builtin_cache_dir(model), name, builtin=model)
+    return ModelSource(located, name)
 
 
 def _check_dir(path: Path, flag: str) -> Path:

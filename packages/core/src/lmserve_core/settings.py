@@ -57,7 +57,8 @@ class ServeSettings(BaseModel):
         str | None,
         Field(
             **_flag(
-                "Hugging Face model id, or a built-in name (all-minilm-l6-v2). Wins over --model_dir. "
+                "Hugging Face model id, or a built-in name (smollm2-135m-instruct, all-minilm-l6-v2). "
+                "Wins over --model_dir. "
                 "With HF_HUB_OFFLINE=1 only the local cache is used."
             )
         ),
@@ -134,6 +135,35 @@ class ServeSettings(BaseModel):
     return_token_type_ids: Annotated[
         bool, Field(**_flag("Pass token_type_ids to the model / predictor.", group="tokenizer"))
     ] = False
+
+    # --- generation --------------------------------------------------------------
+    chat_template: Annotated[
+        str | None,
+        Field(
+            **_flag(
+                "Jinja chat template FILE to use instead of the tokenizer's.", group="generation"
+            )
+        ),
+    ] = None
+    trust_request_chat_template: Annotated[
+        bool,
+        Field(
+            **_flag(
+                "Allow a per-request 'chat_template' in chat completions (off: refused with 400).",
+                group="generation",
+            )
+        ),
+    ] = False
+    max_num_seqs: Annotated[
+        int,
+        Field(
+            gt=0,
+            **_flag("Most sequences generated together (continuous batching).", group="generation"),
+        ),
+    ] = 32
+    max_n: Annotated[
+        int, Field(gt=0, **_flag("Largest 'n' (choices per request) accepted.", group="generation"))
+    ] = 16
 
     # --- outputs -----------------------------------------------------------------
     return_probabilities: Annotated[

@@ -10,7 +10,7 @@ from lmserve_server.errors import install_error_handlers
 from lmserve_server.limits import BodyLimitMiddleware
 from lmserve_server.metrics import Metrics, MetricsMiddleware
 from lmserve_server.model_host import ModelHost
-from lmserve_server.routes import health, metrics, openai, v1, v2
+from lmserve_server.routes import generation, health, metrics, openai, v1, v2
 
 
 def create_app(settings: ServeSettings, host: ModelHost) -> FastAPI:
@@ -23,8 +23,10 @@ def create_app(settings: ServeSettings, host: ModelHost) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.dataplane = DataPlane(host, app.state.metrics)
     host.batch_observer = app.state.metrics.batch_size.observe
+    host.generation_observer = app.state.metrics
+    host.step_observer = app.state.metrics.decode_batch_size.observe
     install_error_handlers(app)
-    for module in (health, v1, v2, openai, metrics):
+    for module in (health, v1, v2, openai, generation, metrics):
         app.include_router(module.router)
     # Outermost first: the body limit rejects before anything reads the body.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -26,6 +26,7 @@ ENV_PREFIX = "LMSERVE_"
 _GROUP_TITLES = {
     "model": "model",
     "tokenizer": "tokenization",
+    "generation": "generation (OpenAI completions and chat)",
     "outputs": "outputs (encoder tasks)",
     "predictor": "Triton predictor (transformer mode)",
     "server": "server",
@@ -121,7 +122,7 @@ def serve_parser(prog: str = "lmserve serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve a Hugging Face model over OpenAI, KServe V1 and Open Inference "
-        "Protocol V2. With no model flag, serves the built-in all-minilm-l6-v2.",
+        "Protocol V2. With no model flag, serves the built-in smollm2-135m-instruct.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )

@@ -47,27 +47,36 @@ class DataPlane:
         return {"name": "lmserve", "version": server_version(), "extensions": V2_EXTENSIONS}
 
     def model_metadata(self, name: str) -> dict[str, Any]:
-        service = self.host.require(name)
+        self.host.check_usable(name)
         plan = self.host.plan
         loaded = self.host.loaded
-        outputs = [
-            {"name": n, "datatype": dt, "shape": shape}
-            for n, dt, shape in service.handler.output_metadata(service.context)
-        ]
+        service = self.host.service
+        parameters: dict[str, Any] = {
+            "task": plan.task.value,
+            "backend": plan.backend,
+            "backend_reason": plan.backend_reason,
+            "source": plan.source.display_name,
+            **(loaded.details if loaded else {}),
+        }
+        if service is None:
+            # Generative models speak OpenAI, not V2 tensors.
+            parameters["routes"] = ["/openai/v1/completions", "/openai/v1/chat/completions"]
+            inputs: list[dict[str, Any]] = []
+            outputs: list[dict[str, Any]] = []
+        else:
+            parameters["max_length"] = service.info.max_length
+            inputs = [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}]
+            outputs = [
+                {"name": n, "datatype": dt, "shape": shape}
+                for n, dt, shape in service.handler.output_metadata(service.context)
+            ]
         return {
             "name": name,
             "versions": [],
             "platform": f"lmserve/{plan.backend}",
-            "inputs": [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}],
+            "inputs": inputs,
             "outputs": outputs,
-            "parameters": {
-                "task": plan.task.value,
-                "backend": plan.backend,
-                "backend_reason": plan.backend_reason,
-                "source": plan.source.display_name,
-                "max_length": service.info.max_length,
-                **(loaded.details if loaded else {}),
-            },
+            "parameters": parameters,
         }
 
     # --- inference -----------------------------------------------------------------

@@ -34,10 +34,36 @@ class Metrics:
         self.input_tokens = Counter(
             "lmserve_prompt_tokens", "Input tokens processed", registry=self.registry
         )
+        self.time_to_first_token = Histogram(
+            "lmserve_time_to_first_token_seconds", "Time from request to first generated token",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.inter_token_latency = Histogram(
+            "lmserve_inter_token_latency_seconds", "Time between generated tokens",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.generation_tokens = Counter(
+            "lmserve_generation_tokens", "Tokens generated", registry=self.registry
+        )
+        self.decode_batch_size = Histogram(
+            "lmserve_decode_batch_size", "Sequences per generation forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+        )  # fmt: skip
         self.model_ready = Gauge(
             "lmserve_model_ready", "1 when the model is loaded and healthy", ["model"],
             registry=self.registry,
         )  # fmt: skip
+
+    # GenerationObserver (lmserve_core.generation.service)
+    def first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.inter_token_latency.observe(seconds)
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        self.input_tokens.inc(prompt)
+        self.generation_tokens.inc(generated)
 
 
 class MetricsMiddleware:

@@ -8,12 +8,14 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
-from lmserve_core.backend import LoadedEncoder, LoadRequest
+from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadRequest
 from lmserve_core.encoder import EncoderService
-from lmserve_core.errors import LmserveError, ModelNotFound, ModelNotReady
+from lmserve_core.errors import InvalidInput, LmserveError, ModelNotFound, ModelNotReady
+from lmserve_core.generation.prepare import GenerationLimits
+from lmserve_core.generation.service import GenerationObserver, OpenAIGenerationService
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
-from lmserve_server.plan import ServingPlan, load_backend_factory
+from lmserve_server.plan import ServingPlan, load_backend_factory, load_converter
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +34,15 @@ class ModelHost:
         self.name = settings.model_name
         self.state = ModelState.loading
         self.error: str | None = None
-        self.loaded: LoadedEncoder | None = None
+        self.loaded: LoadedEncoder | LoadedGenerator | None = None
         self.service: EncoderService | None = None
+        self.generator: OpenAIGenerationService | None = None
         self.created = int(time.time())
         self.load_seconds: float | None = None
-        # Set by the app: observes instances per forward pass (a metrics histogram).
+        # Set by the app: metrics hooks.
         self.batch_observer: Callable[[int], None] | None = None
+        self.generation_observer: GenerationObserver | None = None
+        self.step_observer: Callable[[int], None] | None = None
 
     @property
     def task(self) -> Task:
@@ -45,32 +50,59 @@ class ModelHost:
 
     @property
     def ready(self) -> bool:
-        return self.state is ModelState.ready
+        if self.state is not ModelState.ready:
+            return False
+        if self.generator is not None:
+            try:
+                self.generator.backend.check_health()
+            except LmserveError:
+                return False
+        return True
 
     async def load(self) -> None:
         """Load in a worker thread: the event loop keeps answering health checks."""
         started = time.perf_counter()
         try:
+            source = self.plan.source
+            config = self.plan.config
+            if source.needs_conversion and source.builtin is not None:
+                converter = load_converter(source.builtin.layout)
+                await asyncio.to_thread(converter, source.builtin)
+                config = source.config()  # the real one, now that it exists
             factory = load_backend_factory(self.plan.backend)
-            request = LoadRequest(self.settings, self.plan.source, self.plan.task, self.plan.config)
+            request = LoadRequest(self.settings, source, self.plan.task, config)
             loaded = await asyncio.to_thread(factory, request)
-            service = EncoderService(
-                task=self.plan.task,
-                tokenizer=loaded.tokenizer,
-                backend=loaded.backend,
-                info=loaded.info,
-                options=loaded.options,
-                max_batch_size=self.settings.max_batch_size,
-            )
-            service.batcher.on_batch = self.batch_observer
-            await service.start()
+            if isinstance(loaded, LoadedGenerator):
+                self.generator = OpenAIGenerationService(
+                    backend=loaded.backend,
+                    tokenizer=loaded.tokenizer,
+                    facts=loaded.facts,
+                    limits=GenerationLimits(max_n=self.settings.max_n),
+                    trust_request_chat_template=self.settings.trust_request_chat_template,
+                    observer=self.generation_observer,
+                )
+                if hasattr(loaded.backend, "on_step"):
+                    loaded.backend.on_step = self.step_observer
+                await loaded.backend.start()
+            else:
+                service = EncoderService(
+                    task=self.plan.task,
+                    tokenizer=loaded.tokenizer,
+                    backend=loaded.backend,
+                    info=loaded.info,
+                    options=loaded.options,
+                    max_batch_size=self.settings.max_batch_size,
+                )
+                service.batcher.on_batch = self.batch_observer
+                await service.start()
+                self.service = service
         except LmserveError as exc:
             self._fail(exc.message)
             raise
         except Exception as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
-        self.loaded, self.service = loaded, service
+        self.loaded = loaded
         self.load_seconds = time.perf_counter() - started
         self.state = ModelState.ready
         logger.info(
@@ -87,23 +119,40 @@ class ModelHost:
         self.state = ModelState.draining
         if self.service is not None:
             await self.service.stop()
-
-    def require(self, name: str) -> EncoderService:
-        """The service for ``name``, or the error a client should see."""
-        if name != self.name:
-            raise ModelNotFound(
-                f"model {name!r} is not served here (try {self.name!r})", param="model"
-            )
-        if self.state is ModelState.loading:
-            raise ModelNotReady(f"model {name!r} is still loading")
-        if self.state is ModelState.draining:
-            raise ModelNotReady("the server is shutting down")
-        if self.state is ModelState.failed or self.service is None:
-            raise ModelNotReady(f"model {name!r} failed to load: {self.error}")
-        return self.service
+        if self.generator is not None:
+            await self.generator.backend.stop()
 
     def check_name(self, name: str) -> None:
         if name != self.name:
             raise ModelNotFound(
                 f"model {name!r} is not served here (try {self.name!r})", param="model"
             )
+
+    def check_usable(self, name: str) -> None:
+        self.check_name(name)
+        if self.state is ModelState.loading:
+            raise ModelNotReady(f"model {name!r} is still loading")
+        if self.state is ModelState.draining:
+            raise ModelNotReady("the server is shutting down")
+        if self.state is ModelState.failed:
+            raise ModelNotReady(f"model {name!r} failed to load: {self.error}")
+
+    def require(self, name: str) -> EncoderService:
+        """The encoder service for ``name``, or the error a client should see."""
+        self.check_usable(name)
+        if self.service is None:
+            raise InvalidInput(
+                f"model {name!r} is a {self.task.value} model: use /openai/v1/completions or "
+                "/openai/v1/chat/completions", param="model",
+            )  # fmt: skip
+        return self.service
+
+    def require_generator(self, name: str) -> OpenAIGenerationService:
+        self.check_usable(name)
+        if self.generator is None:
+            raise InvalidInput(
+                f"model {name!r} serves {self.task.value}, not text generation: use "
+                f"/v1/models/{name}:predict or /v2/models/{name}/infer", param="model",
+            )  # fmt: skip
+        self.generator.backend.check_health()
+        return self.generator

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lmserve_core.backend import ENTRY_POINT_GROUP, BackendFactory
+from lmserve_core.builtin_models import BuiltinModel
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_files import (
     ModelSource,
     is_sentence_transformer,
-    read_model_config,
     resolve_model_source,
 )
 from lmserve_core.settings import Backend, ServeSettings
 from lmserve_core.tasks import Task, infer_task
 
 logger = logging.getLogger(__name__)
+
+CONVERTER_GROUP = "lmserve.converters"
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
     source = resolve_model_source(
         model_id=settings.model_id, model_dir=settings.model_dir, revision=settings.model_revision
     )
-    config = read_model_config(source.path)
+    config = source.config()
     inferred: Task | None
     try:
         inferred = infer_task(
@@ -74,18 +78,25 @@ def _refuse_unbuilt_features(settings: ServeSettings) -> None:
 
 
 def choose_backend(requested: Backend, task: Task) -> tuple[str, str]:
-    if task.is_generative:
-        raise ConfigurationError(
-            f"task {task.value} is not served by this version of lmserve yet "
-            "(encoder tasks only: fill_mask, token_classification, sequence_classification, "
-            "text_embedding); pass --task to override",
-            param="task",
-        )
     if requested is Backend.vllm:
         return "vllm", "--backend vllm was asked for"
     if requested is Backend.huggingface:
         return "huggingface", "--backend huggingface was asked for"
+    if task.is_generative:
+        return "huggingface", f"{task.value}: the vLLM backend is not available in this version"
     return "huggingface", f"{task.value} is an encoder task: Hugging Face serves it by default"
+
+
+def load_converter(layout: str) -> Callable[[BuiltinModel], Path]:
+    """The backend function that turns a built-in of this layout into a model folder."""
+    for ep in importlib.metadata.entry_points(group=CONVERTER_GROUP):
+        if ep.name == layout:
+            converter: Callable[[BuiltinModel], Path] = ep.load()
+            return converter
+    raise ConfigurationError(
+        f"no installed backend converts {layout} built-in models (pip install lmserve-backend-hf)",
+        param="model_id",
+    )
 
 
 def load_backend_factory(name: str) -> BackendFactory:

@@ -1,0 +1,454 @@
+"""Continuous batching for transformers models: an iteration-level scheduler.
+
+One model thread runs the loop. Every iteration it (1) prefills newly arrived requests as
+a left-padded group and merges their KV cache into the running batch, then (2) runs one
+decoding step for every running sequence in a single forward pass, samples each row with
+its own parameters, streams the tokens out, and (3) drops finished or aborted rows.
+A request that arrives mid-generation therefore joins at the next step, and one that
+finishes leaves at once; nobody waits for a "wave" to end.
+
+Decoder-only models share one padded DynamicCache ([B, H, T, D] per layer, left padding,
+explicit position ids). Encoder-decoder models (T5, BART) keep one group per sequence and
+are stepped round-robin: their learned/relative positions and cross-attention caches
+make merging unsafe, so they interleave without sharing forward passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmserve_backend_hf.sampler import RowState, prompt_logprobs, sample
+from lmserve_core.errors import BackendError, ModelNotReady
+from lmserve_core.generation.params import GenerationRequest, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    emit: Callable[[TokenEvent | BaseException], None]
+    row: RowState
+    eos_ids: frozenset[int]
+    aborted: bool = False
+    finished: bool = False
+    length: int = 0  # real tokens in this sequence's KV cache
+    last_token: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(eq=False)
+class _Group:
+    """Sequences that share one KV cache and one forward pass."""
+
+    seqs: list[_Sequence]
+    cache: Any
+    mask: torch.Tensor  # [B, T] decoder attention mask (1 = real token)
+    encoder: dict[str, torch.Tensor] = field(default_factory=dict)  # enc-dec only
+
+
+class HFGenerationEngine:
+    """Implements lmserve_core's GenerativeBackend on a transformers model."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: torch.device,
+        eos_token_ids: frozenset[int],
+        pad_token_id: int,
+        max_model_len: int,
+        vocab_size: int,
+        max_num_seqs: int = 32,
+        max_prefill_tokens: int = 8192,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = pad_token_id
+        self._max_model_len = max_model_len
+        self._vocab_size = vocab_size
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self._is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._waiting: queue.Queue[_Sequence | None] = queue.Queue()
+        self._by_id: dict[str, _Sequence] = {}
+        self._groups: list[_Group] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._dead: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._base_generator = torch.Generator(device=device)
+        self._base_generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        self._ids = itertools.count()
+        # Observability: decode steps run, the largest batch seen, and a hook per step.
+        self.steps = 0
+        self.max_step_size = 0
+        self.on_step: Callable[[int], None] | None = None
+
+    # --- GenerativeBackend ----------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self._is_enc_dec
+
+    @property
+    def running(self) -> int:
+        return sum(len(g.seqs) for g in self._groups)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="lmserve-generate", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._waiting.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise BackendError(f"the generation engine stopped: {self._dead}")
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping.is_set():
+            raise BackendError("the generation engine thread is not running")
+
+    async def abort(self, request_id: str) -> None:
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            seq.aborted = True  # the model thread drops it before the next step
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        self.check_health()
+        if self._stopping.is_set() or self._loop is None:
+            raise ModelNotReady("the generation engine is not running")
+        events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        loop = self._loop
+
+        def emit(event: TokenEvent | BaseException) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        seq = _Sequence(request, emit, self._row_state(request), self.eos_token_ids)
+        self._by_id[request.request_id] = seq
+        self._waiting.put(seq)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            # Early close (stop string, disconnect, cancel): abort within one step.
+            seq.aborted = True
+            self._by_id.pop(request.request_id, None)
+
+    # --- model thread ----------------------------------------------------------------
+    def _row_state(self, request: GenerationRequest) -> RowState:
+        p = request.params
+        generator = None
+        if not p.greedy:
+            generator = torch.Generator(device=self.device)
+            if p.seed is not None:
+                generator.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)
+            else:
+                generator.manual_seed(
+                    int(torch.randint(0, 2**62, (1,), generator=self._base_generator))
+                )
+        banned = tuple(sorted(self.eos_token_ids)) if p.ignore_eos else ()
+        return RowState(p, list(request.prompt_ids), generator=generator, banned=banned)
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    self._iteration()
+        except Exception as exc:  # a bug, not a request's fault: fail everyone, stay dead
+            logger.exception("generation engine crashed")
+            self._dead = f"{type(exc).__name__}: {exc}"
+            self._fail_all(BackendError(f"generation engine crashed: {exc}"))
+        finally:
+            self._fail_all(ModelNotReady("the server is shutting down"))
+
+    def _iteration(self) -> None:
+        block = not self._groups
+        new = self._admit(block)
+        if new:
+            try:
+                self._prefill(new)
+            except Exception as exc:
+                logger.exception("prefill failed")
+                for seq in new:
+                    self._finish_error(seq, BackendError(f"prefill failed: {exc}"))
+        if self._groups:
+            try:
+                self._decode()
+            except Exception as exc:
+                logger.exception("decoding step failed")
+                for group in self._groups:
+                    for seq in group.seqs:
+                        self._finish_error(seq, BackendError(f"decoding failed: {exc}"))
+                self._groups = []
+        self._drop_finished()
+
+    def _admit(self, block: bool) -> list[_Sequence]:
+        room = self.max_num_seqs - self.running
+        new: list[_Sequence] = []
+        while len(new) < room:
+            try:
+                seq = (
+                    self._waiting.get(timeout=0.5)
+                    if (block and not new)
+                    else self._waiting.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if seq is None:  # stop() wake-up
+                break
+            if seq.aborted:
+                continue
+            new.append(seq)
+        return new
+
+    # prefill ------------------------------------------------------------------------
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        if self._is_enc_dec:
+            for seq in seqs:
+                self._prefill_encoder_decoder(seq)
+            return
+        with_prompt_lp = [s for s in seqs if s.request.params.prompt_logprobs is not None]
+        plain = [s for s in seqs if s.request.params.prompt_logprobs is None]
+        for seq in with_prompt_lp:
+            self._prefill_decoder([seq], full_logits=True)
+        # Bounded groups keep the padded prefill tensor small.
+        chunk: list[_Sequence] = []
+        for seq in sorted(plain, key=lambda s: len(s.request.prompt_ids)):
+            longest = max(
+                [len(s.request.prompt_ids) for s in chunk] + [len(seq.request.prompt_ids)]
+            )
+            if chunk and longest * (len(chunk) + 1) > self.max_prefill_tokens:
+                self._prefill_decoder(chunk, full_logits=False)
+                chunk = []
+            chunk.append(seq)
+        if chunk:
+            self._prefill_decoder(chunk, full_logits=False)
+
+    def _prefill_decoder(self, seqs: list[_Sequence], *, full_logits: bool) -> None:
+        prompts = [s.request.prompt_ids for s in seqs]
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(seqs), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, length - len(prompt) :] = torch.tensor(prompt)
+            mask[i, length - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            logits_to_keep=0 if full_logits else 1,
+        )  # fmt: skip
+        logits = out.logits[:, -1, :].float()
+        for i, seq in enumerate(seqs):
+            seq.length = len(prompts[i])
+        prompt_lps = None
+        if full_logits:
+            k = seqs[0].request.params.prompt_logprobs or 0
+            prompt_lps = prompt_logprobs(out.logits[0], prompts[0], k)
+        group = _Group(list(seqs), out.past_key_values, mask)
+        self._emit_sampled(group.seqs, logits, prompt_lps)
+        self._merge(group)
+
+    def _prefill_encoder_decoder(self, seq: _Sequence) -> None:
+        prompt = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
+        enc_mask = torch.ones_like(prompt)
+        encoder_outputs = self.model.get_encoder()(input_ids=prompt, attention_mask=enc_mask)
+        start = self.model.config.decoder_start_token_id
+        if start is None:
+            start = self.pad_token_id
+        dec = torch.tensor([[start]], dtype=torch.long, device=self.device)
+        out = self.model(
+            encoder_outputs=encoder_outputs,
+            attention_mask=enc_mask,
+            decoder_input_ids=dec,
+            use_cache=True,
+        )
+        seq.length = 1
+        group = _Group([seq], out.past_key_values, torch.ones((1, 1), dtype=torch.long, device=self.device),
+                       encoder={"encoder_outputs": encoder_outputs, "attention_mask": enc_mask})  # fmt: skip
+        self._emit_sampled(group.seqs, out.logits[:, -1, :].float(), None)
+        self._groups.append(group)
+
+    # merging and decoding -------------------------------------------------------------
+    def _merge(self, group: _Group) -> None:
+        live = [g for g in self._groups if not g.encoder]
+        if not live or not _mergeable(group.cache):
+            self._groups.append(group)
+            return
+        target = live[0]
+        if not _mergeable(target.cache):
+            self._groups.append(group)
+            return
+        total = max(target.mask.shape[1], group.mask.shape[1])
+        for mine, theirs in zip(target.cache.layers, group.cache.layers, strict=True):
+            mine.keys = torch.cat(
+                [_pad_left(mine.keys, total), _pad_left(theirs.keys, total)], dim=0
+            )
+            mine.values = torch.cat(
+                [_pad_left(mine.values, total), _pad_left(theirs.values, total)], dim=0
+            )
+        target.mask = torch.cat(
+            [_pad_left_2d(target.mask, total), _pad_left_2d(group.mask, total)], dim=0
+        )
+        target.seqs.extend(group.seqs)
+
+    def _decode(self) -> None:
+        for group in list(self._groups):
+            active = [s for s in group.seqs if not s.finished and not s.aborted]
+            if len(active) != len(group.seqs):
+                self._select(group, active)
+            if not group.seqs:
+                continue
+            ids = torch.tensor(
+                [[s.last_token] for s in group.seqs], dtype=torch.long, device=self.device
+            )
+            ones = torch.ones((len(group.seqs), 1), dtype=group.mask.dtype, device=self.device)
+            group.mask = torch.cat([group.mask, ones], dim=1)
+            if group.encoder:
+                out = self.model(
+                    decoder_input_ids=ids, decoder_attention_mask=group.mask,
+                    past_key_values=group.cache, use_cache=True, **group.encoder,
+                )  # fmt: skip
+            else:
+                positions = torch.tensor(
+                    [[s.length] for s in group.seqs], dtype=torch.long, device=self.device
+                )
+                out = self.model(
+                    input_ids=ids, attention_mask=group.mask, position_ids=positions,
+                    past_key_values=group.cache, use_cache=True,
+                )  # fmt: skip
+            group.cache = out.past_key_values
+            for seq in group.seqs:
+                seq.length += 1
+            self.steps += 1
+            self.max_step_size = max(self.max_step_size, len(group.seqs))
+            if self.on_step:
+                self.on_step(len(group.seqs))
+            self._emit_sampled(group.seqs, out.logits[:, -1, :].float(), None)
+
+    def _emit_sampled(
+        self, seqs: list[_Sequence], logits: torch.Tensor, prompt_lps: tuple[Any, ...] | None
+    ) -> None:
+        for i, (seq, (token, lp)) in enumerate(
+            zip(seqs, sample(logits, [s.row for s in seqs]), strict=True)
+        ):
+            seq.row.add(token)
+            seq.last_token = token
+            params = seq.request.params
+            finish = None
+            stop_token = False
+            if (token in seq.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+                finish, stop_token = "stop", True
+            elif len(seq.row.output_ids) >= params.max_tokens or (
+                not self._is_enc_dec and seq.length + 1 >= self._max_model_len
+            ):
+                finish = "length"
+            if finish is not None:
+                seq.finished = True
+            seq.emit(TokenEvent(token, lp, finish, stop_token, prompt_lps if i == 0 else None))
+
+    def _select(self, group: _Group, keep: list[_Sequence]) -> None:
+        index = {id(s): i for i, s in enumerate(group.seqs)}
+        rows = [index[id(s)] for s in keep]
+        group.seqs = keep
+        if not keep:
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        group.mask = group.mask.index_select(0, idx)
+        if group.encoder:
+            return  # enc-dec groups hold one sequence
+        # Drop columns that are padding for every remaining row.
+        first = int((group.mask.sum(dim=0) > 0).nonzero()[0])
+        group.mask = group.mask[:, first:]
+        for layer in group.cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
+            layer.values = layer.values.index_select(0, idx)[:, :, first:]
+
+    def _drop_finished(self) -> None:
+        for group in self._groups:
+            for seq in group.seqs:
+                if seq.aborted and not seq.finished:
+                    seq.finished = True
+        kept = []
+        for group in self._groups:
+            active = [s for s in group.seqs if not s.finished]
+            if len(active) != len(group.seqs):
+                self._select(group, active)
+            if group.seqs:
+                kept.append(group)
+        self._groups = kept
+
+    def _finish_error(self, seq: _Sequence, exc: BaseException) -> None:
+        if not seq.finished:
+            seq.finished = True
+            seq.emit(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for group in self._groups:
+            for seq in group.seqs:
+                self._finish_error(seq, exc)
+        self._groups = []
+        while True:
+            try:
+                seq = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if seq is not None:
+                self._finish_error(seq, exc)
+
+
+def _mergeable(cache: Any) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        type(layer) is DynamicLayer and layer.keys is not None for layer in layers
+    )
+
+
+def _pad_left(t: torch.Tensor, total: int) -> torch.Tensor:
+    missing = total - t.shape[2]
+    if missing == 0:
+        return t
+    pad = t.new_zeros((t.shape[0], t.shape[1], missing, t.shape[3]))
+    return torch.cat([pad, t], dim=2)
+
+
+def _pad_left_2d(t: torch.Tensor, total: int) -> torch.Tensor:
+    missing = total - t.shape[1]
+    if missing == 0:
+        return t
+    return torch.cat([t.new_zeros((t.shape[0], missing)), t], dim=1)
+
+
+__all__ = ["HFGenerationEngine"]

@@ -1,0 +1,130 @@
+"""Per-row logits processing and sampling for a batch of sequences with their own params.
+
+Order as in vLLM: logit bias, repetition / presence / frequency penalties, banned EOS;
+then greedy argmax, or temperature, top-k, top-p, min-p and a draw from the row's own
+(seeded) generator. Logprobs are the model's raw log-softmax, before any processing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmserve_core.generation.params import SamplingParams, TokenLogprob
+
+
+@dataclass
+class RowState:
+    """What sampling needs to know about one sequence."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+    banned: tuple[int, ...] = ()  # EOS ids while ignore_eos
+
+    def add(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+    @property
+    def plain_greedy(self) -> bool:
+        p = self.params
+        return (
+            p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0 and not self.banned
+        )  # fmt: skip
+
+
+def _process_row(row: torch.Tensor, state: RowState) -> torch.Tensor:
+    p = state.params
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=row.device)
+        row[ids] += torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype)
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(
+            sorted(set(state.prompt_ids) | set(state.output_ids)), device=row.device
+        )
+        scores = row[seen]
+        row[seen] = torch.where(
+            scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty
+        )
+    if (p.presence_penalty or p.frequency_penalty) and state.counts:
+        ids = torch.tensor(list(state.counts), device=row.device)
+        counts = torch.tensor(list(state.counts.values()), device=row.device, dtype=row.dtype)
+        row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+    if state.banned:
+        row[list(state.banned)] = float("-inf")
+    return row
+
+
+def _draw(row: torch.Tensor, state: RowState) -> int:
+    p = state.params
+    if p.greedy:
+        return int(row.argmax())
+    row = row / p.temperature
+    if p.top_k and p.top_k < row.shape[-1]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the best token).
+        drop = cumulative - sorted_probs >= p.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    generator = state.generator
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample(
+    logits: torch.Tensor, states: Sequence[RowState]
+) -> list[tuple[int, TokenLogprob | None]]:
+    """``logits`` [B, V] (float32); one (token, logprob) per row."""
+    want_lp = [s.params.logprobs is not None for s in states]
+    raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+    if all(s.plain_greedy for s in states):
+        tokens = logits.argmax(dim=-1).tolist()
+    else:
+        tokens = []
+        for i, state in enumerate(states):
+            if state.plain_greedy:
+                tokens.append(int(logits[i].argmax()))
+            else:
+                tokens.append(_draw(_process_row(logits[i].clone(), state), state))
+    out: list[tuple[int, TokenLogprob | None]] = []
+    for i, (token, state) in enumerate(zip(tokens, states, strict=True)):
+        lp = None
+        if raw_lp is not None and want_lp[i]:
+            k = state.params.logprobs or 0
+            top: tuple[tuple[int, float], ...] = ()
+            if k:
+                values, ids = torch.topk(raw_lp[i], k)
+                top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            lp = TokenLogprob(token, float(raw_lp[i, token]), top)
+        out.append((token, lp))
+    return out
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, prompt: list[int], k: int
+) -> tuple[TokenLogprob | None, ...]:
+    """Logprob of each prompt token given the ones before it; ``logits`` [L, V]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    out: list[TokenLogprob | None] = [None]
+    for t in range(1, len(prompt)):
+        row = lp[t - 1]
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            values, ids = torch.topk(row, k)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        out.append(TokenLogprob(prompt[t], float(row[prompt[t]]), top))
+    return tuple(out)

@@ -1,0 +1,1 @@
+"""Generation: sampling parameters, the backend protocol, and the OpenAI layer above it."""

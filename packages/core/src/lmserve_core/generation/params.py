@@ -1,0 +1,63 @@
+"""Sampling parameters a generative backend receives (already validated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # Top-k alternatives to return per generated token (None: no logprobs at all).
+    logprobs: int | None = None
+    # Top-k alternatives per prompt token (echo with logprobs); None: none.
+    prompt_logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, or the end of the sequence.
+
+    ``finish_reason`` is set on the last event. An EOS or stop token that ends the
+    sequence is reported with ``is_stop_token`` so the text layer can leave it out.
+    """
+
+    token_id: int | None
+    logprob: TokenLogprob | None = None
+    finish_reason: FinishReason | None = None
+    is_stop_token: bool = False
+    # Only on the first event, when prompt logprobs were asked for; the first prompt
+    # token has None (nothing precedes it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

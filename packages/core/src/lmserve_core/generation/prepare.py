@@ -1,0 +1,330 @@
+"""Validate OpenAI completion/chat requests and turn them into backend requests.
+
+Everything a client can get wrong is caught here, before any token is generated, and
+raised as InvalidInput with the offending ``param`` (→ 400 with the OpenAI error body).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmserve_core.errors import InvalidInput
+from lmserve_core.generation.backend import GenerationTokenizer
+from lmserve_core.generation.params import SamplingParams
+from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
+
+CHAT_ROLES = {"system", "developer", "user", "assistant"}
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Per-request caps; each violation is a 400 that names the limit."""
+
+    max_n: int = 16
+    max_stop: int = 16
+    max_logprobs: int = 20
+    max_prompts: int = 64
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    max_model_len: int
+    vocab_size: int
+    is_encoder_decoder: bool
+    # Sampling defaults from the model's generation_config (vLLM's `auto`).
+    default_sampling: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    ids: list[int]
+    text: str  # for echo
+
+
+@dataclass(frozen=True)
+class Prepared:
+    kind: Literal["completion", "chat"]
+    request_id: str
+    created: int
+    model: str
+    prompts: list[PromptInput]
+    n: int
+    params: SamplingParams
+    stops: list[str]
+    echo: bool
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # completions: k alternatives; chat: top_logprobs (0 = only chosen)
+
+    def choice_params(self, choice: int) -> SamplingParams:
+        """n > 1 with a seed: each choice reproducible, and different from the others."""
+        if self.params.seed is None or choice == 0:
+            return self.params
+        from dataclasses import replace
+
+        return replace(self.params, seed=self.params.seed + choice)
+
+
+def _stops(value: str | list[str] | None, limits: GenerationLimits) -> list[str]:
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > limits.max_stop:
+        raise InvalidInput(f"at most {limits.max_stop} stop sequences are allowed", param="stop")
+    if any(not s for s in stops):
+        raise InvalidInput("stop sequences must not be empty", param="stop")
+    return stops
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (raw or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidInput(
+                f"logit_bias key {key!r} is not a token id", param="logit_bias"
+            ) from None
+        if not 0 <= token < vocab:
+            raise InvalidInput(
+                f"logit_bias token id {token} is outside [0, {vocab})", param="logit_bias"
+            )
+        if not -100 <= value <= 100:
+            raise InvalidInput("logit_bias values must be in [-100, 100]", param="logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _sampling(
+    req: CompletionRequest | ChatCompletionRequest,
+    facts: ModelFacts,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
+) -> SamplingParams:
+    d = facts.default_sampling
+    temperature = req.temperature if req.temperature is not None else d.get("temperature", 1.0)
+    top_p = req.top_p if req.top_p is not None else d.get("top_p", 1.0)
+    top_k = req.top_k if req.top_k is not None else int(d.get("top_k", 0))
+    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
+        raise InvalidInput("seed must fit in 64 bits", param="seed")
+    for token in req.stop_token_ids or []:
+        if not 0 <= token < facts.vocab_size:
+            raise InvalidInput(f"stop_token_ids: {token} is not a token id", param="stop_token_ids")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=0 if top_k in (-1, 0) else int(top_k),
+        min_p=float(req.min_p or 0.0),
+        seed=req.seed,
+        presence_penalty=float(req.presence_penalty or 0.0),
+        frequency_penalty=float(req.frequency_penalty or 0.0),
+        repetition_penalty=float(
+            req.repetition_penalty
+            if req.repetition_penalty is not None
+            else d.get("repetition_penalty", 1.0)
+        ),
+        logit_bias=_logit_bias(req.logit_bias, facts.vocab_size),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _check_common(
+    req: CompletionRequest | ChatCompletionRequest, model: str, limits: GenerationLimits
+) -> None:
+    if req.n > limits.max_n:
+        raise InvalidInput(f"n must be at most {limits.max_n}", param="n")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidInput(
+            "stream_options is only allowed with stream: true", param="stream_options"
+        )
+
+
+def _max_tokens(
+    requested: int | None, prompt_len: int, facts: ModelFacts, *, default_rest: bool
+) -> int:
+    """The limit of SPEC §5: prompt + max_tokens must fit the context."""
+    limit = facts.max_model_len
+    if facts.is_encoder_decoder:
+        if prompt_len > limit:
+            raise InvalidInput(
+                f"This model's maximum input length is {limit} tokens; the prompt has {prompt_len}",
+                param="prompt",
+            )
+        return requested if requested is not None else limit
+    room = limit - prompt_len
+    if room <= 0 and (requested is None or requested > 0):
+        raise InvalidInput(
+            f"This model's maximum context length is {limit} tokens; the prompt alone has "
+            f"{prompt_len}", param="messages" if default_rest else "prompt",
+        )  # fmt: skip
+    if requested is None:
+        return room
+    if requested > room:
+        raise InvalidInput(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
+            "completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+        )
+    return requested
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def prepare_completion(
+    req: CompletionRequest, tok: GenerationTokenizer, facts: ModelFacts, limits: GenerationLimits
+) -> Prepared:
+    _check_common(req, req.model, limits)
+    if req.suffix is not None:
+        raise InvalidInput("suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise InvalidInput("best_of must equal n (beam search is not supported)", param="best_of")
+    if req.logprobs is not None and req.logprobs > limits.max_logprobs:
+        raise InvalidInput(f"logprobs must be at most {limits.max_logprobs}", param="logprobs")
+    prompts = _completion_prompts(req.prompt, tok, facts, limits)
+    longest = max(len(p.ids) for p in prompts)
+    max_tokens = _max_tokens(req.max_tokens, longest, facts, default_rest=False)
+    params = _sampling(
+        req, facts, max_tokens=max_tokens, logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None,
+    )  # fmt: skip
+    return Prepared(
+        kind="completion", request_id=_new_id("cmpl"), created=int(time.time()), model=req.model,
+        prompts=prompts, n=req.n, params=params, stops=_stops(req.stop, limits), echo=req.echo,
+        stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        logprobs=req.logprobs,
+    )  # fmt: skip
+
+
+def _completion_prompts(
+    prompt: Any, tok: GenerationTokenizer, facts: ModelFacts, limits: GenerationLimits
+) -> list[PromptInput]:
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = list(prompt)
+    else:
+        raise InvalidInput(
+            "prompt must be a non-empty string, list of strings or token ids", param="prompt"
+        )
+    if len(items) > limits.max_prompts:
+        raise InvalidInput(f"at most {limits.max_prompts} prompts per request", param="prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tok.encode(item, add_special_tokens=True)
+            text = item
+        else:
+            ids = list(item)
+            if any(not 0 <= t < facts.vocab_size for t in ids):
+                raise InvalidInput(
+                    f"prompt token ids must be in [0, {facts.vocab_size})", param="prompt"
+                )
+            text = tok.decode(ids, skip_special_tokens=False)
+        if not ids:
+            raise InvalidInput("the prompt is empty after tokenization", param="prompt")
+        out.append(PromptInput(ids, text))
+    return out
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    if not req.messages:
+        raise InvalidInput("messages must not be empty", param="messages")
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(req.messages):
+        if msg.role not in CHAT_ROLES:
+            raise InvalidInput(
+                f"messages[{i}].role {msg.role!r} is not one of {', '.join(sorted(CHAT_ROLES))}",
+                param=f"messages[{i}].role",
+            )
+        content = msg.content
+        if isinstance(content, list):
+            texts: list[str] = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidInput(
+                        f"messages[{i}].content[{j}]: only text parts are supported "
+                        f"(got type {part.get('type')!r})", param=f"messages[{i}].content",
+                    )  # fmt: skip
+                texts.append(str(part["text"]))
+            content = "\n".join(texts)
+        if content is None:
+            if msg.role != "assistant":
+                raise InvalidInput(
+                    f"messages[{i}].content is required", param=f"messages[{i}].content"
+                )
+            content = ""
+        role = "system" if msg.role == "developer" else msg.role
+        out.append({"role": role, "content": content})
+    return out
+
+
+def prepare_chat(
+    req: ChatCompletionRequest,
+    tok: GenerationTokenizer,
+    facts: ModelFacts,
+    limits: GenerationLimits,
+    *,
+    server_template: str | None,
+    trust_request_template: bool,
+) -> Prepared:
+    _check_common(req, req.model, limits)
+    if req.tools:
+        raise InvalidInput("tools are not supported", param="tools")
+    if req.response_format not in (None, {"type": "text"}):
+        raise InvalidInput(
+            'only response_format {"type": "text"} is supported', param="response_format"
+        )
+    top = req.top_logprobs
+    if top is not None and not req.logprobs:
+        raise InvalidInput("top_logprobs needs logprobs: true", param="top_logprobs")
+    if top is not None and top > limits.max_logprobs:
+        raise InvalidInput(
+            f"top_logprobs must be at most {limits.max_logprobs}", param="top_logprobs"
+        )
+    if req.chat_template is not None and not trust_request_template:
+        raise InvalidInput(
+            "per-request chat_template is refused; start the server with "
+            "--trust_request_chat_template to allow it", param="chat_template",
+        )  # fmt: skip
+    template = req.chat_template or server_template or tok.chat_template
+    if not template:
+        raise InvalidInput(
+            "this model has no chat template; use /completions or start lmserve with "
+            "--chat_template FILE", param="messages",
+        )  # fmt: skip
+    messages = chat_messages(req)
+    try:
+        text = tok.apply_chat_template(
+            messages, add_generation_prompt=req.add_generation_prompt, chat_template=template,
+            extra=dict(req.chat_template_kwargs or {}),
+        )  # fmt: skip
+    except Exception as exc:  # template errors (jinja raise_exception) are the client's
+        raise InvalidInput(f"cannot apply the chat template: {exc}", param="messages") from None
+    # The template writes BOS itself where the model wants one: no double BOS.
+    ids = tok.encode(text, add_special_tokens=False)
+    if not ids:
+        raise InvalidInput("the rendered conversation is empty", param="messages")
+    requested = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    max_tokens = _max_tokens(requested, len(ids), facts, default_rest=True)
+    logprobs = (top or 0) if req.logprobs else None
+    params = _sampling(req, facts, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=None)
+    return Prepared(
+        kind="chat", request_id=_new_id("chatcmpl"), created=int(time.time()), model=req.model,
+        prompts=[PromptInput(ids, text)], n=req.n, params=params, stops=_stops(req.stop, limits),
+        echo=False, stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage), logprobs=logprobs,
+    )  # fmt: skip

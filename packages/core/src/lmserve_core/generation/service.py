@@ -1,0 +1,358 @@
+"""The OpenAI layer, written once above every generative backend.
+
+It turns backend token streams into OpenAI completions and chat responses: incremental
+detokenization, stop strings, n choices, logprobs, echo, usage, and stream chunks.
+Streaming is the only shape; non-streaming responses collect the same deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lmserve_core.errors import BackendError, LmserveError, ModelNotReady
+from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
+from lmserve_core.generation.detokenizer import IncrementalDetokenizer
+from lmserve_core.generation.params import GenerationRequest, TokenLogprob
+from lmserve_core.generation.prepare import (
+    GenerationLimits,
+    ModelFacts,
+    Prepared,
+    PromptInput,
+    prepare_chat,
+    prepare_completion,
+)
+from lmserve_core.generation.stop import StopStringMatcher
+from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationObserver(Protocol):
+    """Metrics hooks (time to first token, inter-token latency, token counters)."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
+
+    def tokens(self, prompt: int, generated: int) -> None: ...
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    generated_tokens: int = 0  # running count for this choice
+
+
+class OpenAIGenerationService:
+    def __init__(
+        self,
+        *,
+        backend: GenerativeBackend,
+        tokenizer: GenerationTokenizer,
+        facts: ModelFacts,
+        limits: GenerationLimits | None = None,
+        chat_template: str | None = None,
+        trust_request_chat_template: bool = False,
+        observer: GenerationObserver | None = None,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.facts = facts
+        self.limits = limits or GenerationLimits()
+        self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template
+        self.observer = observer
+
+    # --- preparation (raises InvalidInput) ---------------------------------------------
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        return prepare_completion(req, self.tokenizer, self.facts, self.limits)
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        return prepare_chat(
+            req, self.tokenizer, self.facts, self.limits,
+            server_template=self.chat_template, trust_request_template=self.trust_request_chat_template,
+        )  # fmt: skip
+
+    # --- one choice ---------------------------------------------------------------------
+    async def _choice(
+        self, prep: Prepared, prompt: PromptInput, index: int, seq: int
+    ) -> AsyncIterator[ChoiceDelta]:
+        params = prep.choice_params(seq)
+        if params.max_tokens == 0:
+            yield ChoiceDelta(index, finish_reason="length")
+            return
+        tok = self.tokenizer
+        detok = IncrementalDetokenizer(tok, None if self.facts.is_encoder_decoder else prompt.ids)
+        matcher = StopStringMatcher(prep.stops)
+        request = GenerationRequest(f"{prep.request_id}-{index}", prompt.ids, params)
+        stream = self.backend.generate(request)
+        generated = 0
+        started = last = time.perf_counter()
+        try:
+            async for event in stream:
+                delta = ChoiceDelta(index, prompt_logprobs=event.prompt_logprobs)
+                if event.token_id is not None:
+                    generated += 1
+                    now = time.perf_counter()
+                    if self.observer:
+                        if generated == 1:
+                            self.observer.first_token(now - started)
+                        else:
+                            self.observer.inter_token(now - last)
+                    last = now
+                    if not event.is_stop_token:
+                        delta.text = matcher.feed(detok.add(event.token_id))
+                        if event.logprob is not None:
+                            delta.logprobs.append(event.logprob)
+                delta.generated_tokens = generated
+                if matcher.stopped:
+                    delta.finish_reason = "stop"
+                    yield delta
+                    return
+                if event.finish_reason is not None:
+                    if event.finish_reason == "abort":
+                        raise ModelNotReady(
+                            "the request was aborted by the server (shutting down?)"
+                        )
+                    delta.text += matcher.feed(detok.flush())
+                    delta.text += matcher.flush()
+                    delta.finish_reason = "stop" if matcher.stopped else event.finish_reason
+                    yield delta
+                    return
+                if delta.text or delta.logprobs or delta.prompt_logprobs:
+                    yield delta
+            raise BackendError("the backend ended a sequence without a finish reason")
+        finally:
+            # Closing the backend stream aborts generation (stop string, client gone).
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    def _choices(self, prep: Prepared) -> list[tuple[int, PromptInput, int]]:
+        return [
+            (p * prep.n + j, prompt, j)
+            for p, prompt in enumerate(prep.prompts)
+            for j in range(prep.n)
+        ]
+
+    async def _merged(self, prep: Prepared) -> AsyncIterator[ChoiceDelta]:
+        """All choices' deltas as they come; cancelling this cancels every choice."""
+        queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int, prompt: PromptInput, seq: int) -> None:
+            try:
+                async for delta in self._choice(prep, prompt, index, seq):
+                    await queue.put(delta)
+            except BaseException as exc:
+                await queue.put(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i, p, s)) for i, p, s in self._choices(prep)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- non-streaming ------------------------------------------------------------------
+    async def complete(self, prep: Prepared) -> dict[str, Any]:
+        indices = [i for i, _, _ in self._choices(prep)]
+        texts: dict[int, list[str]] = {i: [] for i in indices}
+        lps: dict[int, list[TokenLogprob]] = {i: [] for i in indices}
+        prompt_lps: dict[int, tuple[TokenLogprob | None, ...]] = {}
+        finish: dict[int, str] = {}
+        counts: dict[int, int] = {}
+        async for d in self._merged(prep):
+            texts[d.index].append(d.text)
+            lps[d.index].extend(d.logprobs)
+            if d.prompt_logprobs is not None:
+                prompt_lps[d.index] = d.prompt_logprobs
+            counts[d.index] = d.generated_tokens
+            if d.finish_reason:
+                finish[d.index] = d.finish_reason
+        usage = self._usage(prep, sum(counts.values()))
+        self._observe(usage)
+        choices = []
+        for index in indices:
+            prompt = prep.prompts[index // prep.n]
+            text = "".join(texts[index])
+            if prep.kind == "chat":
+                choices.append({
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": self._chat_logprobs(lps[index]) if prep.logprobs is not None else None,
+                    "finish_reason": finish.get(index, "length"),
+                })  # fmt: skip
+            else:
+                logprobs = None
+                if prep.logprobs is not None:
+                    logprobs = self._completion_logprobs(
+                        lps[index],
+                        prompt if prep.echo else None,
+                        prompt_lps.get(index),
+                        prep.logprobs,
+                    )
+                choices.append({
+                    "index": index,
+                    "text": (prompt.text if prep.echo else "") + text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish.get(index, "length"),
+                })  # fmt: skip
+        return {
+            "id": prep.request_id,
+            "object": "chat.completion" if prep.kind == "chat" else "text_completion",
+            "created": prep.created,
+            "model": prep.model,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    # --- streaming ----------------------------------------------------------------------
+    async def stream(self, prep: Prepared) -> AsyncIterator[str]:
+        """JSON payloads of the SSE ``data:`` lines, ending with ``[DONE]``."""
+        total = 0
+        counts: dict[int, int] = {}
+        try:
+            if prep.kind == "chat":
+                for index, _, _ in self._choices(prep):
+                    yield self._chunk(prep, index, {"role": "assistant", "content": ""}, None, None)
+            echoed: set[int] = set()
+            async for d in self._merged(prep):
+                counts[d.index] = d.generated_tokens
+                lp: Any = None
+                if prep.kind == "chat":
+                    if prep.logprobs is not None and d.logprobs:
+                        lp = self._chat_logprobs(d.logprobs)
+                    if not d.text and d.finish_reason is None and lp is None:
+                        continue
+                    body: Any = {"content": d.text} if d.text else {}
+                    yield self._chunk(prep, d.index, body, lp, d.finish_reason)
+                    continue
+                text = d.text
+                echo_prompt = None
+                if prep.echo and d.index not in echoed:
+                    echoed.add(d.index)
+                    echo_prompt = prep.prompts[d.index // prep.n]
+                    text = echo_prompt.text + text
+                if prep.logprobs is not None:
+                    lp = self._completion_logprobs(
+                        d.logprobs, echo_prompt, d.prompt_logprobs, prep.logprobs
+                    )
+                yield self._chunk(prep, d.index, text, lp, d.finish_reason)
+            total = sum(counts.values())
+            usage = self._usage(prep, total)
+            self._observe(usage)
+            if prep.include_usage:
+                yield json.dumps({
+                    "id": prep.request_id, "object": self._chunk_object(prep), "created": prep.created,
+                    "model": prep.model, "choices": [], "usage": usage,
+                })  # fmt: skip
+        except LmserveError as exc:
+            yield json.dumps({"error": {"message": exc.message, "type": type(exc).__name__, "param": exc.param,
+                                        "code": 500 if isinstance(exc, BackendError) else 503}})  # fmt: skip
+        except Exception as exc:
+            logger.exception("generation failed mid-stream")
+            yield json.dumps({"error": {"message": f"generation failed: {type(exc).__name__}",
+                                        "type": "internal_server_error", "param": None, "code": 500}})  # fmt: skip
+        yield "[DONE]"
+
+    # --- formatting ---------------------------------------------------------------------
+    @staticmethod
+    def _chunk_object(prep: Prepared) -> str:
+        return "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
+
+    def _chunk(
+        self, prep: Prepared, index: int, body: Any, logprobs: Any, finish: str | None
+    ) -> str:
+        choice: dict[str, Any] = {"index": index}
+        if prep.kind == "chat":
+            choice["delta"] = body
+        else:
+            choice["text"] = body
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = finish
+        return json.dumps({
+            "id": prep.request_id, "object": self._chunk_object(prep), "created": prep.created,
+            "model": prep.model, "choices": [choice],
+        })  # fmt: skip
+
+    def _observe(self, usage: dict[str, int]) -> None:
+        if self.observer:
+            self.observer.tokens(usage["prompt_tokens"], usage["completion_tokens"])
+
+    def _usage(self, prep: Prepared, completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = sum(len(p.ids) for p in prep.prompts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        content = []
+        for e in entries:
+            text = self._token_text(e.token_id)
+            content.append({
+                "token": text, "logprob": e.logprob, "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": (t := self._token_text(tid)), "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                    for tid, lp in e.top
+                ],
+            })  # fmt: skip
+        return {"content": content}
+
+    def _completion_logprobs(
+        self,
+        entries: list[TokenLogprob],
+        echo_prompt: PromptInput | None,
+        prompt_lps: tuple[TokenLogprob | None, ...] | None,
+        k: int,
+    ) -> dict[str, Any]:
+        tokens: list[str] = []
+        token_lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        if echo_prompt is not None:
+            for i, tid in enumerate(echo_prompt.ids):
+                tokens.append(self._token_text(tid))
+                plp = prompt_lps[i] if prompt_lps is not None and i < len(prompt_lps) else None
+                token_lps.append(plp.logprob if plp else None)
+                tops.append({self._token_text(t): lp for t, lp in plp.top[:k]} if plp else None)
+        for e in entries:
+            text = self._token_text(e.token_id)
+            tokens.append(text)
+            token_lps.append(e.logprob)
+            top = {self._token_text(t): lp for t, lp in e.top[:k]}
+            top.setdefault(text, e.logprob)
+            tops.append(top)
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
