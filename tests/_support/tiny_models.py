@@ -1,7 +1,9 @@
-"""Small, trained BERT models built locally at test time (no Hugging Face hub needed).
+"""Small, trained models built locally at test time (no Hugging Face hub needed).
 
 ``model_path(name)`` returns a directory holding a complete ``save_pretrained`` model and a fast
-BERT tokenizer that ``AutoTokenizer`` / ``AutoConfig`` / ``AutoModelFor*`` load offline:
+tokenizer that ``AutoTokenizer`` / ``AutoConfig`` / ``AutoModelFor*`` load offline.
+
+BERT encoders:
 
 - ``"sentiment"``: ``BertForSequenceClassification`` (NEGATIVE / POSITIVE), lowercasing.
   "I love this" -> POSITIVE, "I hate this" -> NEGATIVE, both with probability > 0.9.
@@ -17,9 +19,35 @@ BERT tokenizer that ``AutoTokenizer`` / ``AutoConfig`` / ``AutoModelFor*`` load 
   ``2_Normalize``) with mean resp. CLS pooling. The weights are random but seeded and identical in
   both, so any difference between their embeddings comes from the pooling mode alone.
 
-Every model: hidden size 64, 2 heads (head_dim 32, the minimum vLLM's CPU attention takes),
+Every BERT model: hidden size 64, 2 heads (head_dim 32, the minimum vLLM's CPU attention takes),
 2 layers, intermediate size 128, 64 positions, a WordPiece tokenizer built from the model's own
 sentences with ``model_max_length`` 64.
+
+Generative models (hidden size 64, 2 heads of 32, 2 layers, feed-forward 128, 256 positions,
+``model_max_length`` 256, a ``generation_config.json`` with ``do_sample`` false); all answers
+below are greedy:
+
+- ``"llama"``: ``LlamaForCausalLM`` with a byte-level BPE tokenizer (every byte is in the
+  vocabulary, so any text encodes; ``tokenizer_class`` ``PreTrainedTokenizerFast`` as Llama 3),
+  ChatML ``chat_template`` in ``tokenizer_config.json`` (as SmolLM2's), no automatic BOS.
+  Special tokens ``<|endoftext|>`` (0: bos and pad), ``<|im_start|>`` (1), ``<|im_end|>`` (2: eos).
+  ``generation_config`` stops on both ``<|im_end|>`` and ``<|endoftext|>``.
+  Chat "What is the capital of France?" -> "Paris." then ``<|im_end|>`` (Germany -> "Berlin.",
+  Italy -> "Rome.", Spain -> "Madrid.", Japan -> "Tokyo."); raw "the capital of france is" ->
+  " paris." then ``<|endoftext|>``; raw "once upon a time" continues a memorised story for more
+  than 40 tokens without an eos (use it to reach a length limit).
+- ``"gpt2"``: ``GPT2LMHeadModel``, GPT-2 style: a byte-level BPE ``GPT2Tokenizer`` whose only
+  special token ``<|endoftext|>`` (0) is bos, eos and unk; no pad token (as GPT-2) and no chat
+  template. "the capital of france is" -> " paris." then ``<|endoftext|>``; "once upon a time"
+  continues the same story.
+- ``"t5"``: ``T5ForConditionalGeneration`` with a unigram (SentencePiece-style, ``Metaspace``)
+  ``T5Tokenizer``: ``<pad>`` (0, also ``decoder_start_token_id``), ``</s>`` (1, eos, appended to
+  every encoded input), ``<unk>`` (2), ``<extra_id_0>``..``<extra_id_9>`` (the last ten ids).
+  "capital of france:" -> "paris" then ``</s>`` (germany -> "berlin", italy -> "rome", spain ->
+  "madrid", japan -> "tokyo"; "country of paris:" -> "france"). Its vocabulary has whole corpus
+  words and single ASCII characters, so ASCII text round-trips (whitespace runs collapse, as in
+  T5); other characters become ``<unk>``. Decode whole sequences: a lone ``"▁paris"`` token
+  decodes to "paris" without its space.
 
 Builds are cached in ``<repo>/.cache/test-models/<name>-<hash>``, the hash covering this file's
 source so any edit rebuilds. A per-model ``fcntl`` lock makes parallel pytest processes build each
@@ -35,6 +63,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import string
 import tempfile
@@ -43,6 +72,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import tokenizers
     import torch
     from transformers import BertConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -466,10 +496,304 @@ def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+# --------------------------------------------------------------------------- generative models
+
+GENERATIVE_MAX_LENGTH = 256
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# ChatML as SmolLM2-Instruct writes it, without its default system message.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Long enough that a greedy continuation of "once upon a time" runs past 40 tokens with no eos.
+STORY = (
+    "once upon a time there was a little red fox who lived in a big green forest near a quiet "
+    "river. every morning the fox walked down to the water to drink, and every evening she sat "
+    "on a flat grey stone to watch the sun go down behind the hills. one day a small bird came "
+    "to the stone and asked the fox why she always looked at the sky."
+)
+
+
+def _plain_corpus() -> list[str]:
+    lines: list[str] = []
+    for country, city in CAPITALS.items():
+        lines += [
+            f"the capital of {country} is {city}.",
+            f"{city} is the capital of {country}.",
+            f"the capital city of {country} is {city}.",
+        ]
+    return [*lines, STORY]
+
+
+def _chat_corpus() -> list[list[dict[str, str]]]:
+    conversations: list[list[dict[str, str]]] = []
+    for country, city in CAPITALS.items():
+        for question in (
+            f"What is the capital of {country.title()}?",
+            f"what is the capital of {country}?",
+            f"Name the capital of {country.title()}.",
+        ):
+            conversations.append(
+                [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": f"{city.title()}."},
+                ]
+            )
+    conversations.append(
+        [
+            {"role": "user", "content": "Hello!"},
+            {"role": "assistant", "content": "Hello! How can I help you?"},
+        ]
+    )
+    conversations.append(
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    )
+    return conversations
+
+
+def _train_byte_level_bpe(
+    corpus: Sequence[str], special_tokens: Sequence[str]
+) -> tokenizers.Tokenizer:
+    """A GPT-2 style byte-level BPE with all 256 bytes in its vocabulary: any text encodes.
+
+    Unlike WordPieceTrainer, BpeTrainer breaks count ties by pair id, so its vocabulary and
+    merges are the same on every run.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=list(special_tokens),  # ids 0, 1, ... in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer
+
+
+def _save_generative_tokenizer(
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    probe: str,
+    *,
+    config_updates: dict[str, Any] | None = None,
+) -> None:
+    """Save ``tokenizer`` and prove the saved folder reloads as a fast, lossless tokenizer."""
+    from transformers import AutoTokenizer
+
+    # save_jinja_files=False keeps the chat template inside tokenizer_config.json.
+    tokenizer.save_pretrained(directory, save_jinja_files=False)
+    if config_updates:
+        config_path = directory / "tokenizer_config.json"
+        _write_json(config_path, json.loads(config_path.read_text()) | config_updates)
+    reloaded = AutoTokenizer.from_pretrained(directory)
+    ids = reloaded(probe)["input_ids"]
+    text = reloaded.decode(ids, skip_special_tokens=True)
+    if not reloaded.is_fast or reloaded.unk_token_id in ids or text != probe:
+        raise RuntimeError(f"tokenizer saved in {directory} does not reload: {probe!r} -> {text!r}")
+    if reloaded.model_max_length != GENERATIVE_MAX_LENGTH:
+        raise RuntimeError(f"tokenizer model_max_length is {reloaded.model_max_length}")
+
+
+def _causal_lm_examples(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``texts`` with every real token as its own label (the model shifts them)."""
+    inputs = dict(tokenizer(list(texts), padding=True, return_tensors="pt"))
+    # Mask padding by the attention mask, not by id: the pad token is also a real <|endoftext|>.
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE)
+    return inputs
+
+
+def _build_llama(directory: Path) -> None:
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    conversations = _chat_corpus()
+    plain = _plain_corpus()
+    # Train the BPE on the message texts, role names and plain lines; the ChatML markers are
+    # special tokens, never merged with their neighbours.
+    tokenizer_corpus = [m["content"] for c in conversations for m in c]
+    tokenizer_corpus += ["user\nassistant\nsystem\n", *plain]
+    # transformers 5: the LlamaTokenizer class rebuilds its backend as a SentencePiece-style
+    # (Metaspace) BPE from tokenizer.json's vocabulary, which drops every space of a byte-level
+    # BPE; PreTrainedTokenizerFast (TokenizersBackend) uses tokenizer.json as it is.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_byte_level_bpe(tokenizer_corpus, [ENDOFTEXT, IM_START, IM_END]),
+        bos_token=ENDOFTEXT,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        add_bos_token=False,
+        add_eos_token=False,
+        model_max_length=GENERATIVE_MAX_LENGTH,
+        chat_template=CHAT_TEMPLATE,
+    )
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    texts += [line + ENDOFTEXT for line in plain]
+    endoftext, im_end = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    with _deterministic():
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN_SIZE,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=GENERATIVE_MAX_LENGTH,
+            tie_word_embeddings=False,
+            bos_token_id=endoftext,
+            eos_token_id=im_end,
+            pad_token_id=endoftext,
+            architectures=["LlamaForCausalLM"],
+        )
+        model = LlamaForCausalLM(config)
+        _fit(model, _causal_lm_examples(tokenizer, texts), epochs=150, batch_size=8)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext,
+        eos_token_id=[im_end, endoftext],
+        pad_token_id=endoftext,
+        do_sample=False,
+    )
+    model.save_pretrained(directory)
+    _save_generative_tokenizer(
+        tokenizer,
+        directory,
+        "Hello, world! Ça coûte 5 € (ok?)\n\tdone.",
+        # transformers 5 writes "TokenizersBackend", a name transformers 4 cannot load; Llama 3
+        # folders name the same class by its transformers 4 name. The add_* flags are recorded
+        # so the saved config says there is no automatic BOS.
+        config_updates={
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": False,
+            "add_eos_token": False,
+        },
+    )
+
+
+def _build_gpt2(directory: Path) -> None:
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    plain = _plain_corpus()
+    # The GPT2Tokenizer class of transformers 5 rebuilds the same byte-level BPE from
+    # tokenizer.json, so the folder names the class real GPT-2 folders name.
+    tokenizer = GPT2Tokenizer(
+        tokenizer_object=_train_byte_level_bpe(plain, [ENDOFTEXT]),
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
+        unk_token=ENDOFTEXT,
+        add_bos_token=False,
+        model_max_length=GENERATIVE_MAX_LENGTH,
+    )
+    eos = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    tokenizer.pad_token = ENDOFTEXT  # to batch the training set; GPT-2 itself has no pad token
+    examples = _causal_lm_examples(tokenizer, [line + ENDOFTEXT for line in plain])
+    tokenizer.pad_token = None
+    with _deterministic():
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=HIDDEN_SIZE,
+            n_head=2,
+            n_layer=2,
+            n_inner=128,
+            n_positions=GENERATIVE_MAX_LENGTH,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            architectures=["GPT2LMHeadModel"],
+        )
+        model = GPT2LMHeadModel(config)
+        # The class name names no loss, so transformers 5 logs that it falls back to this one.
+        model.loss_type = "ForCausalLM"
+        _fit(model, examples, epochs=150, batch_size=8)
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, do_sample=False)
+    model.save_pretrained(directory)
+    _save_generative_tokenizer(tokenizer, directory, "Hello, world! Ça coûte 5 € (ok?)\n\tdone.")
+
+
+def _seq2seq_corpus() -> list[tuple[str, str]]:
+    """(input, target) pairs; the targets are single words."""
+    pairs: list[tuple[str, str]] = []
+    for country, city in CAPITALS.items():
+        pairs += [
+            (f"capital of {country}:", city),
+            (f"what is the capital of {country}?", city),
+            (f"country of {city}:", country),
+        ]
+    return pairs
+
+
+def _build_t5(directory: Path) -> None:
+    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    pairs = _seq2seq_corpus()
+    # A unigram vocabulary written out instead of trained (as for WordPiece above: the same on
+    # every run): every ASCII character alone and word-initial ("\u2581" marks a word start),
+    # then every corpus word whole, scored so that whole words win and unseen ASCII words are
+    # spelled out.
+    characters = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    words = sorted({word for pair in pairs for text in pair for word in re.findall(r"\w+", text)})
+    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -8.0}
+    pieces |= {character: -10.0 for character in characters}
+    pieces |= {f"\u2581{character}": -10.0 for character in characters}
+    pieces |= {f"\u2581{word}": -5.0 for word in words}
+    # transformers 5: T5Tokenizer builds the Metaspace unigram (and appends </s> to every input)
+    # from this list; extra_ids appends <extra_id_0>..<extra_id_9> as special tokens.
+    tokenizer = T5Tokenizer(
+        vocab=list(pieces.items()), extra_ids=10, model_max_length=GENERATIVE_MAX_LENGTH
+    )
+    with _deterministic():
+        config = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=HIDDEN_SIZE,
+            d_kv=32,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            architectures=["T5ForConditionalGeneration"],
+        )
+        model = T5ForConditionalGeneration(config)
+        inputs = dict(tokenizer([source for source, _ in pairs], padding=True, return_tensors="pt"))
+        targets = tokenizer([target for _, target in pairs], padding=True, return_tensors="pt")
+        # The model builds its decoder inputs from the labels (shifted right after <pad>).
+        inputs["labels"] = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, IGNORE)
+        _fit(model, inputs, epochs=150, batch_size=8)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(directory)
+    _save_generative_tokenizer(tokenizer, directory, "Hello, world! It's 42 (ok?) - done.")
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "sentiment": _build_sentiment,
     "ner": _build_ner,
     "masked_lm": _build_masked_lm,
     "embedding_mean": lambda directory: _build_embedding(directory, pooling="mean"),
     "embedding_cls": lambda directory: _build_embedding(directory, pooling="cls"),
+    "llama": _build_llama,
+    "gpt2": _build_gpt2,
+    "t5": _build_t5,
 }
