@@ -10,6 +10,7 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
+
 from _support.servers import ServerProcess
 from _support.tiny_models import model_path
 
@@ -26,7 +27,9 @@ def smol(server_pool: Pool) -> ServerProcess:
 
 
 def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/openai/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(
+        base_url=server.url + "/openai/v1", api_key="unused", max_retries=0, timeout=120
+    )
 
 
 def metric(server: ServerProcess, name: str) -> float:
@@ -61,12 +64,17 @@ def test_streaming_chat_equals_non_streaming(smol: ServerProcess) -> None:
     assert all(ch.choices[0].delta.role is None for ch in with_choices[1:])
     assert [ch.choices[0].finish_reason for ch in with_choices][-1] == "stop"
     assert all(ch.choices[0].finish_reason is None for ch in with_choices[:-1])
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    )
 
 
 def test_completions_stream_and_length(smol: ServerProcess) -> None:
     c = client(smol)
-    full = c.completions.create(model="model", prompt="The capital of France is", temperature=0, max_tokens=12)
+    full = c.completions.create(
+        model="model", prompt="The capital of France is", temperature=0, max_tokens=12
+    )
     assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 12
     streamed = "".join(
         ch.choices[0].text for ch in c.completions.create(
@@ -80,15 +88,21 @@ def test_seed_reproducible_and_different(smol: ServerProcess) -> None:
     c = client(smol)
 
     def sample(seed: int) -> str:
-        r = c.completions.create(model="model", prompt="Once upon a time", temperature=1.0, seed=seed, max_tokens=24)
+        r = c.completions.create(
+            model="model", prompt="Once upon a time", temperature=1.0, seed=seed, max_tokens=24
+        )
         return r.choices[0].text
 
     a, b, other = sample(7), sample(7), sample(8)
     assert a == b
     assert a != other
     # n > 1 with a seed: choices differ from each other, and the set is reproducible.
-    r1 = c.completions.create(model="model", prompt="Once upon a time", temperature=1.0, seed=3, max_tokens=16, n=3)
-    r2 = c.completions.create(model="model", prompt="Once upon a time", temperature=1.0, seed=3, max_tokens=16, n=3)
+    r1 = c.completions.create(
+        model="model", prompt="Once upon a time", temperature=1.0, seed=3, max_tokens=16, n=3
+    )
+    r2 = c.completions.create(
+        model="model", prompt="Once upon a time", temperature=1.0, seed=3, max_tokens=16, n=3
+    )
     texts = [ch.text for ch in r1.choices]
     assert texts == [ch.text for ch in r2.choices] and len(set(texts)) > 1
     assert [ch.index for ch in r1.choices] == [0, 1, 2]
@@ -96,11 +110,17 @@ def test_seed_reproducible_and_different(smol: ServerProcess) -> None:
 
 def test_stop_strings_and_logit_bias(smol: ServerProcess) -> None:
     c = client(smol)
-    r = c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=30, stop=[" Paris"])
+    r = c.chat.completions.create(
+        model="model", messages=FRANCE, temperature=0, max_tokens=30, stop=[" Paris"]
+    )
     assert r.choices[0].finish_reason == "stop"
-    assert "Paris" not in r.choices[0].message.content and r.choices[0].message.content.endswith("is")
+    assert "Paris" not in r.choices[0].message.content and r.choices[0].message.content.endswith(
+        "is"
+    )
     # Banning every token that spells " Paris" at the start changes the answer.
-    tok_ids = c.completions.create(model="model", prompt="x", max_tokens=1, temperature=0, logprobs=0)  # warm
+    tok_ids = c.completions.create(
+        model="model", prompt="x", max_tokens=1, temperature=0, logprobs=0
+    )  # warm
     assert tok_ids.choices
     paris = smol_token_ids(" Paris")
     banned = c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=30,
@@ -113,15 +133,21 @@ def smol_token_ids(text: str) -> list[int]:
 
     from lmserve_core.model_files import resolve_model_source
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_source(model_id="smollm2-135m-instruct", model_dir=None).path)
+    tok = AutoTokenizer.from_pretrained(
+        resolve_model_source(model_id="smollm2-135m-instruct", model_dir=None).path
+    )
     return list(tok.encode(text, add_special_tokens=False))
 
 
 def test_logprobs_chat_and_completions(smol: ServerProcess) -> None:
     c = client(smol)
-    r = c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    r = c.chat.completions.create(
+        model="model", messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
-    assert len(content) == r.usage.completion_tokens or len(content) == r.usage.completion_tokens - 1
+    assert (
+        len(content) == r.usage.completion_tokens or len(content) == r.usage.completion_tokens - 1
+    )
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         # Greedy: the chosen token is the most likely one.
@@ -132,13 +158,20 @@ def test_logprobs_chat_and_completions(smol: ServerProcess) -> None:
     lp = comp.choices[0].logprobs
     assert comp.choices[0].text.startswith("The capital of France is")
     assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == comp.usage.prompt_tokens + 4
+    assert (
+        len(lp.tokens)
+        == len(lp.token_logprobs)
+        == len(lp.text_offset)
+        == comp.usage.prompt_tokens + 4
+    )
     assert lp.text_offset == sorted(lp.text_offset)
 
 
 def test_concurrent_requests_share_forward_passes(smol: ServerProcess) -> None:
     async def run() -> list[str]:
-        ac = openai.AsyncOpenAI(base_url=smol.url + "/openai/v1", api_key="unused", max_retries=0, timeout=120)
+        ac = openai.AsyncOpenAI(
+            base_url=smol.url + "/openai/v1", api_key="unused", max_retries=0, timeout=120
+        )
         calls = [ac.completions.create(model="model", prompt=f"Count to {i}:", temperature=0, max_tokens=24)
                  for i in range(8)]  # fmt: skip
         results = await asyncio.gather(*calls)
@@ -149,18 +182,25 @@ def test_concurrent_requests_share_forward_passes(smol: ServerProcess) -> None:
     assert len(texts) == 8 and all(texts)
     # The decode batch histogram saw passes with more than one sequence.
     metrics = httpx.get(smol.url + "/metrics").text
-    single = float(re.search(r'lmserve_decode_batch_size_bucket\{le="1.0"\} ([0-9.e+]+)', metrics).group(1))
+    single = float(
+        re.search(r'lmserve_decode_batch_size_bucket\{le="1.0"\} ([0-9.e+]+)', metrics).group(1)
+    )
     total = float(re.search(r"lmserve_decode_batch_size_count ([0-9.e+]+)", metrics).group(1))
     assert total > single, "no decoding step ever batched more than one sequence"
     # Batched outputs equal the same requests run alone (greedy).
-    alone = client(smol).completions.create(model="model", prompt="Count to 3:", temperature=0, max_tokens=24)
+    alone = client(smol).completions.create(
+        model="model", prompt="Count to 3:", temperature=0, max_tokens=24
+    )
     assert alone.choices[0].text == texts[3]
 
 
 def test_disconnect_aborts_generation(smol: ServerProcess) -> None:
     body = {"model": "model", "prompt": "Tell me a very long story.", "max_tokens": 3000, "ignore_eos": True,
             "temperature": 0, "stream": True}  # fmt: skip
-    with httpx.Client(base_url=smol.url, timeout=60) as h, h.stream("POST", "/openai/v1/completions", json=body) as r:
+    with (
+        httpx.Client(base_url=smol.url, timeout=60) as h,
+        h.stream("POST", "/openai/v1/completions", json=body) as r,
+    ):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
@@ -170,7 +210,9 @@ def test_disconnect_aborts_generation(smol: ServerProcess) -> None:
     time.sleep(1.5)
     after = metric(smol, "lmserve_decode_batch_size_count")
     assert after == before, f"decoding continued after the client left ({before} -> {after})"
-    r = client(smol).chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=20)
+    r = client(smol).chat.completions.create(
+        model="model", messages=FRANCE, temperature=0, max_tokens=20
+    )
     assert "Paris" in r.choices[0].message.content
 
 
@@ -179,7 +221,14 @@ def test_disconnect_aborts_generation(smol: ServerProcess) -> None:
 BAD_CHAT = [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ]
+        },
+        "text",
+    ),
     ({"messages": FRANCE, "max_tokens": -1}, "max_tokens"),
     ({"messages": FRANCE, "max_tokens": 10**9}, "context length"),
     ({"messages": FRANCE, "temperature": 7}, "temperature"),
@@ -192,11 +241,17 @@ BAD_CHAT = [
 
 
 @pytest.mark.parametrize("extra,needle", BAD_CHAT)
-def test_bad_chat_requests_are_400(smol: ServerProcess, extra: dict[str, object], needle: str) -> None:
-    r = httpx.post(smol.url + "/openai/v1/chat/completions", json={"model": "model", **extra}, timeout=60)
+def test_bad_chat_requests_are_400(
+    smol: ServerProcess, extra: dict[str, object], needle: str
+) -> None:
+    r = httpx.post(
+        smol.url + "/openai/v1/chat/completions", json={"model": "model", **extra}, timeout=60
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and needle in (err["message"] + str(err["param"]))
+    assert set(err) == {"message", "type", "param", "code"} and needle in (
+        err["message"] + str(err["param"])
+    )
 
 
 def test_sdk_sees_404_and_400(smol: ServerProcess) -> None:
@@ -218,15 +273,21 @@ def test_tiny_llama_chat_and_completion(server_pool: Pool) -> None:
     c = client(server)
     r = c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=10)
     assert r.choices[0].message.content.startswith("Paris") and r.choices[0].finish_reason == "stop"
-    r = c.completions.create(model="model", prompt="the capital of france is", temperature=0, max_tokens=2)
+    r = c.completions.create(
+        model="model", prompt="the capital of france is", temperature=0, max_tokens=2
+    )
     assert r.choices[0].text.startswith(" paris")
 
 
 def test_model_without_chat_template_is_400(server_pool: Pool) -> None:
     server = server_pool("--model_dir", str(model_path("gpt2")))
-    r = httpx.post(server.url + "/openai/v1/chat/completions", json={"model": "model", "messages": FRANCE})
+    r = httpx.post(
+        server.url + "/openai/v1/chat/completions", json={"model": "model", "messages": FRANCE}
+    )
     assert r.status_code == 400 and "--chat_template" in r.json()["error"]["message"]
-    out = client(server).completions.create(model="model", prompt="the capital of france is", temperature=0, max_tokens=2)
+    out = client(server).completions.create(
+        model="model", prompt="the capital of france is", temperature=0, max_tokens=2
+    )
     assert out.choices[0].text.startswith(" paris")
 
 

@@ -18,7 +18,7 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         # Seed with the prompt's tail so the first token's leading space decodes right.
         self._ids: list[int] = list(prompt_ids[-_CONTEXT:]) if prompt_ids else []
-        self._prefix = len(self._ids)  # start of the window already emitted
+        self._prefix = 0  # start of the context window (the prompt tail is context)
         self._read = len(self._ids)  # end of the window already emitted
 
     def add(self, token_id: int) -> str:

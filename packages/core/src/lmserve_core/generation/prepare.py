@@ -157,6 +157,11 @@ def _max_tokens(
                 f"This model's maximum input length is {limit} tokens; the prompt has {prompt_len}",
                 param="prompt",
             )
+        if requested is not None and requested > limit:
+            raise InvalidInput(
+                f"max_tokens {requested} exceeds this model's maximum output length of {limit}",
+                param="max_tokens",
+            )
         return requested if requested is not None else limit
     room = limit - prompt_len
     if room <= 0 and (requested is None or requested > 0):

@@ -234,12 +234,13 @@ class OpenAIGenerationService:
         """JSON payloads of the SSE ``data:`` lines, ending with ``[DONE]``."""
         total = 0
         counts: dict[int, int] = {}
+        deltas = self._merged(prep)
         try:
             if prep.kind == "chat":
                 for index, _, _ in self._choices(prep):
                     yield self._chunk(prep, index, {"role": "assistant", "content": ""}, None, None)
             echoed: set[int] = set()
-            async for d in self._merged(prep):
+            async for d in deltas:
                 counts[d.index] = d.generated_tokens
                 lp: Any = None
                 if prep.kind == "chat":
@@ -276,6 +277,10 @@ class OpenAIGenerationService:
             logger.exception("generation failed mid-stream")
             yield json.dumps({"error": {"message": f"generation failed: {type(exc).__name__}",
                                         "type": "internal_server_error", "param": None, "code": 500}})  # fmt: skip
+        finally:
+            # A consumer that closes this stream early (client gone) aborts every choice
+            # now; ``async for`` alone leaves the inner generator to the garbage collector.
+            await deltas.aclose()  # type: ignore[attr-defined]
         yield "[DONE]"
 
     # --- formatting ---------------------------------------------------------------------

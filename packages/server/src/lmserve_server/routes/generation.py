@@ -50,8 +50,12 @@ async def _respond(service: OpenAIGenerationService, prep: Prepared, request: Re
 
 
 async def _sse(payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:
-    async for payload in payloads:
-        yield format_sse_event(data_str=payload)
+    try:
+        async for payload in payloads:
+            yield format_sse_event(data_str=payload)
+    finally:
+        # Close the inner stream now (not at garbage collection): that aborts generation.
+        await payloads.aclose()  # type: ignore[attr-defined]
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
