@@ -33,9 +33,10 @@ class RowState:
     @property
     def plain_greedy(self) -> bool:
         p = self.params
+        # Banned EOS ids are applied batch-wide before the argmax, so they keep this path.
         return (
             p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0 and not self.banned
+            and p.frequency_penalty == 0.0
         )  # fmt: skip
 
 
@@ -91,6 +92,11 @@ def sample(
     """``logits`` [B, V] (float32); one (token, logprob) per row."""
     want_lp = [s.params.logprobs is not None for s in states]
     raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+    banned_rows = [(i, s.banned) for i, s in enumerate(states) if s.banned]
+    if banned_rows:
+        logits = logits.clone()
+        for i, banned in banned_rows:
+            logits[i, list(banned)] = float("-inf")
     if all(s.plain_greedy for s in states):
         tokens = logits.argmax(dim=-1).tolist()
     else:
