@@ -17,7 +17,13 @@ def parse(*argv: str, env: dict[str, str] | None = None) -> ServeSettings:
 def test_every_field_has_both_spellings() -> None:
     parser = serve_parser()
     flags = {opt for action in parser._actions for opt in action.option_strings}
-    for name in ServeSettings.model_fields:
+    for name, field in ServeSettings.model_fields.items():
+        if (
+            isinstance(field.json_schema_extra, dict)
+            and field.json_schema_extra.get("cli") is False
+        ):
+            assert f"--{name}" not in flags
+            continue
         assert f"--{name}" in flags and f"--{name.replace('_', '-')}" in flags
     assert "--max_model_len" in flags and "--max-model-len" in flags
 

@@ -1,26 +1,38 @@
-"""vLLM backend of lmserve (skeleton: generation and pooling on vLLM arrive with issue 4).
+"""vLLM backend of lmserve: generation on vLLM's async engine, and pooling models.
 
-``create_backend`` is the ``lmserve.backends`` entry point named ``vllm``.
+``create_backend`` is the ``lmserve.backends`` entry point named ``vllm``;
+``check_engine_args`` is the ``lmserve.engine_args`` entry point that validates the
+``vllm serve`` engine flags given to ``lmserve serve``. vLLM is imported inside them only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lmserve_core.errors import ConfigurationError
-
 if TYPE_CHECKING:
-    from lmserve_core.backend import LoadedEncoder, LoadRequest
+    from lmserve_core.backend import LoadedModel, LoadRequest
 
 __version__ = "0.1.0"
 
 
-def create_backend(request: LoadRequest) -> LoadedEncoder:
-    raise ConfigurationError(
-        "the vLLM backend is not available in this version of lmserve; "
-        "use --backend huggingface (or auto)",
-        param="backend",
-    )
+def create_backend(request: LoadRequest) -> LoadedModel:
+    from lmserve_backend_vllm.loader import load
+
+    return load(request)
 
 
-__all__ = ["create_backend"]
+def check_engine_args(argv: Sequence[str]) -> list[str]:
+    """Parse ``argv`` with vLLM's own engine-argument definitions (exit 2 if wrong)."""
+    from lmserve_backend_vllm.engine_args import check
+
+    return check(argv)
+
+
+def engine_args_help() -> str:
+    from lmserve_backend_vllm.engine_args import help_text
+
+    return help_text()
+
+
+__all__ = ["check_engine_args", "create_backend", "engine_args_help"]

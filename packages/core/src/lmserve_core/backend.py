@@ -7,6 +7,7 @@ chosen, so heavy imports happen inside the factory.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +29,8 @@ class LoadRequest:
     source: ModelSource
     task: Task
     config: dict[str, Any]
+    # The server's event loop, for backends whose engine lives on it (vLLM pooling).
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 @dataclass

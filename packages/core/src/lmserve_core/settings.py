@@ -264,6 +264,10 @@ class ServeSettings(BaseModel):
         str, Field(**_flag("Log level: debug, info, warning, error.", group="server"))
     ] = "info"
 
+    # `vllm serve` engine flags given to `lmserve serve`, validated by the vLLM backend's own
+    # argument parser (never re-declared here); not a flag itself.
+    engine_args: Annotated[tuple[str, ...], Field(json_schema_extra={"cli": False})] = ()
+
     @field_validator("task", mode="before")
     @classmethod
     def _parse_task(cls, value: object) -> object:

@@ -58,6 +58,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, field in ServeSettings.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("cli") is False:
+            continue
         group_key = str(extra.get("group", "model"))
         if group_key not in groups:
             groups[group_key] = parser.add_argument_group(_GROUP_TITLES.get(group_key, group_key))
@@ -82,6 +84,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, field in ServeSettings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("cli") is False:
+            continue
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue
@@ -98,7 +103,10 @@ def settings_from_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, A
 
 
 def build_settings(
-    parser: argparse.ArgumentParser, namespace: argparse.Namespace, environ: Any = None
+    parser: argparse.ArgumentParser,
+    namespace: argparse.Namespace,
+    environ: Any = None,
+    engine_args: Sequence[str] = (),
 ) -> ServeSettings:
     """Environment first, command line over it; errors name the flag and exit 2."""
     try:
@@ -106,6 +114,7 @@ def build_settings(
     except ConfigurationError as exc:
         parser.error(exc.message)
     values.update({k: v for k, v in vars(namespace).items() if k in ServeSettings.model_fields})
+    values["engine_args"] = tuple(engine_args)
     try:
         return ServeSettings(**values)
     except ValidationError as exc:
@@ -123,11 +132,35 @@ def serve_parser(prog: str = "lmserve serve") -> argparse.ArgumentParser:
         prog=prog,
         description="Serve a Hugging Face model over OpenAI, KServe V1 and Open Inference "
         "Protocol V2. With no model flag, serves the built-in smollm2-135m-instruct.",
+        epilog="Every `vllm serve` engine flag (--tensor-parallel-size, --enforce-eager, "
+        "--kv-cache-memory-bytes, ...) is accepted too and reaches the vLLM engine; "
+        "`lmserve serve --help-engine` lists them with vLLM's own descriptions.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
+    parser.add_argument("--help-engine", action="store_true", default=argparse.SUPPRESS,
+                        help="list the vLLM engine flags and exit")  # fmt: skip
     add_settings_arguments(parser)
     return parser
+
+
+def _engine_entry(group: str) -> Any:
+    import importlib.metadata
+
+    for ep in importlib.metadata.entry_points(group=group):
+        return ep.load()
+    return None
+
+
+def check_engine_args(parser: argparse.ArgumentParser, leftovers: list[str]) -> list[str]:
+    """Flags lmserve does not know go to the backend that does (vLLM), or are an error."""
+    if not leftovers:
+        return []
+    check = _engine_entry("lmserve.engine_args")
+    if check is None:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    checked: list[str] = check(leftovers)
+    return checked
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -151,8 +184,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def serve_main(argv: Sequence[str], prog: str = "lmserve serve") -> None:
     parser = serve_parser(prog)
-    namespace = parser.parse_args(list(argv))
-    settings = build_settings(parser, namespace)
+    namespace, leftovers = parser.parse_known_args(list(argv))
+    if getattr(namespace, "help_engine", False):
+        helper = _engine_entry("lmserve.engine_help")
+        print(helper() if helper else "no engine backend (vLLM) is installed")
+        raise SystemExit(0)
+    engine_args = check_engine_args(parser, leftovers)
+    settings = build_settings(parser, namespace, engine_args=engine_args)
     from lmserve_server.runner import run
 
     raise SystemExit(run(settings))

@@ -53,8 +53,8 @@ class DataPlane:
         service = self.host.service
         parameters: dict[str, Any] = {
             "task": plan.task.value,
-            "backend": plan.backend,
-            "backend_reason": plan.backend_reason,
+            "backend": self.host.backend_name,
+            "backend_reason": self.host.backend_reason,
             "source": plan.source.display_name,
             **(loaded.details if loaded else {}),
         }
@@ -73,7 +73,7 @@ class DataPlane:
         return {
             "name": name,
             "versions": [],
-            "platform": f"lmserve/{plan.backend}",
+            "platform": f"lmserve/{self.host.backend_name}",
             "inputs": inputs,
             "outputs": outputs,
             "parameters": parameters,

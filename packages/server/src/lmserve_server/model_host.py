@@ -32,6 +32,8 @@ class ModelHost:
         self.settings = settings
         self.plan = plan
         self.name = settings.model_name
+        self.backend_name = plan.backend
+        self.backend_reason = plan.backend_reason
         self.state = ModelState.loading
         self.error: str | None = None
         self.loaded: LoadedEncoder | LoadedGenerator | None = None
@@ -69,9 +71,10 @@ class ModelHost:
                 converter = load_converter(source.builtin.layout)
                 await asyncio.to_thread(converter, source.builtin)
                 config = source.config()  # the real one, now that it exists
-            factory = load_backend_factory(self.plan.backend)
-            request = LoadRequest(self.settings, source, self.plan.task, config)
-            loaded = await asyncio.to_thread(factory, request)
+            request = LoadRequest(
+                self.settings, source, self.plan.task, config, asyncio.get_running_loop()
+            )
+            loaded = await self._load_with_fallback(request)
             if isinstance(loaded, LoadedGenerator):
                 self.generator = OpenAIGenerationService(
                     backend=loaded.backend,
@@ -107,8 +110,26 @@ class ModelHost:
         self.state = ModelState.ready
         logger.info(
             "model %r ready: %s on the %s backend (%s) in %.1f s",
-            self.name, self.task.value, self.plan.backend, self.plan.backend_reason, self.load_seconds,
+            self.name, self.task.value, self.backend_name, self.backend_reason, self.load_seconds,
         )  # fmt: skip
+
+    async def _load_with_fallback(self, request: LoadRequest) -> LoadedEncoder | LoadedGenerator:
+        try:
+            factory = load_backend_factory(self.backend_name)
+            return await asyncio.to_thread(factory, request)
+        except Exception as exc:
+            fallback = self.plan.fallback
+            if fallback is None:
+                raise
+            why = exc.message if isinstance(exc, LmserveError) else f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "the %s backend cannot serve %r (%s); falling back to the %s backend",
+                self.backend_name, self.plan.source.display_name, why, fallback,
+            )  # fmt: skip
+            self.backend_reason = f"fell back from {self.backend_name}: {why}"
+            self.backend_name = fallback
+            factory = load_backend_factory(fallback)
+            return await asyncio.to_thread(factory, request)
 
     def _fail(self, message: str) -> None:
         self.state = ModelState.failed

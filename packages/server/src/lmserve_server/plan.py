@@ -7,6 +7,7 @@ once with a message that names it, instead of after a port is open.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class ServingPlan:
     task: Task
     backend: str
     backend_reason: str
+    # With --backend auto: the backend to fall back to if the chosen one cannot start.
+    fallback: str | None = None
 
 
 def plan_serving(settings: ServeSettings) -> ServingPlan:
@@ -60,8 +63,8 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
             "--task %s overrides the task inferred from the model (%s)", task.value, inferred.value
         )
     _refuse_unbuilt_features(settings)
-    backend, reason = choose_backend(settings.backend, task)
-    return ServingPlan(source, config, task, backend, reason)
+    backend, reason, fallback = choose_backend(settings.backend, task)
+    return ServingPlan(source, config, task, backend, reason, fallback)
 
 
 def _refuse_unbuilt_features(settings: ServeSettings) -> None:
@@ -77,14 +80,29 @@ def _refuse_unbuilt_features(settings: ServeSettings) -> None:
         )
 
 
-def choose_backend(requested: Backend, task: Task) -> tuple[str, str]:
+def choose_backend(requested: Backend, task: Task) -> tuple[str, str, str | None]:
+    """(backend, why, fallback) per SPEC §2."""
     if requested is Backend.vllm:
-        return "vllm", "--backend vllm was asked for"
+        return "vllm", "--backend vllm was asked for", None
     if requested is Backend.huggingface:
-        return "huggingface", "--backend huggingface was asked for"
-    if task.is_generative:
-        return "huggingface", f"{task.value}: the vLLM backend is not available in this version"
-    return "huggingface", f"{task.value} is an encoder task: Hugging Face serves it by default"
+        return "huggingface", "--backend huggingface was asked for", None
+    if task is Task.text_generation:
+        if _installed("vllm"):
+            return "vllm", "text_generation: vLLM is the default for generation", "huggingface"
+        return "huggingface", "text_generation: vLLM is not installed", None
+    if task is Task.text2text_generation:
+        return "huggingface", "text2text_generation: vLLM has no encoder-decoder models", None
+    return (
+        "huggingface",
+        f"{task.value} is an encoder task: Hugging Face serves it by default",
+        None,
+    )
+
+
+def _installed(backend: str) -> bool:
+    """The backend's entry point and its engine are both importable (without importing)."""
+    names = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return backend in names and importlib.util.find_spec(backend) is not None
 
 
 def load_converter(layout: str) -> Callable[[BuiltinModel], Path]:

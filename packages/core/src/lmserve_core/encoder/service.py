@@ -192,7 +192,9 @@ class EncoderService:
             part = outputs[row : row + req.size]
             row += req.size
             # Each request sees outputs padded to its own longest input, as if alone.
-            results.append(part[:, : req.seq_len] if self.handler.sequence_output else part)
+            # (Backends that pool themselves, like vLLM's, return [N, D] with no sequence axis.)
+            trim = self.handler.sequence_output and part.ndim == 3
+            results.append(part[:, : req.seq_len] if trim else part)
         return results
 
 

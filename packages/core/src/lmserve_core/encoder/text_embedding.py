@@ -61,6 +61,9 @@ class TextEmbedding(EncoderTask):
     def postprocess(
         self, outputs: FloatArray, request: EncodedRequest, ctx: TaskContext
     ) -> EncoderResult:
+        if outputs.ndim == 2:  # already pooled by the backend (vLLM's pooling runner)
+            vectors = l2_normalize(outputs.astype(np.float32))
+            return EncoderResult(vectors.tolist(), [OutputTensor("output-0", "FP32", vectors)])
         pooled = pool(outputs.astype(np.float32), attention_mask(request, outputs.shape[1]),
                       ctx.info.pooling.mode)  # fmt: skip
         vectors = l2_normalize(pooled)

@@ -1,0 +1,98 @@
+"""vLLM's engine flags on ``lmserve serve``, defined by vLLM itself (never re-declared).
+
+lmserve owns the flags it shares with vLLM (``--dtype``, ``--max_model_len``,
+``--trust_remote_code``, revisions, ``--max_num_seqs``, the model and its name) so they
+mean the same on both backends; vLLM's spellings of those are refused here with a pointer
+to lmserve's. Everything else reaches ``AsyncEngineArgs`` as ``vllm serve`` would pass it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from lmserve_core.settings import ServeSettings
+
+# vLLM flag -> the lmserve flag that owns the setting.
+OWNED_BY_LMSERVE = {
+    "--model": "--model_id / --model_dir",
+    "--tokenizer": "--model_id / --model_dir",
+    "--revision": "--model_revision",
+    "--served-model-name": "--model_name",
+    "--no-trust-remote-code": "--trust_remote_code (off by default)",
+}
+
+
+def _parser() -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="lmserve serve (vLLM engine flags)", add_help=False)
+    AsyncEngineArgs.add_cli_args(parser)
+    return parser
+
+
+def _refuse_owned(argv: Sequence[str]) -> None:
+    for arg in argv:
+        flag = arg.split("=", 1)[0].replace("_", "-")
+        if flag in OWNED_BY_LMSERVE:
+            raise SystemExit(
+                f"lmserve serve: error: {arg.split('=', 1)[0]} is set with {OWNED_BY_LMSERVE[flag]}"
+            )
+
+
+def check(argv: Sequence[str]) -> list[str]:
+    _refuse_owned(argv)
+    _parser().parse_args(list(argv))  # exits 2 with usage on an unknown or bad flag
+    return list(argv)
+
+
+def help_text() -> str:
+    return str(_parser().format_help())
+
+
+def build_engine_args(
+    settings: ServeSettings, model_path: str, *, on_cpu: bool, runner: str | None
+) -> Any:
+    """AsyncEngineArgs from vLLM's flags plus the settings lmserve owns."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    namespace: argparse.Namespace = _parser().parse_args(list(settings.engine_args))
+    args = AsyncEngineArgs.from_cli_args(namespace)
+    args.model = model_path
+    args.tokenizer = model_path
+    args.served_model_name = [settings.model_name]
+    args.trust_remote_code = settings.trust_remote_code
+    args.revision = None  # files are already local (resolved by lmserve)
+    args.tokenizer_revision = None
+    args.max_num_seqs = settings.max_num_seqs
+    if settings.max_length is not None:
+        args.max_model_len = settings.max_length
+    if settings.dtype != "auto":
+        args.dtype = {"half": "float16", "float": "float32"}.get(settings.dtype, settings.dtype)
+    elif on_cpu:
+        args.dtype = "float32"  # SPEC §1: auto is float32 on CPU, on both backends
+    if runner is not None:
+        args.runner = runner
+    given = {a.split("=", 1)[0].replace("_", "-") for a in settings.engine_args}
+    if on_cpu and not given & {"--enforce-eager", "--no-enforce-eager"}:
+        # torch.compile costs about a minute of startup on CPU; opt in with --no-enforce-eager.
+        args.enforce_eager = True
+    if (
+        on_cpu
+        and "--kv-cache-memory-bytes" not in given
+        and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    ):
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(default_cpu_kv_cache_gib())
+    return args
+
+
+def default_cpu_kv_cache_gib() -> int:
+    """A bounded KV cache on CPU: 10% of RAM, between 1 and 4 GiB (vLLM's default is most of it)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1
+    return max(1, min(4, int(total * 0.10 / 2**30)))

@@ -1,0 +1,152 @@
+"""GenerativeBackend on vLLM's AsyncLLM: token ids in, streamed token events out.
+
+Stop strings, detokenization, n and the OpenAI formats live in lmserve's OpenAI layer,
+so vLLM runs with ``detokenize=False`` and one sequence per request; both backends then
+behave identically above this seam.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from lmserve_core.errors import BackendError
+from lmserve_core.generation.params import GenerationRequest, TokenEvent, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+def _logprob(entry: dict[int, Any] | None, token: int, k: int) -> TokenLogprob | None:
+    if entry is None or token not in entry:
+        return None
+    ranked = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k),
+                    key=lambda item: item[1].rank)  # fmt: skip
+    return TokenLogprob(
+        token, float(entry[token].logprob), tuple((tid, float(lp.logprob)) for tid, lp in ranked)
+    )
+
+
+class VLLMGenerator:
+    def __init__(
+        self, engine: Any, *, eos_token_ids: frozenset[int], max_model_len: int, vocab_size: int
+    ) -> None:
+        self.engine = engine
+        self.eos_token_ids = eos_token_ids
+        self._max_model_len = max_model_len
+        self._vocab_size = vocab_size
+        self.on_step = None  # vLLM reports its own scheduler stats
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return False
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.engine.shutdown()
+
+    def check_health(self) -> None:
+        if getattr(self.engine, "errored", False):
+            raise BackendError(
+                f"the vLLM engine died: {getattr(self.engine, 'dead_error', 'unknown error')}"
+            )
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def _sampling(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = request.params
+        return SamplingParams(
+            n=1,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k or 0,
+            min_p=p.min_p,
+            seed=p.seed,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            logit_bias=dict(p.logit_bias) or None,
+            stop_token_ids=list(p.stop_token_ids),
+            ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs,
+            prompt_logprobs=p.prompt_logprobs,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,
+            skip_special_tokens=False,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        self.check_health()
+        params = request.params
+        finished = False
+        first = True
+        try:
+            stream = self.engine.generate({"prompt_token_ids": list(request.prompt_ids)}, self._sampling(request),
+                                          request_id=request.request_id)  # fmt: skip
+            async for output in stream:
+                completion = output.outputs[0]
+                prompt_lps = None
+                if (
+                    first
+                    and params.prompt_logprobs is not None
+                    and output.prompt_logprobs is not None
+                ):
+                    k = params.prompt_logprobs
+                    prompt_lps = tuple(
+                        None if entry is None else _logprob(entry, tid, k)
+                        for tid, entry in zip(
+                            request.prompt_ids, output.prompt_logprobs, strict=False
+                        )
+                    )
+                tokens = list(completion.token_ids)
+                finish = completion.finish_reason
+                if not tokens and finish is not None:
+                    finished = True
+                    yield TokenEvent(None, finish_reason=finish, prompt_logprobs=prompt_lps)
+                    return
+                for j, token in enumerate(tokens):
+                    last = j == len(tokens) - 1
+                    lp = None
+                    if params.logprobs is not None and completion.logprobs:
+                        lp = _logprob(completion.logprobs[j], token, params.logprobs)
+                    reason = finish if last else None
+                    is_stop = bool(
+                        reason == "stop"
+                        and (token in self.eos_token_ids or token in params.stop_token_ids)
+                    )
+                    event = TokenEvent(token, lp, reason, is_stop, prompt_lps if first else None)
+                    first = False
+                    prompt_lps = None
+                    if reason is not None:
+                        finished = True
+                    yield event
+                if finished:
+                    return
+        except (BackendError, GeneratorExit):
+            raise
+        except Exception as exc:
+            if getattr(self.engine, "errored", False):
+                raise BackendError(f"the vLLM engine died: {exc}") from exc
+            raise
+        finally:
+            if not finished:
+                # Client gone or stop string reached: free the slot within one step.
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(request.request_id)

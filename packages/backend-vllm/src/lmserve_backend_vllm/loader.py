@@ -1,0 +1,138 @@
+"""Start a vLLM engine for a generative or pooling model, or refuse with the reason."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from lmserve_backend_vllm.engine_args import build_engine_args
+from lmserve_backend_vllm.generator import VLLMGenerator
+from lmserve_backend_vllm.pooling import VLLMPoolingEncoder
+from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadedModel, LoadRequest
+from lmserve_core.encoder import EncoderOptions, ModelInfo
+from lmserve_core.errors import ConfigurationError
+from lmserve_core.generation.model_config import (
+    generation_config,
+    read_chat_template,
+    sampling_defaults,
+    token_ids,
+)
+from lmserve_core.generation.prepare import ModelFacts
+from lmserve_core.hf_adapters import HFGenerationTokenizer, HFTokenizer, disable_lower_case
+from lmserve_core.model_files import read_pooling_config
+from lmserve_core.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+POOLING_TASKS = {Task.text_embedding: "embed", Task.sequence_classification: "classify"}
+
+
+class UnsupportedByVLLM(ConfigurationError):
+    """vLLM cannot serve this model (``--backend auto`` falls back to Hugging Face)."""
+
+
+def check_supported(task: Task, config: dict[str, Any]) -> None:
+    from vllm import ModelRegistry
+
+    arch = (config.get("architectures") or ["?"])[0]
+    if task is Task.text2text_generation:
+        raise UnsupportedByVLLM(
+            "vLLM 0.32 has no encoder-decoder models (T5, BART)", param="backend"
+        )
+    if not task.is_generative and task not in POOLING_TASKS:
+        raise UnsupportedByVLLM(f"vLLM serves {task.value} models only through the Hugging Face backend",
+                                param="backend")  # fmt: skip
+    if arch not in ModelRegistry.get_supported_archs():
+        raise UnsupportedByVLLM(f"vLLM does not support the architecture {arch}", param="backend")
+
+
+def load(request: LoadRequest) -> LoadedModel:
+    """Runs in a worker thread; the engine's own process does the heavy lifting."""
+    import torch
+    from transformers import AutoTokenizer
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    settings, source, task = request.settings, request.source, request.task
+    check_supported(task, request.config)
+    on_cpu = not torch.cuda.is_available()
+    started = time.perf_counter()
+    args = build_engine_args(settings, str(source.path), on_cpu=on_cpu,
+                             runner="pooling" if task in POOLING_TASKS else None)  # fmt: skip
+    try:
+        engine = AsyncLLM.from_engine_args(args)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"the vLLM engine failed to start: {exc}", param="backend"
+        ) from exc
+    model_config = engine.model_config
+    context = int(model_config.max_model_len)
+    raw_tok = AutoTokenizer.from_pretrained(
+        str(source.path), trust_remote_code=settings.trust_remote_code
+    )
+    # Read back from the engine's own config: what actually reached vLLM.
+    config = engine.vllm_config
+    details = {
+        "device": "cpu" if on_cpu else "cuda",
+        "dtype": str(model_config.dtype).removeprefix("torch."),
+        "architecture": (request.config.get("architectures") or ["?"])[0],
+        "max_model_len": context,
+        "vllm_version": _vllm_version(),
+        "enforce_eager": bool(model_config.enforce_eager),
+        "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+        "pipeline_parallel_size": config.parallel_config.pipeline_parallel_size,
+        "distributed_executor_backend": str(config.parallel_config.distributed_executor_backend),
+        "kv_cache_memory_bytes": config.cache_config.kv_cache_memory_bytes,
+        "max_num_seqs": config.scheduler_config.max_num_seqs,
+        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+    }
+    logger.info("vLLM engine for %s (%s) ready in %.1f s: %s", source.display_name, task.value,
+                time.perf_counter() - started, details)  # fmt: skip
+    if task in POOLING_TASKS:
+        return _pooling(request, engine, raw_tok, context, details)
+    gen_config = generation_config(source.path)
+    tokenizer = HFGenerationTokenizer(raw_tok, extra_eos=token_ids(gen_config.get("eos_token_id")),
+                                      chat_template=read_chat_template(settings.chat_template))  # fmt: skip
+    vocab = int(model_config.get_vocab_size())
+    generator = VLLMGenerator(
+        engine, eos_token_ids=tokenizer.eos_token_ids, max_model_len=context, vocab_size=vocab
+    )
+    facts = ModelFacts(max_model_len=context, vocab_size=vocab, is_encoder_decoder=False,
+                       default_sampling=sampling_defaults(gen_config))  # fmt: skip
+    return LoadedGenerator(generator, tokenizer, facts, "vllm", details)
+
+
+def _pooling(
+    request: LoadRequest, engine: Any, raw_tok: Any, context: int, details: dict[str, Any]
+) -> LoadedEncoder:
+    settings, task, config = request.settings, request.task, request.config
+    if settings.disable_lower_case:
+        disable_lower_case(raw_tok)
+    if request.loop is None:
+        raise ConfigurationError(
+            "the vLLM pooling backend needs the server's event loop", param="backend"
+        )
+    loop = request.loop
+    info = ModelInfo(
+        id2label={int(k): str(v) for k, v in (config.get("id2label") or {}).items()},
+        problem_type=config.get("problem_type"),
+        pooling=read_pooling_config(request.source.path),
+        max_length=min(context, settings.max_length or context),
+        hidden_size=config.get("hidden_size"),
+        vocab_size=config.get("vocab_size"),
+    )
+    options = EncoderOptions(
+        add_special_tokens=not settings.disable_special_tokens,
+        return_token_type_ids=False,  # vLLM takes token ids only
+        return_probabilities=settings.return_probabilities,
+        return_raw_logits=settings.return_raw_logits,
+        return_offsets_mapping=settings.return_offsets_mapping,
+    )
+    backend = VLLMPoolingEncoder(engine, loop, task=POOLING_TASKS[task])
+    return LoadedEncoder(backend, HFTokenizer(raw_tok), info, options, "vllm", details)
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)

@@ -1,0 +1,175 @@
+"""Adapters from transformers tokenizers to lmserve_core's tokenizer protocols.
+
+Duck-typed: they wrap any object with the transformers tokenizer API and import neither
+transformers nor tokenizers, so every backend (and the Triton bridge) shares them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lmserve_core.tokenizer import Encoding
+
+logger = logging.getLogger(__name__)
+
+
+class HFTokenizer:
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        if tokenizer.pad_token_id is None:
+            # Same fallback as KServe: encoders need some padding id; padded positions
+            # are masked out, so which token it is does not change results.
+            fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+            logger.warning("tokenizer has no pad token; padding with id %d", fallback)
+            self._pad_id = int(fallback)
+        else:
+            self._pad_id = int(tokenizer.pad_token_id)
+
+    @property
+    def raw(self) -> Any:
+        return self._tok
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def mask_token_id(self) -> int | None:
+        value = self._tok.mask_token_id
+        return None if value is None else int(value)
+
+    @property
+    def mask_token(self) -> str | None:
+        value = self._tok.mask_token
+        return None if value is None else str(value)
+
+    @property
+    def padding_side(self) -> str:
+        return str(getattr(self._tok, "padding_side", "right"))
+
+    def encode_batch(
+        self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None
+    ) -> list[Encoding]:
+        enc = self._tok(
+            list(texts),
+            add_special_tokens=add_special_tokens,
+            truncation=max_length is not None,
+            max_length=max_length,
+            padding=False,
+            return_token_type_ids=True,
+            return_attention_mask=False,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        out = []
+        for i in range(len(texts)):
+            ids = [int(t) for t in enc["input_ids"][i]]
+            types = enc.get("token_type_ids")
+            out.append(
+                Encoding(
+                    ids=ids,
+                    type_ids=list(types[i]) if types is not None else [0] * len(ids),
+                    offsets=[(int(a), int(b)) for a, b in enc["offset_mapping"][i]],
+                    special_tokens_mask=list(enc["special_tokens_mask"][i]),
+                    word_ids=enc.word_ids(i),
+                )
+            )
+        return out
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(self._tok.convert_ids_to_tokens(int(token_id)))
+
+
+class HFGenerationTokenizer:
+    def __init__(
+        self, tokenizer: Any, *, extra_eos: Iterable[int] = (), chat_template: str | None = None
+    ) -> None:
+        self._tok = tokenizer
+        eos = set(extra_eos)
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self._eos = frozenset(eos)
+        self._template = chat_template or getattr(tokenizer, "chat_template", None) or None
+        self._special = frozenset(int(i) for i in tokenizer.all_special_ids)
+
+    @property
+    def raw(self) -> Any:
+        return self._tok
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._template if isinstance(self._template, str) else None
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return [int(t) for t in self._tok.encode(text, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [str(t) for t in self._tok.convert_ids_to_tokens(list(ids))]
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool,
+        chat_template: str | None,
+        extra: dict[str, Any] | None,
+    ) -> str:
+        text = self._tok.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=chat_template or self._template,
+            **(extra or {}),
+        )
+        return str(text)
+
+
+def disable_lower_case(tok: Any) -> None:
+    """Turn lower-casing off in the Rust normalizer.
+
+    transformers' ``do_lower_case`` kwarg does not rebuild an already serialised fast
+    tokenizer, so we edit its JSON: BertNormalizer(lowercase) and Lowercase steps.
+    """
+    backend = tok.backend_tokenizer
+    data = json.loads(backend.to_str())
+    normalizer = data.get("normalizer")
+    if normalizer is None:
+        return
+    if normalizer.get("type") == "Lowercase":
+        data["normalizer"] = None
+    elif not _strip_lowercase(normalizer):
+        return
+    # type(backend) is tokenizers.Tokenizer: no import of the library needed here.
+    tok._tokenizer = type(backend).from_str(json.dumps(data))
+    if hasattr(tok, "do_lower_case"):
+        tok.do_lower_case = False
+
+
+def _strip_lowercase(node: dict[str, Any]) -> bool:
+    changed = False
+    if node.get("type") == "BertNormalizer" and node.get("lowercase"):
+        node["lowercase"] = False
+        changed = True
+    if node.get("type") == "Sequence":
+        kept = [n for n in node.get("normalizers", []) if n.get("type") != "Lowercase"]
+        changed |= len(kept) != len(node.get("normalizers", []))
+        node["normalizers"] = kept
+        for child in kept:
+            changed |= _strip_lowercase(child)
+    return changed
