@@ -22,8 +22,9 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def smol(server_pool: Pool) -> ServerProcess:
-    # No model flag at all: the built-in SmolLM2 is the default.
-    return server_pool()
+    # No model flag: the built-in SmolLM2 is the default (here on the HF backend;
+    # tests/test_vllm_e2e.py covers the same on vLLM, the auto default).
+    return server_pool("--backend", "huggingface")
 
 
 def client(server: ServerProcess) -> openai.OpenAI:
@@ -269,7 +270,7 @@ def test_sdk_sees_404_and_400(smol: ServerProcess) -> None:
 
 
 def test_tiny_llama_chat_and_completion(server_pool: Pool) -> None:
-    server = server_pool("--model_dir", str(model_path("llama")))
+    server = server_pool("--model_dir", str(model_path("llama")), "--backend", "huggingface")
     c = client(server)
     r = c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=10)
     assert r.choices[0].message.content.startswith("Paris") and r.choices[0].finish_reason == "stop"
@@ -280,7 +281,7 @@ def test_tiny_llama_chat_and_completion(server_pool: Pool) -> None:
 
 
 def test_model_without_chat_template_is_400(server_pool: Pool) -> None:
-    server = server_pool("--model_dir", str(model_path("gpt2")))
+    server = server_pool("--model_dir", str(model_path("gpt2")), "--backend", "huggingface")
     r = httpx.post(
         server.url + "/openai/v1/chat/completions", json={"model": "model", "messages": FRANCE}
     )

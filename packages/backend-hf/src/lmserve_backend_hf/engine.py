@@ -116,6 +116,9 @@ class HFGenerationEngine:
     def running(self) -> int:
         return sum(len(g.seqs) for g in self._groups)
 
+    def num_unfinished(self) -> int:
+        return self.running + self._waiting.qsize()
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="lmserve-generate", daemon=True)

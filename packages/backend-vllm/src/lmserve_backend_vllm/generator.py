@@ -63,6 +63,9 @@ class VLLMGenerator:
                 f"the vLLM engine died: {getattr(self.engine, 'dead_error', 'unknown error')}"
             )
 
+    def num_unfinished(self) -> int:
+        return int(self.engine.get_num_unfinished_requests())
+
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 

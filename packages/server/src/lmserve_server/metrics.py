@@ -49,6 +49,10 @@ class Metrics:
             "lmserve_decode_batch_size", "Sequences per generation forward pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
         )  # fmt: skip
+        self.sequences_unfinished = Gauge(
+            "lmserve_generation_sequences_unfinished",
+            "Sequences being generated or waiting in the engine", registry=self.registry,
+        )  # fmt: skip
         self.model_ready = Gauge(
             "lmserve_model_ready", "1 when the model is loaded and healthy", ["model"],
             registry=self.registry,

