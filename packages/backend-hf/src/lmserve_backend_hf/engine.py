@@ -179,8 +179,8 @@ class HFGenerationEngine:
                 generator.manual_seed(
                     int(torch.randint(0, 2**62, (1,), generator=self._base_generator))
                 )
-        banned = tuple(sorted(self.eos_token_ids)) if p.ignore_eos else ()
-        return RowState(p, list(request.prompt_ids), generator=generator, banned=banned)
+        # ignore_eos as vLLM means it: EOS may be sampled, it just does not end the sequence.
+        return RowState(p, list(request.prompt_ids), generator=generator)
 
     def _run(self) -> None:
         try:

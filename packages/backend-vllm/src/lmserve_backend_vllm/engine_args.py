@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,9 +39,13 @@ def _refuse_owned(argv: Sequence[str]) -> None:
     for arg in argv:
         flag = arg.split("=", 1)[0].replace("_", "-")
         if flag in OWNED_BY_LMSERVE:
-            raise SystemExit(
-                f"lmserve serve: error: {arg.split('=', 1)[0]} is set with {OWNED_BY_LMSERVE[flag]}"
+            # Exit 2 like any other bad flag (argparse's convention).
+            name = arg.split("=", 1)[0]
+            print(
+                f"lmserve serve: error: {name} is set with {OWNED_BY_LMSERVE[flag]}",
+                file=sys.stderr,
             )
+            raise SystemExit(2)
 
 
 def check(argv: Sequence[str]) -> list[str]:
@@ -60,9 +65,11 @@ def build_engine_args(
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     namespace: argparse.Namespace = _parser().parse_args(list(settings.engine_args))
+    # Before from_cli_args: the args object resolves its model on creation, and vLLM's
+    # default model is a hub id (which would be looked up, offline or not).
+    namespace.model = model_path
+    namespace.tokenizer = model_path
     args = AsyncEngineArgs.from_cli_args(namespace)
-    args.model = model_path
-    args.tokenizer = model_path
     args.served_model_name = [settings.model_name]
     args.trust_remote_code = settings.trust_remote_code
     args.revision = None  # files are already local (resolved by lmserve)

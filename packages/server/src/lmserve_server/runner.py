@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -19,6 +21,20 @@ from lmserve_server.plan import plan_serving
 logger = logging.getLogger("lmserve")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the signal it caught once serve() returns, which turns a clean
+    stop into exit code -2; lmserve handles SIGINT/SIGTERM itself and exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def request_exit(self) -> None:
+        if self.should_exit:  # a second signal: stop waiting for connections
+            self.force_exit = True
+        self.should_exit = True
 
 
 def configure_logging(level: str) -> None:
@@ -57,7 +73,10 @@ async def _serve(app: object, host: ModelHost, settings: ServeSettings) -> int:
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=30,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_exit)
 
     async def load() -> None:
         try:
