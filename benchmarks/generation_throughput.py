@@ -235,11 +235,11 @@ def run_serial(
 
     def generate(prompt: list[int], n: int) -> list[int]:
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        # min_new_tokens bans EOS until n tokens exist: the same thing as the engine's ignore_eos
-        # (both ban the whole EOS set, which is why eos_token_id is the engine's set here).
+        # eos_token_id=-1: EOS may be picked but never stops generation, which is what the
+        # engine's ignore_eos means (as in vLLM), so greedy outputs stay comparable.
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, eos_token_id=eos, pad_token_id=pad,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+            do_sample=False, eos_token_id=-1, pad_token_id=pad,
         )  # fmt: skip
         return [int(t) for t in out[0, len(prompt) :].tolist()]
 
