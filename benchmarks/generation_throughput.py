@@ -35,33 +35,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prompts import PROMPTS as BENCHMARK_PROMPTS  # benchmarks/ is on sys.path when run as a script
+
 if TYPE_CHECKING:  # torch is imported only after the thread count is fixed (see main()).
     from lmserve_backend_hf.engine import HFGenerationEngine
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# Sixteen short English prompts of clearly different lengths: left padding, KV-cache merging
-# and the trimming of finished rows only get exercised when the lengths differ.
-PROMPTS: tuple[str, ...] = (
-    "Hi!",
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a ten year old child in simple words.",
-    "List three fruits that are red.",
-    "Why is the sky blue? Give a short scientific explanation that mentions Rayleigh scattering.",
-    "Translate 'good morning' into Spanish.",
-    "Tell me a joke.",
-    "Summarize the plot of Romeo and Juliet in two sentences, without spoiling the very end "
-    "for someone who has never read or seen the play.",
-    "What is 17 times 23?",
-    "Give me a name for a grey cat.",
-    "Describe the water cycle: evaporation, condensation, precipitation and collection.",
-    "How do I boil an egg?",
-    "Suggest a title for a blog post about learning to play the guitar as an adult beginner "
-    "who only has twenty minutes of practice time each day.",
-    "Who wrote Hamlet?",
-    "Name the planets of the solar system in order from the sun, and say which is the largest.",
-)
+PROMPTS = BENCHMARK_PROMPTS
 
 SMOKE = {"tokens": 8, "prompts": 4, "concurrency": [1, 4]}
 FULL = {"tokens": 32, "prompts": 16, "concurrency": [1, 4, 16]}

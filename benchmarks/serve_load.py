@@ -44,31 +44,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from prompts import PROMPTS as BENCHMARK_PROMPTS  # benchmarks/ is on sys.path when run as a script
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
-# Short English prompts of clearly different lengths (the same set as
-# generation_throughput.py, so both benchmarks exercise padding the same way).
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "Hi!",
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a ten year old child in simple words.",
-    "List three fruits that are red.",
-    "Why is the sky blue? Give a short scientific explanation that mentions Rayleigh scattering.",
-    "Translate 'good morning' into Spanish.",
-    "Tell me a joke.",
-    "Summarize the plot of Romeo and Juliet in two sentences, without spoiling the very end "
-    "for someone who has never read or seen the play.",
-    "What is 17 times 23?",
-    "Give me a name for a grey cat.",
-    "Describe the water cycle: evaporation, condensation, precipitation and collection.",
-    "How do I boil an egg?",
-    "Suggest a title for a blog post about learning to play the guitar as an adult beginner "
-    "who only has twenty minutes of practice time each day.",
-    "Who wrote Hamlet?",
-    "Name the planets of the solar system in order from the sun, and say which is the largest.",
-)
+DEFAULT_PROMPTS: tuple[str, ...] = BENCHMARK_PROMPTS
 
 MAX_ERRORS_KEPT = 5
 

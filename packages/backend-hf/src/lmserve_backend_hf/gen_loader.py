@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from lmserve_backend_hf.engine import HFGenerationEngine
-from lmserve_backend_hf.loader import TORCH_DTYPES, configure_threads, refuse_untrained_heads
+from lmserve_backend_hf.loader import TORCH_DTYPES, prepare, refuse_untrained_heads
 from lmserve_core.backend import LoadedGenerator, LoadRequest
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.generation.model_config import (
@@ -20,7 +18,6 @@ from lmserve_core.generation.model_config import (
 )
 from lmserve_core.generation.prepare import ModelFacts
 from lmserve_core.hf_adapters import HFGenerationTokenizer
-from lmserve_core.settings import canonical_dtype
 from lmserve_core.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -31,12 +28,7 @@ def load_generator(request: LoadRequest) -> LoadedGenerator:
 
     settings, source, task = request.settings, request.source, request.task
     started = time.perf_counter()
-    threads = configure_threads(settings.torch_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = canonical_dtype(settings.dtype, on_gpu=device.type == "cuda", task=task)
-    tokenizer_source = (
-        source.hub_id if (source.hub_id and settings.tokenizer_revision) else str(source.path)
-    )
+    threads, device, dtype_name, tokenizer_source = prepare(request)
     try:
         raw_tok = AutoTokenizer.from_pretrained(
             tokenizer_source,

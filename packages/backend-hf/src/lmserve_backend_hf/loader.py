@@ -40,6 +40,19 @@ def configure_threads(requested: int | None) -> int:
     return threads
 
 
+def prepare(request: LoadRequest) -> tuple[int, torch.device, str, str]:
+    """Threads, device, dtype and where the tokenizer comes from (both loaders)."""
+    settings, source = request.settings, request.source
+    threads = configure_threads(settings.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = canonical_dtype(settings.dtype, on_gpu=device.type == "cuda", task=request.task)
+    # A separate tokenizer revision only means something for hub models.
+    tokenizer_source = (
+        source.hub_id if (source.hub_id and settings.tokenizer_revision) else str(source.path)
+    )
+    return threads, device, dtype_name, tokenizer_source
+
+
 def load_encoder(request: LoadRequest) -> LoadedEncoder:
     settings, source, task = request.settings, request.source, request.task
     if task not in ENCODER_TASKS:
@@ -48,13 +61,7 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
             param="task",
         )
     started = time.perf_counter()
-    threads = configure_threads(settings.torch_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = canonical_dtype(settings.dtype, on_gpu=device.type == "cuda", task=task)
-
-    tokenizer_source = (
-        source.hub_id if (source.hub_id and settings.tokenizer_revision) else str(source.path)
-    )
+    threads, device, dtype_name, tokenizer_source = prepare(request)
     tokenizer = load_tokenizer(
         tokenizer_source,
         revision=settings.tokenizer_revision if source.hub_id else None,
