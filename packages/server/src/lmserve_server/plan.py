@@ -69,10 +69,6 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
 
 def _refuse_unbuilt_features(settings: ServeSettings) -> None:
     """Flags of SPEC §1 whose feature has not landed fail loudly instead of doing nothing."""
-    if settings.enable_grpc:
-        raise ConfigurationError(
-            "--enable_grpc: the gRPC listener is not available in this version", param="enable_grpc"
-        )
     if settings.predictor_host:
         raise ConfigurationError(
             "--predictor_host: Triton transformer mode is not available in this version",

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 
 import uvicorn
+from fastapi import FastAPI
 
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.settings import ServeSettings
@@ -64,9 +65,9 @@ def run(settings: ServeSettings) -> int:
     return asyncio.run(_serve(app, host, settings))
 
 
-async def _serve(app: object, host: ModelHost, settings: ServeSettings) -> int:
+async def _serve(app: FastAPI, host: ModelHost, settings: ServeSettings) -> int:
     config = uvicorn.Config(
-        app,  # type: ignore[arg-type]
+        app,
         host=settings.host,
         port=settings.http_port,
         log_config=None,
@@ -89,9 +90,18 @@ async def _serve(app: object, host: ModelHost, settings: ServeSettings) -> int:
             server.should_exit = True
 
     loader = asyncio.create_task(load())
+    grpc_server = None
+    if settings.enable_grpc:
+        from lmserve_server.grpc_service import start_grpc_server
+
+        grpc_server = await start_grpc_server(
+            app.state.dataplane, settings.host, settings.grpc_port, settings.max_request_body_bytes
+        )
     try:
         await server.serve()
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
         if not loader.done():
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,0 +1,201 @@
+"""Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` on the data plane.
+
+Text arrives as BYTES in ``contents.bytes_contents`` or ``raw_input_contents`` (both work,
+unlike KServe's runtime); outputs go back as ``raw_output_contents``, as Triton does.
+Errors map to gRPC status codes here, in one place; bad input is never INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from lmserve_core.errors import (
+    BackendError,
+    InvalidInput,
+    LmserveError,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+)
+from lmserve_core.v2_codec import (
+    NUMPY_DTYPES,
+    DecodedTensor,
+    decode_inputs,
+    element_count,
+    encode_binary,
+)
+from lmserve_protocols.grpc import grpc_predict_v2_pb2 as pb
+from lmserve_protocols.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from lmserve_server.dataplane import DataPlane, server_version, v2_outputs
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_CODES: tuple[tuple[type[LmserveError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
+    (BackendError, grpc.StatusCode.INTERNAL),
+)
+
+# InferTensorContents field per datatype.
+_CONTENT_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+    "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}  # fmt: skip
+
+
+def status_code(exc: LmserveError) -> grpc.StatusCode:
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _param_value(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def parameters(params: Any) -> dict[str, Any]:
+    return {key: _param_value(value) for key, value in params.items()}
+
+
+def decode_request_inputs(request: pb.ModelInferRequest) -> list[DecodedTensor]:
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInput(
+                f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs"
+            )
+        specs = [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
+             "parameters": {"binary_data_size": len(raw)}}
+            for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)
+        ]  # fmt: skip
+        return decode_inputs(specs, b"".join(request.raw_input_contents))
+    out = []
+    for t in request.inputs:
+        if t.datatype not in _CONTENT_FIELD:
+            raise InvalidInput(
+                f"input {t.name!r}: unsupported datatype {t.datatype!r}", param="datatype"
+            )
+        count = element_count(list(t.shape), t.name)
+        values = list(getattr(t.contents, _CONTENT_FIELD[t.datatype]))
+        if len(values) != count:
+            raise InvalidInput(
+                f"input {t.name!r}: shape says {count} elements but contents has {len(values)}"
+            )
+        if t.datatype == "BYTES":
+            data = np.empty(count, dtype=object)
+            data[:] = values
+        else:
+            try:
+                data = np.asarray(values, dtype=NUMPY_DTYPES[t.datatype])
+            except (OverflowError, ValueError) as exc:
+                raise InvalidInput(f"input {t.name!r}: {exc}") from None
+        out.append(DecodedTensor(t.name, t.datatype, list(t.shape), data.reshape(list(t.shape))))
+    return out
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def _call(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await work()
+        except LmserveError as exc:
+            await context.abort(status_code(exc), exc.message)
+        except Exception as exc:
+            logger.exception("gRPC call failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.plane.live())
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.plane.ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
+        async def work() -> pb.ModelReadyResponse:
+            return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name))
+
+        return await self._call(context, work)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        meta = self.plane.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=meta["name"], version=server_version(), extensions=meta["extensions"]
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        async def work() -> pb.ModelMetadataResponse:
+            meta = self.plane.model_metadata(request.name)
+
+            def tensors(
+                items: list[dict[str, Any]],
+            ) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+                return [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"],
+                                                                shape=t["shape"]) for t in items]  # fmt: skip
+
+            return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                            inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))  # fmt: skip
+
+        return await self._call(context, work)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
+        async def work() -> pb.ModelInferResponse:
+            inputs = decode_request_inputs(request)
+            result = await self.plane.infer_v2(
+                request.model_name, inputs, parameters(request.parameters)
+            )
+            outputs = v2_outputs(result)
+            if request.outputs:
+                wanted = {o.name for o in request.outputs}
+                unknown = wanted - {name for name, _, _ in outputs}
+                if unknown:
+                    raise InvalidInput(f"unknown requested output(s): {', '.join(sorted(unknown))}")
+                outputs = [o for o in outputs if o[0] in wanted]
+            response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+            for name, datatype, data in outputs:
+                response.outputs.add(name=name, datatype=datatype, shape=list(data.shape))
+                response.raw_output_contents.append(encode_binary(datatype, data))
+            return response
+
+        return await self._call(context, work)
+
+
+async def start_grpc_server(
+    plane: DataPlane, host: str, port: int, max_message_bytes: int
+) -> grpc.aio.Server:
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]  # fmt: skip
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)  # type: ignore[no-untyped-call]
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+    await server.start()
+    logger.info("gRPC (Open Inference Protocol) listening on %s:%d", host, bound)
+    return server
