@@ -23,7 +23,8 @@ def create_backend(request: LoadRequest) -> LoadedModel:
 
 
 def check_engine_args(argv: Sequence[str]) -> list[str]:
-    """Parse ``argv`` with vLLM's own engine-argument definitions (exit 2 if wrong)."""
+    """Parse ``argv`` with vLLM's own engine-argument definitions; returns what vLLM does
+    not recognise either (exits 2 on a bad value for a known flag)."""
     from lmserve_backend_vllm.engine_args import check
 
     return check(argv)

@@ -49,9 +49,21 @@ def _refuse_owned(argv: Sequence[str]) -> None:
 
 
 def check(argv: Sequence[str]) -> list[str]:
+    """The arguments vLLM does not know either (the caller reports them); a known flag with
+    a bad value exits 2 with vLLM's message about that flag."""
     _refuse_owned(argv)
-    _parser().parse_args(list(argv))  # exits 2 with usage on an unknown or bad flag
-    return list(argv)
+    spelled = {_dashed(a): a for a in argv}
+    _namespace, unknown = _parser().parse_known_args([_dashed(a) for a in argv])
+    return [spelled.get(a, a) for a in unknown]
+
+
+def _dashed(arg: str) -> str:
+    """``--max_num_seqs=4`` -> ``--max-num-seqs=4`` (vLLM's parser only does this in
+    parse_args, and we need parse_known_args)."""
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    return flag.replace("_", "-") + eq + value
 
 
 def help_text() -> str:
