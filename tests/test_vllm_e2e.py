@@ -193,7 +193,11 @@ def test_classification_on_vllm(server_pool: Pool) -> None:
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMSERVE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LMSERVE_") and k != "VLLM_CPU_KVCACHE_SPACE"
+    }
     return subprocess.run([sys.executable, "-m", "lmserve_server", "--http_port", "0", *args],
                           capture_output=True, text=True, timeout=timeout, env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
 

@@ -54,7 +54,9 @@ def start_server(
 ) -> ServerProcess:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="lmserve-test-", suffix=".log")[1])
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    # vLLM CPU lets VLLM_CPU_KVCACHE_SPACE override --kv-cache-memory-bytes: tests pass the flag.
+    inherited = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    full_env = {**inherited, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "lmserve_server", "--host", "127.0.0.1", "--http_port", str(port),
            "--torch_threads", "1", *args]  # fmt: skip
     with log.open("wb") as fh:

@@ -39,8 +39,16 @@ def test_flags_owned_by_lmserve_are_refused_with_a_pointer(
     assert OWNED_BY_LMSERVE[flag] in capsys.readouterr().err
 
 
+def _isolate_kv_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # build_engine_args may set VLLM_CPU_KVCACHE_SPACE in os.environ; setenv first makes
+    # monkeypatch restore the variable's absence afterwards, so it never leaks into the
+    # servers later tests start (vLLM CPU lets that variable override --kv-cache-memory-bytes).
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+
+
 def test_lmserve_owns_the_shared_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    _isolate_kv_env(monkeypatch)
     settings = ServeSettings(
         model_name="m", dtype="half", max_length=128, trust_remote_code=True, max_num_seqs=7,
         engine_args=("--tensor-parallel-size", "2", "--seed", "3"),
@@ -62,7 +70,7 @@ def test_lmserve_owns_the_shared_settings(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_explicit_engine_choices_win_over_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    _isolate_kv_env(monkeypatch)
     settings = ServeSettings(engine_args=("--no-enforce-eager", "--kv-cache-memory-bytes", "4096"))
     args = build_engine_args(settings, "/m", on_cpu=True, runner="pooling")
     assert (
@@ -97,3 +105,9 @@ def test_logprob_mapping_keeps_rank_order_and_the_chosen_token() -> None:
     assert lp is not None and lp.token_id == 42 and lp.logprob == -9.0
     assert lp.top == ((5, -0.1), (9, -2.0))
     assert _logprob(None, 1, 2) is None
+
+
+def test_kv_env_does_not_leak_between_tests() -> None:
+    import os
+
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
