@@ -153,14 +153,15 @@ def _engine_entry(group: str) -> Any:
 
 
 def check_engine_args(parser: argparse.ArgumentParser, leftovers: list[str]) -> list[str]:
-    """Flags lmserve does not know go to the backend that does (vLLM), or are an error."""
+    """Flags lmserve does not know go to the backend that does (vLLM); what neither knows is
+    reported with lmserve's own usage."""
     if not leftovers:
         return []
     check = _engine_entry("lmserve.engine_args")
-    if check is None:
-        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
-    checked: list[str] = check(leftovers)
-    return checked
+    unknown: list[str] = leftovers if check is None else check(leftovers)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return leftovers
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -172,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser(
         "serve", help="serve a model (lmserve serve --help for every flag)", add_help=False
     )
+    sub.add_parser(
+        "export", help="write an encoder as a Triton ONNX model repository", add_help=False
+    )
     if not args or args[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0 if args else 2)
@@ -179,7 +183,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command == "serve":
         serve_main(rest, prog="lmserve serve")
         return
-    parser.error(f"unknown command {command!r} (choose from: serve)")
+    if command == "export":
+        export_main(rest, prog="lmserve export")
+        return
+    parser.error(f"unknown command {command!r} (choose from: serve, export)")
 
 
 def serve_main(argv: Sequence[str], prog: str = "lmserve serve") -> None:
@@ -194,3 +201,105 @@ def serve_main(argv: Sequence[str], prog: str = "lmserve serve") -> None:
     from lmserve_server.runner import run
 
     raise SystemExit(run(settings))
+
+
+def export_parser(prog: str = "lmserve export") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Write an encoder model as a Triton model repository: "
+        "OUTPUT/MODEL_NAME/config.pbtxt and OUTPUT/MODEL_NAME/1/model.onnx (dynamic batch and "
+        "sequence axes). ONNX Runtime is checked against PyTorch first; nothing is written "
+        "when they differ by more than 1e-4.",
+        allow_abbrev=False,
+    )
+
+    def add(name: str, **kwargs: Any) -> None:
+        flags = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))  # both spellings
+        parser.add_argument(*flags, dest=name, **kwargs)
+
+    add("model_dir", metavar="DIR", help="local directory of a saved Hugging Face model")
+    add("model_id", metavar="ID",
+        help="Hugging Face model id or built-in name (all-minilm-l6-v2); wins over --model_dir")  # fmt: skip
+    add("task", metavar="TASK",
+        help="sequence_classification, token_classification, fill_mask or text_embedding "
+        "(pipeline spellings too); inferred from the architecture when absent")  # fmt: skip
+    add("tensor_input_names", metavar="NAMES", required=True,
+        help="comma list of tokenizer outputs that become the INT64 graph inputs, in this "
+        "order, e.g. input_ids,attention_mask")  # fmt: skip
+    add("output", metavar="REPO", required=True, help="Triton model repository to write into")
+    add(
+        "model_name",
+        metavar="NAME",
+        default="model",
+        help="model folder and config name; default model",
+    )
+    add(
+        "max_batch_size",
+        metavar="N",
+        type=int,
+        default=32,
+        help="config.pbtxt max_batch_size; default 32",
+    )
+    add("opset", metavar="N", type=int, default=None,
+        help="ONNX opset; default the exporter's own; below 18 uses the TorchScript exporter")  # fmt: skip
+    return parser
+
+
+def _exporter(name: str) -> Any:
+    import importlib.metadata
+
+    for ep in importlib.metadata.entry_points(group="lmserve.exporters"):
+        if ep.name == name:
+            return ep.load()
+    return None
+
+
+def export_main(argv: Sequence[str], prog: str = "lmserve export") -> None:
+    """Exit 0 when written, 2 for a bad flag or model (the message names the flag), 1 when
+    ONNX Runtime and PyTorch disagree."""
+    from pathlib import Path
+
+    from lmserve_core.errors import LmserveError
+    from lmserve_core.model_files import is_sentence_transformer, resolve_model_source
+    from lmserve_core.tasks import infer_task, parse_task
+
+    parser = export_parser(prog)
+    ns = parser.parse_args(list(argv))
+    export_onnx = _exporter("onnx")
+    if export_onnx is None:
+        parser.error("no ONNX exporter is installed (it comes with lmserve-backend-hf)")
+
+    def progress(message: str) -> None:
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+    try:
+        if not ns.model_dir and not ns.model_id:
+            raise ConfigurationError("name the model with --model_dir or --model_id")
+        source = resolve_model_source(model_id=ns.model_id, model_dir=ns.model_dir, revision=None)
+        if ns.task:
+            task = parse_task(ns.task)
+        else:
+            task = infer_task(
+                source.config().get("architectures"),
+                is_sentence_transformer=is_sentence_transformer(source.path),
+            )
+            progress(f"task {task.value} (from the model config; --task overrides it)")
+        report = export_onnx(
+            source.path,
+            task,
+            ns.tensor_input_names.split(","),
+            Path(ns.output),
+            model_name=ns.model_name,
+            max_batch_size=ns.max_batch_size,
+            opset=ns.opset,
+            progress=progress,
+        )
+    except ConfigurationError as exc:
+        parser.error(exc.message)
+    except LmserveError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(
+        f"wrote {report.config_path} and {report.onnx_path} ({report.exporter} exporter, "
+        f"opset {report.opset}, max abs diff {report.max_abs_diff:.1e}, {report.seconds:.1f} s)"
+    )
