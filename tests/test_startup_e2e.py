@@ -106,7 +106,6 @@ def test_env_twin_and_dash_spelling() -> None:
 @pytest.mark.parametrize(
     "flags,named",
     [
-        (["--enable_grpc"], "--enable_grpc"),
         (["--predictor_host", "127.0.0.1:1"], "--predictor_host"),
     ],
 )
