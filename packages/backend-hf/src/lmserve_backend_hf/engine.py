@@ -16,7 +16,6 @@ make merging unsafe, so they interleave without sharing forward passes.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import queue
@@ -93,7 +92,6 @@ class HFGenerationEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._base_generator = torch.Generator(device=device)
         self._base_generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        self._ids = itertools.count()
         # Observability: decode steps run, the largest batch seen, and a hook per step.
         self.steps = 0
         self.max_step_size = 0

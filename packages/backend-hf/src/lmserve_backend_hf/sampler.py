@@ -1,6 +1,6 @@
 """Per-row logits processing and sampling for a batch of sequences with their own params.
 
-Order as in vLLM: logit bias, repetition / presence / frequency penalties, banned EOS;
+Order as in vLLM: logit bias, then repetition / presence / frequency penalties;
 then greedy argmax, or temperature, top-k, top-p, min-p and a draw from the row's own
 (seeded) generator. Logprobs are the model's raw log-softmax, before any processing.
 """
@@ -24,7 +24,6 @@ class RowState:
     output_ids: list[int] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)
     generator: torch.Generator | None = None
-    banned: tuple[int, ...] = ()  # EOS ids while ignore_eos
 
     def add(self, token: int) -> None:
         self.output_ids.append(token)
@@ -33,7 +32,6 @@ class RowState:
     @property
     def plain_greedy(self) -> bool:
         p = self.params
-        # Banned EOS ids are applied batch-wide before the argmax, so they keep this path.
         return (
             p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
             and p.frequency_penalty == 0.0
@@ -57,8 +55,6 @@ def _process_row(row: torch.Tensor, state: RowState) -> torch.Tensor:
         ids = torch.tensor(list(state.counts), device=row.device)
         counts = torch.tensor(list(state.counts.values()), device=row.device, dtype=row.dtype)
         row[ids] -= p.frequency_penalty * counts + p.presence_penalty
-    if state.banned:
-        row[list(state.banned)] = float("-inf")
     return row
 
 
@@ -92,11 +88,6 @@ def sample(
     """``logits`` [B, V] (float32); one (token, logprob) per row."""
     want_lp = [s.params.logprobs is not None for s in states]
     raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-    banned_rows = [(i, s.banned) for i, s in enumerate(states) if s.banned]
-    if banned_rows:
-        logits = logits.clone()
-        for i, banned in banned_rows:
-            logits[i, list(banned)] = float("-inf")
     if all(s.plain_greedy for s in states):
         tokens = logits.argmax(dim=-1).tolist()
     else:
