@@ -104,11 +104,14 @@ def test_env_twin_and_dash_spelling() -> None:
 
 
 @pytest.mark.parametrize(
-    "flags,named",
+    "model,flags,named",
     [
-        (["--predictor_host", "127.0.0.1:1"], "--predictor_host"),
+        ("llama", ["--predictor_host", "127.0.0.1:1"], "--predictor_host"),
+        ("sentiment", ["--predictor_host", "127.0.0.1:1", "--backend", "vllm"], "--backend"),
     ],
 )
-def test_flags_of_unbuilt_features_fail_loudly(flags: list[str], named: str) -> None:
-    r = run_cli("--model_dir", str(model_path("sentiment")), *flags)
-    assert r.returncode == 2 and named in r.stderr
+def test_transformer_mode_refuses_what_triton_cannot_serve(
+    model: str, flags: list[str], named: str
+) -> None:
+    r = run_cli("--model_dir", str(model_path(model)), *flags)
+    assert r.returncode == 2 and named in r.stderr, r.stderr[-2000:]

@@ -154,6 +154,9 @@ class FakeBackend:
     def close(self) -> None:
         self.closed = True
 
+    def check_health(self) -> None:
+        pass
+
 
 @pytest.fixture
 def tokenizer() -> FakeTokenizer:
@@ -182,6 +185,7 @@ def make_service(tokenizer: FakeTokenizer) -> Callable[..., tuple[EncoderService
         options: EncoderOptions | None = None,
         block_first: bool = False,
         max_batch_size: int = 32,
+        bucket_lengths: bool = False,
     ) -> tuple[EncoderService, FakeBackend]:
         backend = FakeBackend(fn, block_first=block_first)
         service = EncoderService(
@@ -191,6 +195,7 @@ def make_service(tokenizer: FakeTokenizer) -> Callable[..., tuple[EncoderService
             info=info or ModelInfo(),
             options=options or EncoderOptions(),
             max_batch_size=max_batch_size,
+            bucket_lengths=bucket_lengths,
         )
         return service, backend
 

@@ -343,3 +343,61 @@ def test_cancelled_request_is_not_run() -> None:
 
     assert run(main) == "result:kept"
     assert recorder.batches == [["first"], ["kept"]]
+
+
+def test_concurrency_keeps_several_batches_in_flight_and_merges_the_rest() -> None:
+    """concurrency=2: a second batch starts while the first is still running; what arrives
+    while both run is merged into the third."""
+    recorder = Recorder(block=[0, 1])
+
+    async def main() -> list[Any]:
+        batcher: DynamicBatcher[Item, Any] = DynamicBatcher(
+            recorder, max_batch_size=32, concurrency=2
+        )
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(Item("first")))
+            await _started(recorder, 0)
+            second = asyncio.ensure_future(batcher.submit(Item("second")))
+            await _started(recorder, 1)  # runs although batch 0 has not finished
+            later = [asyncio.ensure_future(batcher.submit(Item(f"n{i}"))) for i in range(3)]
+            await _queued(batcher, 3)
+            recorder.release[1].set()
+            assert await second == "result:second"
+            recorder.release[0].set()
+            return await asyncio.gather(first, *later)
+        finally:
+            recorder.release_all()
+            await batcher.stop()
+
+    results = run(main)
+    assert results == ["result:first", "result:n0", "result:n1", "result:n2"]
+    assert recorder.batches == [["first"], ["second"], ["n0", "n1", "n2"]]
+    assert len(set(recorder.threads[:2])) == 2  # the two overlapping batches ran on two threads
+
+
+def test_stop_fails_every_batch_in_flight() -> None:
+    recorder = Recorder(block=[0, 1])
+
+    async def main() -> list[BaseException | Any]:
+        batcher: DynamicBatcher[Item, Any] = DynamicBatcher(
+            recorder, max_batch_size=8, concurrency=2
+        )
+        await batcher.start()
+        try:
+            running = [asyncio.ensure_future(batcher.submit(Item("a")))]
+            await _started(recorder, 0)
+            running.append(asyncio.ensure_future(batcher.submit(Item("b"))))
+            await _started(recorder, 1)
+            await batcher.stop()
+            return await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), WAIT_S)
+        finally:
+            recorder.release_all()
+
+    for result in run(main):
+        assert isinstance(result, ModelNotReady), result
+
+
+def test_concurrency_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        DynamicBatcher(Recorder(), max_batch_size=8, concurrency=0)

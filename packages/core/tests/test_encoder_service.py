@@ -16,7 +16,7 @@ from lmserve_core.encoder import (
     ModelInfo,
     RequestParams,
 )
-from lmserve_core.encoder.service import check_texts, pad_encodings
+from lmserve_core.encoder.service import check_texts, length_bucket, pad_encodings
 from lmserve_core.tokenizer import Encoding
 
 PAD, CLS, SEP = 0, 2, 3
@@ -319,3 +319,31 @@ def test_encode_token_ids(make_service: Callable[..., Any]) -> None:
     assert result.outputs[0].shape == [2, 2]
     assert result.token_count == 4
     assert backend.calls[0]["input_ids"].tolist() == [[5, 6, 7], [9, PAD, PAD]]
+
+
+# --- length buckets (remote predictors) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "length,max_length,bucket",
+    [(1, 512, 16), (16, 512, 16), (17, 512, 32), (100, 512, 128), (300, 512, 512),
+     (300, 384, 384), (20, 20, 20), (10, 8, 10)],
+)  # fmt: skip
+def test_length_bucket(length: int, max_length: int, bucket: int) -> None:
+    assert length_bucket(length, max_length=max_length) == bucket
+
+
+def test_bucketed_batches_are_padded_but_answers_are_unchanged(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    texts = ["the cat sat on the mat .", "a"]
+    service, backend = make_service(Task.token_classification, position_logits,
+                                    bucket_lengths=True)  # fmt: skip
+    bucketed = infer(service, texts)
+    assert backend.calls[0]["input_ids"].shape == (2, 16)  # 9 tokens -> the 16 bucket
+    assert backend.calls[0]["attention_mask"][:, 9:].sum() == 0
+    plain_service, plain_backend = make_service(Task.token_classification, position_logits)
+    plain = infer(plain_service, texts)
+    assert plain_backend.calls[0]["input_ids"].shape == (2, 9)
+    assert bucketed.predictions == plain.predictions
+    np.testing.assert_array_equal(bucketed.outputs[0].data, plain.outputs[0].data)

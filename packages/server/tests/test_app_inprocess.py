@@ -67,6 +67,9 @@ class GatedBackend:
     def close(self) -> None:
         pass
 
+    def check_health(self) -> None:
+        pass
+
 
 def make(
     monkeypatch: pytest.MonkeyPatch, backend: GatedBackend, load_gate: threading.Event | None = None

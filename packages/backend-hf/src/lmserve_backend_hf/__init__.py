@@ -27,6 +27,13 @@ def create_backend(request: LoadRequest) -> LoadedModel:
     return load_encoder(request)
 
 
+def create_triton_backend(request: LoadRequest) -> LoadedModel:
+    """``lmserve.backends`` entry point ``triton``: transformer mode (no torch import)."""
+    from lmserve_backend_hf.triton import load_triton_encoder
+
+    return load_triton_encoder(request)
+
+
 def convert_builtin(model: BuiltinModel) -> Path:
     """``lmserve.converters`` entry point: GGUF built-ins to a safetensors folder."""
     from lmserve_backend_hf.gguf import convert_gguf
@@ -34,4 +41,4 @@ def convert_builtin(model: BuiltinModel) -> Path:
     return convert_gguf(model)
 
 
-__all__ = ["convert_builtin", "create_backend"]
+__all__ = ["convert_builtin", "create_backend", "create_triton_backend"]

@@ -31,5 +31,8 @@ class TorchEncoder:
             result = getattr(out, self.output)
             return result.float().cpu().numpy()  # type: ignore[no-any-return]
 
+    def check_health(self) -> None:
+        """An in-process model is healthy while it is loaded."""
+
     def close(self) -> None:
         self.model = None

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from lmserve_backend_hf.encoder import TorchEncoder
+from lmserve_backend_hf.encoder_info import encoder_options, model_info
 from lmserve_backend_hf.tokenizer import load_tokenizer
 from lmserve_core.backend import LoadedEncoder, LoadRequest
-from lmserve_core.encoder import ENCODER_TASKS, EncoderOptions, ModelInfo
+from lmserve_core.encoder import ENCODER_TASKS
 from lmserve_core.errors import ConfigurationError
-from lmserve_core.model_files import config_max_length, read_json, read_pooling_config
 from lmserve_core.settings import canonical_dtype
 from lmserve_core.tasks import Task
 
@@ -84,24 +84,14 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     refuse_untrained_heads(loading_info, source.display_name, task)
     model.eval().to(device)
 
+    info = model_info(
+        request.config, source.path,
+        requested_max_length=settings.max_length,
+        tokenizer_max=getattr(tokenizer.raw, "model_max_length", None),
+    )  # fmt: skip
+    options = encoder_options(settings)
+    max_length = info.max_length
     config = request.config
-    max_length = _max_length(settings.max_length, config, source.path, tokenizer.raw)
-    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
-    info = ModelInfo(
-        id2label=id2label,
-        problem_type=config.get("problem_type"),
-        pooling=read_pooling_config(source.path),
-        max_length=max_length,
-        hidden_size=config.get("hidden_size") or config.get("dim") or config.get("d_model"),
-        vocab_size=config.get("vocab_size"),
-    )
-    options = EncoderOptions(
-        add_special_tokens=not settings.disable_special_tokens,
-        return_token_type_ids=settings.return_token_type_ids,
-        return_probabilities=settings.return_probabilities,
-        return_raw_logits=settings.return_raw_logits,
-        return_offsets_mapping=settings.return_offsets_mapping,
-    )
     handler = ENCODER_TASKS[task]
     backend = TorchEncoder(model, device=device, output=handler.model_output)
     elapsed = time.perf_counter() - started
@@ -142,28 +132,3 @@ def refuse_untrained_heads(loading_info: dict[str, Any], name: str, task: Task) 
             "is --task right for this checkpoint?",
             param="task",
         )
-
-
-def _max_length(requested: int | None, config: dict[str, Any], path: Any, tokenizer: Any) -> int:
-    """The smallest limit the model declares; a larger --max_length is refused."""
-    limits = []
-    declared = config_max_length(config)
-    if declared:
-        limits.append(declared)
-    st_config = path / "sentence_bert_config.json"
-    if st_config.is_file():
-        seq = read_json(st_config).get("max_seq_length")
-        if isinstance(seq, int) and seq > 0:
-            limits.append(seq)
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
-        limits.append(tok_max)
-    model_limit = min(limits) if limits else 512
-    if requested is None:
-        return model_limit
-    if declared and requested > declared:
-        raise ConfigurationError(
-            f"--max_length {requested} exceeds the model's max_position_embeddings {declared}",
-            param="max_length",
-        )
-    return requested

@@ -47,5 +47,11 @@ class VLLMPoolingEncoder:
         assert result is not None
         return np.asarray(result.outputs.data.float().cpu().numpy(), dtype=np.float32)
 
+    def check_health(self) -> None:
+        if getattr(self.engine, "errored", False):
+            from lmserve_core.errors import ModelNotReady
+
+            raise ModelNotReady("the vLLM engine has died")
+
     def close(self) -> None:
         self.engine.shutdown()

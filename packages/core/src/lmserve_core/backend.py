@@ -43,6 +43,10 @@ class LoadedEncoder:
     options: EncoderOptions
     backend_name: str
     details: dict[str, Any] = field(default_factory=dict)  # shown in V2 metadata
+    # A remote predictor wants few distinct shapes (Triton merges equal ones) and several
+    # batches on the wire; an in-process model wants neither.
+    bucket_lengths: bool = False
+    concurrent_batches: int = 1
 
 
 @dataclass

@@ -4,6 +4,10 @@ No fixed wait: an idle model takes the first request at once; requests that arri
 a forward pass runs are merged into the next one, up to ``max_batch_size`` instances.
 The model function runs on a dedicated thread, never on the event loop, so health checks
 and new requests are answered during a forward pass.
+
+``concurrency`` > 1 keeps that many batches in flight at once, each on its own thread: for a
+remote predictor (Triton) the "forward pass" is mostly waiting on the network, and the next
+batch can be on the wire while the previous one computes.
 """
 
 from __future__ import annotations
@@ -45,12 +49,20 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         *,
         max_batch_size: int,
         name: str = "model",
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
+        self._concurrency = concurrency
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmserve-{name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix=f"lmserve-{name}"
+        )
         self._task: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
         self._carry: _Pending[ItemT, ResultT] | None = None
         self.batches_run = 0
         self.on_batch: Callable[[int], None] | None = None  # metrics hook: instances per batch
@@ -58,6 +70,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     async def start(self) -> None:
         if self._task is None:
             self._queue = asyncio.Queue()
+            self._slots = asyncio.Semaphore(self._concurrency)
             self._task = asyncio.create_task(self._loop(), name="lmserve-batcher")
 
     async def stop(self) -> None:
@@ -66,6 +79,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._in_flight):
+            task.cancel()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
         self._fail_waiting(ModelNotReady("the model is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -81,49 +98,76 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         return await future
 
     async def _loop(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
+        assert self._queue is not None and self._slots is not None
         while True:
-            batch = [self._carry] if self._carry else [await self._queue.get()]
-            self._carry = None
-            size = batch[0].item.size
-            while not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if size + nxt.item.size > self._max_batch_size:
-                    self._carry = nxt  # first in line for the next pass
-                    break
-                batch.append(nxt)
-                size += nxt.item.size
-            batch = [p for p in batch if not p.future.done()]  # cancelled while queued
-            if not batch:
-                continue
-            size = sum(p.item.size for p in batch)
-            if self.on_batch:
-                self.on_batch(size)
+            # Wait for a free slot first: requests keep queueing (and merging) meanwhile.
+            await self._slots.acquire()
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, [p.item for p in batch]
-                )
-            except asyncio.CancelledError:
-                # stop() during a pass: nobody will deliver its results, so fail it now.
-                self._fail(batch, ModelNotReady("the model is shutting down"))
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
                 raise
-            except LmserveError as exc:
-                self._fail(batch, exc)
+            if not batch:
+                self._slots.release()
                 continue
-            except Exception as exc:
-                logger.exception("model forward pass failed")
-                self._fail(batch, BackendError(f"model forward pass failed: {exc}"))
-                continue
-            if len(results) != len(batch):
-                # zip(strict=True) below would raise and end this loop for good.
-                message = f"the model returned {len(results)} results for {len(batch)} requests"
-                self._fail(batch, BackendError(message))
-                continue
-            self.batches_run += 1
-            for pending, result in zip(batch, results, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(result)
+            if self._concurrency == 1:
+                await self._run(batch)
+            else:
+                task = asyncio.create_task(self._run(batch), name="lmserve-batch")
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+
+    async def _next_batch(self) -> list[_Pending[ItemT, ResultT]]:
+        assert self._queue is not None
+        batch = [self._carry] if self._carry else [await self._queue.get()]
+        self._carry = None
+        size = batch[0].item.size
+        while not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if size + nxt.item.size > self._max_batch_size:
+                self._carry = nxt  # first in line for the next pass
+                break
+            batch.append(nxt)
+            size += nxt.item.size
+        return [p for p in batch if not p.future.done()]  # cancelled while queued
+
+    async def _run(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
+        """One pass on a model thread; always gives its slot back."""
+        assert self._slots is not None
+        try:
+            await self._run_and_deliver(batch)
+        finally:
+            self._slots.release()
+
+    async def _run_and_deliver(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
+        size = sum(p.item.size for p in batch)
+        if self.on_batch:
+            self.on_batch(size)
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run_batch, [p.item for p in batch]
+            )
+        except asyncio.CancelledError:
+            # stop() during a pass: nobody will deliver its results, so fail it now.
+            self._fail(batch, ModelNotReady("the model is shutting down"))
+            raise
+        except LmserveError as exc:
+            self._fail(batch, exc)
+            return
+        except Exception as exc:
+            logger.exception("model forward pass failed")
+            self._fail(batch, BackendError(f"model forward pass failed: {exc}"))
+            return
+        if len(results) != len(batch):
+            # zip(strict=True) below would raise and end the batcher for good.
+            message = f"the model returned {len(results)} results for {len(batch)} requests"
+            self._fail(batch, BackendError(message))
+            return
+        self.batches_run += 1
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)
 
     @staticmethod
     def _fail(batch: Sequence[_Pending[ItemT, ResultT]], exc: Exception) -> None:

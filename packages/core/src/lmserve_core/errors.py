@@ -7,6 +7,7 @@ LmserveError
 ├── ModelNotReady         the model is loading, failed, or the server is draining
 ├── Overloaded            the queue is full; retry later
 ├── BackendError          the model itself failed while serving a valid request
+│   └── PredictorError    the remote predictor (Triton) failed or could not be reached
 └── ConfigurationError    startup settings are wrong (names the flag)
 """
 
@@ -49,6 +50,11 @@ class Overloaded(LmserveError):
 
 class BackendError(LmserveError):
     """The backend failed on a valid request (a bug or a dead engine, not the client)."""
+
+
+class PredictorError(BackendError):
+    """The remote predictor of transformer mode (a Triton server) answered with an error or
+    could not be reached; ``message`` carries the predictor's own words."""
 
 
 class ConfigurationError(LmserveError):

@@ -148,17 +148,23 @@ def disable_lower_case(tok: Any) -> None:
     """
     backend = tok.backend_tokenizer
     data = json.loads(backend.to_str())
-    normalizer = data.get("normalizer")
-    if normalizer is None:
-        return
-    if normalizer.get("type") == "Lowercase":
-        data["normalizer"] = None
-    elif not _strip_lowercase(normalizer):
+    if not strip_lowercase(data):
         return
     # type(backend) is tokenizers.Tokenizer: no import of the library needed here.
     tok._tokenizer = type(backend).from_str(json.dumps(data))
     if hasattr(tok, "do_lower_case"):
         tok.do_lower_case = False
+
+
+def strip_lowercase(tokenizer_json: dict[str, Any]) -> bool:
+    """Remove lower-casing from a parsed ``tokenizer.json`` in place; True if it had any."""
+    normalizer = tokenizer_json.get("normalizer")
+    if normalizer is None:
+        return False
+    if normalizer.get("type") == "Lowercase":
+        tokenizer_json["normalizer"] = None
+        return True
+    return _strip_lowercase(normalizer)
 
 
 def _strip_lowercase(node: dict[str, Any]) -> bool:

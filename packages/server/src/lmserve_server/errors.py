@@ -22,6 +22,7 @@ from lmserve_core.errors import (
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    PredictorError,
 )
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ _STATUS: tuple[tuple[type[LmserveError], int, str], ...] = (
     (ModelNotFound, 404, "not_found_error"),
     (Overloaded, 429, "rate_limit_error"),
     (ModelNotReady, 503, "service_unavailable"),
+    # Before BackendError, its parent: the predictor (Triton) failed, not lmserve.
+    (PredictorError, 502, "bad_gateway"),
     (BackendError, 500, "internal_server_error"),
     (ConfigurationError, 500, "internal_server_error"),
 )

@@ -21,6 +21,7 @@ from lmserve_core.errors import (
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    PredictorError,
 )
 from lmserve_core.v2_codec import (
     NUMPY_DTYPES,
@@ -41,6 +42,8 @@ _CODES: tuple[tuple[type[LmserveError], grpc.StatusCode], ...] = (
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
+    # gRPC has no "bad gateway": UNAVAILABLE is what grpc-gateway maps 502 to.
+    (PredictorError, grpc.StatusCode.UNAVAILABLE),
     (BackendError, grpc.StatusCode.INTERNAL),
 )
 

@@ -54,11 +54,13 @@ class ModelHost:
     def ready(self) -> bool:
         if self.state is not ModelState.ready:
             return False
-        if self.generator is not None:
-            try:
+        try:
+            if self.generator is not None:
                 self.generator.backend.check_health()
-            except LmserveError:
-                return False
+            if self.service is not None:
+                self.service.backend.check_health()
+        except LmserveError:
+            return False
         return True
 
     async def load(self) -> None:
@@ -95,6 +97,8 @@ class ModelHost:
                     info=loaded.info,
                     options=loaded.options,
                     max_batch_size=self.settings.max_batch_size,
+                    bucket_lengths=loaded.bucket_lengths,
+                    concurrency=loaded.concurrent_batches,
                 )
                 service.batcher.on_batch = self.batch_observer
                 await service.start()

@@ -62,18 +62,36 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
         logger.warning(
             "--task %s overrides the task inferred from the model (%s)", task.value, inferred.value
         )
-    _refuse_unbuilt_features(settings)
-    backend, reason, fallback = choose_backend(settings.backend, task)
+    if settings.predictor_host:
+        backend, reason, fallback = choose_predictor(settings, task)
+    else:
+        backend, reason, fallback = choose_backend(settings.backend, task)
     return ServingPlan(source, config, task, backend, reason, fallback)
 
 
-def _refuse_unbuilt_features(settings: ServeSettings) -> None:
-    """Flags of SPEC §1 whose feature has not landed fail loudly instead of doing nothing."""
-    if settings.predictor_host:
+def choose_predictor(settings: ServeSettings, task: Task) -> tuple[str, str, None]:
+    """Transformer mode (SPEC §6): the model runs on the Triton server at --predictor_host."""
+    if task.is_generative:
         raise ConfigurationError(
-            "--predictor_host: Triton transformer mode is not available in this version",
-            param="predictor_host",
-        )
+            f"--predictor_host serves encoder tasks (Triton runs their forward pass); "
+            f"{task.value} is generative", param="predictor_host",
+        )  # fmt: skip
+    if settings.backend is Backend.vllm:
+        raise ConfigurationError(
+            "--backend vllm and --predictor_host exclude each other: with a predictor the model "
+            "runs on Triton", param="backend",
+        )  # fmt: skip
+    if not _installed("triton", module="tritonclient"):
+        raise ConfigurationError(
+            "--predictor_host needs tritonclient and lmserve-backend-hf "
+            "(pip install 'tritonclient[http,grpc]' lmserve-backend-hf)", param="predictor_host",
+        )  # fmt: skip
+    return (
+        "triton",
+        f"--predictor_host {settings.predictor_host} ({settings.predictor_protocol.value}): "
+        "tokenized here, run on Triton",
+        None,
+    )
 
 
 def choose_backend(requested: Backend, task: Task) -> tuple[str, str, str | None]:
@@ -95,10 +113,11 @@ def choose_backend(requested: Backend, task: Task) -> tuple[str, str, str | None
     )
 
 
-def _installed(backend: str) -> bool:
-    """The backend's entry point and its engine are both importable (without importing)."""
+def _installed(backend: str, *, module: str | None = None) -> bool:
+    """The backend's entry point and its engine (``module``, default: the backend's name)
+    are both importable (without importing)."""
     names = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    return backend in names and importlib.util.find_spec(backend) is not None
+    return backend in names and importlib.util.find_spec(module or backend) is not None
 
 
 def load_converter(layout: str) -> Callable[[BuiltinModel], Path]:

@@ -47,6 +47,22 @@ class EncoderBackend(Protocol):
 
     def close(self) -> None: ...
 
+    def check_health(self) -> None:
+        """Raise ``ModelNotReady`` when the model cannot serve now (a remote predictor down)."""
+        ...
+
+
+def length_bucket(length: int, *, max_length: int, smallest: int = 16) -> int:
+    """``length`` rounded up to a power of two (at least ``smallest``, at most ``max_length``).
+
+    A remote predictor's dynamic batcher (Triton's) only merges requests of the same shape;
+    a handful of padded lengths lets it merge batches that arrive together.
+    """
+    bucket = smallest
+    while bucket < length:
+        bucket *= 2
+    return max(length, min(bucket, max_length))
+
 
 def pad_encodings(
     encodings: Sequence[Encoding], *, pad_id: int, length: int, with_token_types: bool
@@ -80,15 +96,20 @@ class EncoderService:
         info: ModelInfo,
         options: EncoderOptions,
         max_batch_size: int = 32,
+        bucket_lengths: bool = False,
+        concurrency: int = 1,
     ) -> None:
+        """``bucket_lengths``: pad batches to ``length_bucket`` sizes, not to their longest
+        input; ``concurrency``: batches in flight at once (see ``DynamicBatcher``)."""
         if task not in ENCODER_TASKS:
             raise ValueError(f"{task} is not an encoder task")
         self.task = task
         self.handler = ENCODER_TASKS[task]
         self.backend = backend
+        self.bucket_lengths = bucket_lengths
         self.context = TaskContext(tokenizer=tokenizer, info=info, options=options)
         self.batcher: DynamicBatcher[EncodedRequest, FloatArray] = DynamicBatcher(
-            self._run_batch, max_batch_size=max_batch_size, name="encoder"
+            self._run_batch, max_batch_size=max_batch_size, name="encoder", concurrency=concurrency
         )
 
     @property
@@ -176,6 +197,8 @@ class EncoderService:
     def _run_batch(self, requests: Sequence[EncodedRequest]) -> list[FloatArray]:
         encodings = [enc for req in requests for enc in req.encodings]
         length = max(len(e) for e in encodings)
+        if self.bucket_lengths:
+            length = length_bucket(length, max_length=self.info.max_length)
         inputs = pad_encodings(
             encodings,
             pad_id=self.tokenizer.pad_token_id,

@@ -1,0 +1,70 @@
+"""What post-processing must know about an encoder model, read from its files (no torch).
+
+Shared by the in-process loader and the Triton bridge, so both post-process identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmserve_core.encoder import EncoderOptions, ModelInfo
+from lmserve_core.errors import ConfigurationError
+from lmserve_core.model_files import config_max_length, read_json, read_pooling_config
+from lmserve_core.settings import ServeSettings
+
+
+def model_info(
+    config: dict[str, Any], path: Path, *, requested_max_length: int | None, tokenizer_max: Any
+) -> ModelInfo:
+    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    return ModelInfo(
+        id2label=id2label,
+        problem_type=config.get("problem_type"),
+        pooling=read_pooling_config(path),
+        max_length=max_length(requested_max_length, config, path, tokenizer_max),
+        hidden_size=config.get("hidden_size") or config.get("dim") or config.get("d_model"),
+        vocab_size=config.get("vocab_size"),
+    )
+
+
+def encoder_options(settings: ServeSettings, *, token_type_ids: bool = False) -> EncoderOptions:
+    """``token_type_ids``: send them even without ``--return_token_type_ids`` (a predictor
+    whose graph takes them as an input)."""
+    return EncoderOptions(
+        add_special_tokens=not settings.disable_special_tokens,
+        return_token_type_ids=settings.return_token_type_ids or token_type_ids,
+        return_probabilities=settings.return_probabilities,
+        return_raw_logits=settings.return_raw_logits,
+        return_offsets_mapping=settings.return_offsets_mapping,
+    )
+
+
+def max_length(
+    requested: int | None, config: dict[str, Any], path: Path, tokenizer_max: Any
+) -> int:
+    """The smallest limit the model declares; a larger --max_length is refused.
+
+    ``tokenizer_max``: the tokenizer's ``model_max_length`` (transformers' huge sentinel for
+    "unset" is ignored).
+    """
+    limits = []
+    declared = config_max_length(config)
+    if declared:
+        limits.append(declared)
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        seq = read_json(st_config).get("max_seq_length")
+        if isinstance(seq, int) and seq > 0:
+            limits.append(seq)
+    if isinstance(tokenizer_max, int) and 0 < tokenizer_max < 1_000_000:
+        limits.append(tokenizer_max)
+    model_limit = min(limits) if limits else 512
+    if requested is None:
+        return model_limit
+    if declared and requested > declared:
+        raise ConfigurationError(
+            f"--max_length {requested} exceeds the model's max_position_embeddings {declared}",
+            param="max_length",
+        )
+    return requested

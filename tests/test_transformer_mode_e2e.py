@@ -1,0 +1,296 @@
+"""Transformer mode (SPEC §6): lmserve tokenizes, a real Triton server runs the model.
+
+``lmserve export`` writes one repository with a model per encoder task; pytriton's bundled
+``tritonserver`` serves it (``_support/triton.py``); lmserve in transformer mode, over both
+predictor protocols, must answer V1, V2 and OpenAI requests exactly as lmserve serving the same
+model in-process does (floats within the ONNX-vs-PyTorch tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from _support.servers import ServerProcess, free_port, start_server
+from _support.tiny_models import model_path
+from _support.triton import TritonServer, start_triton, unavailable_reason
+
+pytestmark = pytest.mark.slow
+
+# served name (= Triton model name) -> (tiny model, task)
+MODELS = {
+    "sentiment": ("sentiment", "sequence_classification"),
+    "ner": ("ner", "token_classification"),
+    "masked_lm": ("masked_lm", "fill_mask"),
+    "embedding": ("embedding_mean", "text_embedding"),
+}
+TENSORS = "input_ids,attention_mask"
+PROTOCOLS = ("v2", "grpc-v2")
+# ONNX Runtime vs PyTorch logits differ by < 1e-4 (lmserve export enforces it); probabilities
+# are rounded to 4 decimals, so one unit in the last place may flip.
+ATOL = 2e-4
+
+TEXTS = {
+    "sentiment": ["I love this movie", "I hate this", "the film was fine " * 20],
+    "ner": ["Alice lives in Paris and works at Google", "bob visited berlin", "hi"],
+    "masked_lm": ["The capital of France is [MASK].", "the capital of japan is [MASK] ."],
+    "embedding": ["hello world", "a much longer sentence about cats and dogs and birds", "x"],
+}
+LABEL_PARAMETERS = {
+    "sentiment": {"output": "labels"},
+    "ner": {"output": "labels", "aggregation_strategy": "simple"},
+    "masked_lm": {"output": "labels", "top_k": 3},
+    "embedding": None,
+}
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from lmserve_backend_hf.export import export_onnx
+
+    repo = tmp_path_factory.mktemp("triton-repo")
+    for name, (model, task) in MODELS.items():
+        export_onnx(model_path(model), task, TENSORS.split(","), repo, model_name=name)
+    server = start_triton(repo)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def serve_args(name: str) -> list[str]:
+    return ["--model_dir", str(model_path(MODELS[name][0])), "--model_name", name]
+
+
+@pytest.fixture(scope="module")
+def transformer(triton: TritonServer) -> Iterator[Callable[[str, str], ServerProcess]]:
+    """lmserve in transformer mode per (model, protocol), started once, stopped before Triton."""
+    servers: dict[tuple[str, str], ServerProcess] = {}
+
+    def get(name: str, protocol: str) -> ServerProcess:
+        key = (name, protocol)
+        if key not in servers:
+            host = triton.http_host if protocol == "v2" else triton.grpc_url
+            servers[key] = start_server([*serve_args(name), "--predictor_host", host,
+                                         "--predictor_protocol", protocol,
+                                         "--tensor_input_names", TENSORS])  # fmt: skip
+        return servers[key]
+
+    yield get
+    for server in servers.values():
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+def assert_close(got: Any, want: Any, path: str = "$") -> None:
+    """Equal structure and strings/ints, floats within ATOL (also inside V2's JSON strings)."""
+    if isinstance(want, str) and want[:1] in "[{" and isinstance(got, str):
+        assert_close(json.loads(got), json.loads(want), path)
+    elif isinstance(want, float) or isinstance(got, float):
+        assert isinstance(got, int | float) and isinstance(want, int | float), (path, got, want)
+        assert abs(got - want) <= ATOL, (path, got, want)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (path, got, want)
+        for key in want:
+            assert_close(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (path, got, want)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{path}[{i}]")
+    else:
+        assert got == want, (path, got, want)
+
+
+def post(server: ServerProcess, path: str, body: dict[str, Any]) -> Any:
+    with server.client() as client:
+        response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def requests_for(name: str) -> list[tuple[str, dict[str, Any]]]:
+    texts = TEXTS[name]
+    v2_input = {"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}
+    out: list[tuple[str, dict[str, Any]]] = [
+        (f"/v1/models/{name}:predict", {"instances": texts}),
+        (f"/v2/models/{name}/infer", {"inputs": [v2_input]}),
+    ]
+    parameters = LABEL_PARAMETERS[name]
+    if parameters:
+        out.append((f"/v1/models/{name}:predict", {"instances": texts, "parameters": parameters}))
+        out.append((f"/v2/models/{name}/infer", {"inputs": [v2_input], "parameters": parameters}))
+    if name == "embedding":
+        out.append(("/openai/v1/embeddings", {"model": name, "input": texts}))
+    return out
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_same_answers_as_in_process(
+    name: str,
+    protocol: str,
+    transformer: Callable[[str, str], ServerProcess],
+    server_pool: Callable[..., ServerProcess],
+) -> None:
+    remote, local = transformer(name, protocol), server_pool(*serve_args(name))
+    for path, body in requests_for(name):
+        # The whole body, usage (token counts) included.
+        assert_close(post(remote, path, body), post(local, path, body))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_concurrent_requests_of_mixed_lengths(
+    protocol: str,
+    transformer: Callable[[str, str], ServerProcess],
+    server_pool: Callable[..., ServerProcess],
+) -> None:
+    """Requests batched together (and padded to a length bucket) each get their own answer."""
+    remote, local = transformer("ner", protocol), server_pool(*serve_args("ner"))
+    texts = [" ".join(["Alice visited Paris"] * (1 + i % 5)) for i in range(24)]
+    path = "/v1/models/ner:predict"
+
+    def ask(server: ServerProcess, text: str) -> Any:
+        return post(server, path, {"instances": [text], "parameters": {"output": "labels"}})
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda t: ask(remote, t), texts))
+    want = [ask(local, t) for t in texts]
+    assert_close(got, want)
+    assert all(r["predictions"][0] for r in got)  # entities were found, not empty answers
+
+
+def test_metadata_names_the_tensors_sent_to_triton(
+    transformer: Callable[[str, str], ServerProcess], triton: TritonServer
+) -> None:
+    with transformer("sentiment", "grpc-v2").client() as client:
+        params = client.get("/v2/models/sentiment").json()["parameters"]
+    assert params["backend"] == "triton"
+    assert params["predictor"] == triton.grpc_url and params["predictor_protocol"] == "grpc-v2"
+    assert params["predictor_inputs"] == [
+        {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+    ]
+    assert params["predictor_output"] == "logits"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_triton_errors_are_502_with_tritons_message(protocol: str, triton: TritonServer) -> None:
+    """A model Triton does not have: readiness 503, requests 502 carrying Triton's words."""
+    host = triton.http_host if protocol == "v2" else triton.grpc_url
+    server = start_server(["--model_dir", str(model_path("sentiment")), "--model_name", "ghost",
+                           "--predictor_host", host, "--predictor_protocol", protocol],
+                          wait_ready=False)  # fmt: skip
+    try:
+        wait_until_loaded(server, "ghost")
+        with server.client() as client:
+            assert client.get("/v2/health/ready").status_code == 503
+            r = client.post("/v1/models/ghost:predict", json={"instances": ["I love this"]})
+        assert r.status_code == 502, r.text
+        message = r.json()["error"]
+        assert message.startswith("Triton: ") and "ghost" in message, message
+    finally:
+        assert server.stop() == 0
+
+
+def wait_until_loaded(server: ServerProcess, name: str, timeout: float = 60) -> None:
+    """The model is loaded (its metadata answers) though the predictor may not be ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.proc.poll() is None, server.log()
+        try:
+            with server.client() as client:
+                if client.get(f"/v2/models/{name}").status_code == 200:
+                    return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(server.log())
+
+
+def test_readiness_follows_the_predictor(tmp_path: Path) -> None:
+    """Ready while Triton is; 503 (and 502 for requests) once it dies; exit 0 all the same."""
+    if unavailable_reason():
+        pytest.skip(unavailable_reason() or "")
+    from lmserve_backend_hf.export import export_onnx
+
+    export_onnx(model_path("sentiment"), "sequence_classification", TENSORS.split(","), tmp_path,
+                model_name="sentiment")  # fmt: skip
+    triton = start_triton(tmp_path)
+    server = start_server([*serve_args("sentiment"), "--predictor_host", triton.grpc_url,
+                           "--predictor_protocol", "grpc-v2"])  # fmt: skip
+    try:
+        with server.client() as client:
+            body = {"instances": ["I love this"]}
+            assert client.post("/v1/models/sentiment:predict", json=body).json() == {
+                "predictions": [1]
+            }
+            triton.kill()
+            deadline = time.monotonic() + 15
+            while client.get("/v2/health/ready").status_code == 200:
+                assert time.monotonic() < deadline, "readiness never noticed Triton was gone"
+                time.sleep(0.2)
+            assert client.get("/v2/health/live").status_code == 200
+            r = client.post("/v1/models/sentiment:predict", json=body)
+            assert r.status_code == 502 and "cannot be reached" in r.json()["error"], r.text
+    finally:
+        triton.kill()
+        assert server.stop() == 0
+
+
+def test_unreachable_predictor_at_startup_is_not_ready() -> None:
+    """Kubernetes starts transformer and predictor independently: lmserve waits, not-ready."""
+    port = free_port()  # nothing listens there
+    server = start_server([*serve_args("sentiment"), "--predictor_host", f"127.0.0.1:{port}"],
+                          wait_ready=False)  # fmt: skip
+    try:
+        wait_until_loaded(server, "sentiment")
+        with server.client() as client:
+            assert client.get("/v2/health/ready").status_code == 503
+            assert client.get("/v2/models/sentiment/ready").status_code == 503
+            r = client.post("/v1/models/sentiment:predict", json={"instances": ["x"]})
+        assert r.status_code == 502 and f"127.0.0.1:{port}" in r.json()["error"], r.text
+    finally:
+        assert server.stop() == 0
+
+
+def test_transformer_mode_never_imports_torch() -> None:
+    """Only the tokenizer is loaded: neither torch nor transformers is imported."""
+    code = f"""
+import sys
+from lmserve_core.settings import ServeSettings
+from lmserve_server.plan import plan_serving, load_backend_factory
+from lmserve_core.backend import LoadRequest
+settings = ServeSettings(model_dir={str(model_path("ner"))!r}, model_name="ner",
+                         predictor_host="127.0.0.1:{free_port()}", tensor_input_names={TENSORS!r})
+plan = plan_serving(settings)
+loaded = load_backend_factory(plan.backend)(LoadRequest(settings, plan.source, plan.task, plan.config))
+enc = loaded.tokenizer.encode_batch(["Alice lives in Paris"], add_special_tokens=True, max_length=64)
+loaded.backend.close()
+print(plan.backend, len(enc[0].ids) > 2, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["triton", "True", "False", "False"], r.stdout + r.stderr
+
+
+def test_unknown_tensor_name_fails_startup_naming_the_flag() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "lmserve_server", *serve_args("sentiment"),
+         "--predictor_host", f"127.0.0.1:{free_port()}", "--http_port", str(free_port()),
+         "--tensor_input_names", "input_ids,pixel_values"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "--tensor_input_names" in r.stderr and "pixel_values" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
