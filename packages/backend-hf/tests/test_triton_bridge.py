@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmserve_backend_hf.triton import split_predictor_host, tensor_inputs
+from lmserve_backend_hf.encoder_info import tensor_inputs
+from lmserve_backend_hf.triton import split_predictor_host
 from lmserve_core.errors import ConfigurationError
 
 

@@ -90,7 +90,7 @@ def test_assignment_is_validated() -> None:
         {"max_batch_size": 0},
         {"max_request_body_bytes": 0},
         {"torch_threads": 0},
-        {"backend": "onnx"},
+        {"backend": "tensorrt"},
         {"predictor_protocol": "grpc"},
         {"log_level": "verbose"},
     ],

@@ -34,6 +34,13 @@ def create_triton_backend(request: LoadRequest) -> LoadedModel:
     return load_triton_encoder(request)
 
 
+def create_onnx_backend(request: LoadRequest) -> LoadedModel:
+    """``lmserve.backends`` entry point ``onnx``: encoders on ONNX Runtime, in-process."""
+    from lmserve_backend_hf.onnx_backend import load_onnx_encoder
+
+    return load_onnx_encoder(request)
+
+
 def convert_builtin(model: BuiltinModel) -> Path:
     """``lmserve.converters`` entry point: GGUF built-ins to a safetensors folder."""
     from lmserve_backend_hf.gguf import convert_gguf
@@ -41,4 +48,4 @@ def convert_builtin(model: BuiltinModel) -> Path:
     return convert_gguf(model)
 
 
-__all__ = ["convert_builtin", "create_backend", "create_triton_backend"]
+__all__ = ["convert_builtin", "create_backend", "create_onnx_backend", "create_triton_backend"]

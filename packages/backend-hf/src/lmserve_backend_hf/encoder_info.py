@@ -5,6 +5,7 @@ Shared by the in-process loader and the Triton bridge, so both post-process iden
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ def model_info(
         hidden_size=config.get("hidden_size") or config.get("dim") or config.get("d_model"),
         vocab_size=config.get("vocab_size"),
     )
+
+
+# The tokenizer outputs lmserve can send to a graph (Triton's, or ONNX Runtime's in-process).
+TENSOR_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+DEFAULT_TENSOR_INPUTS = ("input_ids", "attention_mask")
 
 
 def encoder_options(settings: ServeSettings, *, token_type_ids: bool = False) -> EncoderOptions:
@@ -68,3 +74,24 @@ def max_length(
             param="max_length",
         )
     return requested
+
+
+def tensor_inputs(names: Sequence[str], *, return_token_type_ids: bool) -> list[str]:
+    if not names:
+        names = [*DEFAULT_TENSOR_INPUTS, *(["token_type_ids"] if return_token_type_ids else [])]
+    unknown = [n for n in names if n not in TENSOR_INPUTS]
+    if unknown:
+        raise ConfigurationError(
+            f"--tensor_input_names: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
+            f"not a tokenizer output lmserve sends (choose from {', '.join(TENSOR_INPUTS)})",
+            param="tensor_input_names",
+        )
+    if "input_ids" not in names:
+        raise ConfigurationError(
+            "--tensor_input_names must include input_ids", param="tensor_input_names"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigurationError(
+            "--tensor_input_names names a tensor twice", param="tensor_input_names"
+        )
+    return list(names)

@@ -1,12 +1,21 @@
-"""Loading a transformers fast tokenizer for the encoder tasks (no torch import)."""
+"""Tokenizers for the encoder tasks: transformers' fast tokenizer, or ``tokenizer.json`` read
+by the ``tokenizers`` library alone where torch must stay out (ONNX and Triton backends)."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from lmserve_backend_hf.rust_tokenizer import has_rust_tokenizer, load_rust_tokenizer
+from lmserve_core.backend import LoadRequest
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.hf_adapters import HFTokenizer
 from lmserve_core.hf_adapters import disable_lower_case as turn_off_lower_case
+from lmserve_core.tokenizer import TextTokenizer
 
-__all__ = ["HFTokenizer", "load_tokenizer"]
+__all__ = ["HFTokenizer", "load_encoder_tokenizer", "load_tokenizer"]
+
+logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(
@@ -33,3 +42,23 @@ def load_tokenizer(
     if disable_lower_case:
         turn_off_lower_case(tok)
     return HFTokenizer(tok)
+
+
+def load_encoder_tokenizer(request: LoadRequest) -> tuple[TextTokenizer, Any]:
+    """(tokenizer, its model_max_length). tokenizer.json needs no transformers (and no torch)."""
+    settings, source = request.settings, request.source
+    if has_rust_tokenizer(source.path) and not (source.hub_id and settings.tokenizer_revision):
+        rust = load_rust_tokenizer(source.path, disable_lower_case=settings.disable_lower_case)
+        return rust, rust.model_max_length
+    logger.warning(
+        "%s has no tokenizer.json (or asks for another tokenizer revision): loading the "
+        "tokenizer with transformers, which imports torch", source.display_name,
+    )  # fmt: skip
+    tokenizer_source = source.hub_id if source.hub_id else str(source.path)
+    hf = load_tokenizer(
+        tokenizer_source,
+        revision=settings.tokenizer_revision if source.hub_id else None,
+        trust_remote_code=settings.trust_remote_code,
+        disable_lower_case=settings.disable_lower_case,
+    )
+    return hf, getattr(hf.raw, "model_max_length", None)

@@ -24,22 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from lmserve_backend_hf.encoder_info import encoder_options, model_info
-from lmserve_backend_hf.rust_tokenizer import has_rust_tokenizer, load_rust_tokenizer
+from lmserve_backend_hf.encoder_info import encoder_options, model_info, tensor_inputs
+from lmserve_backend_hf.tokenizer import load_encoder_tokenizer
 from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.encoder import ENCODER_TASKS
 from lmserve_core.errors import ConfigurationError, ModelNotReady, PredictorError
 from lmserve_core.settings import PredictorProtocol
 from lmserve_core.tasks import Task
-from lmserve_core.tokenizer import TextTokenizer
 
-__all__ = ["TENSOR_INPUTS", "TritonEncoder", "load_triton_encoder"]
+__all__ = ["TritonEncoder", "load_triton_encoder"]
 
 logger = logging.getLogger(__name__)
 
-# The tokenizer outputs lmserve can send (what lmserve export can take as graph inputs).
-TENSOR_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-DEFAULT_TENSOR_INPUTS = ("input_ids", "attention_mask")
 NETWORK_TIMEOUT_S = 60.0
 HEALTH_INTERVAL_S = 2.0
 # Batches on the wire at once: Triton computes one while the next travels.
@@ -207,49 +203,6 @@ def split_predictor_host(host: str) -> tuple[str, bool]:
     return host, ssl
 
 
-def tensor_inputs(names: Sequence[str], *, return_token_type_ids: bool) -> list[str]:
-    if not names:
-        names = [*DEFAULT_TENSOR_INPUTS, *(["token_type_ids"] if return_token_type_ids else [])]
-    unknown = [n for n in names if n not in TENSOR_INPUTS]
-    if unknown:
-        raise ConfigurationError(
-            f"--tensor_input_names: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
-            f"not a tokenizer output lmserve sends (choose from {', '.join(TENSOR_INPUTS)})",
-            param="tensor_input_names",
-        )
-    if "input_ids" not in names:
-        raise ConfigurationError(
-            "--tensor_input_names must include input_ids", param="tensor_input_names"
-        )
-    if len(set(names)) != len(names):
-        raise ConfigurationError(
-            "--tensor_input_names names a tensor twice", param="tensor_input_names"
-        )
-    return list(names)
-
-
-def _load_tokenizer(request: LoadRequest) -> tuple[TextTokenizer, Any]:
-    """(tokenizer, its model_max_length). tokenizer.json needs no transformers (and no torch)."""
-    settings, source = request.settings, request.source
-    if has_rust_tokenizer(source.path) and not (source.hub_id and settings.tokenizer_revision):
-        rust = load_rust_tokenizer(source.path, disable_lower_case=settings.disable_lower_case)
-        return rust, rust.model_max_length
-    from lmserve_backend_hf.tokenizer import load_tokenizer
-
-    logger.warning(
-        "%s has no tokenizer.json (or asks for another tokenizer revision): loading the "
-        "tokenizer with transformers, which imports torch", source.display_name,
-    )  # fmt: skip
-    tokenizer_source = source.hub_id if source.hub_id else str(source.path)
-    hf = load_tokenizer(
-        tokenizer_source,
-        revision=settings.tokenizer_revision if source.hub_id else None,
-        trust_remote_code=settings.trust_remote_code,
-        disable_lower_case=settings.disable_lower_case,
-    )
-    return hf, getattr(hf.raw, "model_max_length", None)
-
-
 def _check_metadata(encoder: TritonEncoder, task: Task) -> None:
     """Compare Triton's view of the model with what will be sent; adopt its datatypes and
     output name. An unreachable predictor is not an error here: it may start later."""
@@ -312,7 +265,7 @@ def load_triton_encoder(request: LoadRequest) -> LoadedEncoder:
     names = tensor_inputs(
         settings.tensor_input_name_list, return_token_type_ids=settings.return_token_type_ids
     )
-    tokenizer, tokenizer_max = _load_tokenizer(request)
+    tokenizer, tokenizer_max = load_encoder_tokenizer(request)
     if task is Task.fill_mask and tokenizer.mask_token_id is None:
         raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
     info = model_info(

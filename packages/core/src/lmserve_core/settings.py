@@ -19,6 +19,7 @@ class Backend(StrEnum):
     auto = "auto"
     huggingface = "huggingface"
     vllm = "vllm"
+    onnx = "onnx"
 
 
 class PredictorProtocol(StrEnum):
@@ -85,7 +86,8 @@ class ServeSettings(BaseModel):
         Field(
             **_flag(
                 "auto: vLLM for generative tasks when it supports the model, else Hugging Face; "
-                "huggingface; vllm."
+                "huggingface; vllm; onnx (encoders: exported once to ONNX, cached, run by ONNX "
+                "Runtime in-process)."
             )
         ),
     ] = Backend.auto

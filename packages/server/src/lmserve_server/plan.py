@@ -76,10 +76,10 @@ def choose_predictor(settings: ServeSettings, task: Task) -> tuple[str, str, Non
             f"--predictor_host serves encoder tasks (Triton runs their forward pass); "
             f"{task.value} is generative", param="predictor_host",
         )  # fmt: skip
-    if settings.backend is Backend.vllm:
+    if settings.backend in (Backend.vllm, Backend.onnx):
         raise ConfigurationError(
-            "--backend vllm and --predictor_host exclude each other: with a predictor the model "
-            "runs on Triton", param="backend",
+            f"--backend {settings.backend.value} and --predictor_host exclude each other: with a "
+            "predictor the model runs on Triton", param="backend",
         )  # fmt: skip
     if not _installed("triton", module="tritonclient"):
         raise ConfigurationError(
@@ -100,6 +100,13 @@ def choose_backend(requested: Backend, task: Task) -> tuple[str, str, str | None
         return "vllm", "--backend vllm was asked for", None
     if requested is Backend.huggingface:
         return "huggingface", "--backend huggingface was asked for", None
+    if requested is Backend.onnx:
+        if task.is_generative:
+            raise ConfigurationError(
+                f"--backend onnx serves encoder tasks; {task.value} is generative "
+                "(use --backend vllm or huggingface)", param="backend",
+            )  # fmt: skip
+        return "onnx", "--backend onnx was asked for", None
     if task is Task.text_generation:
         if _installed("vllm"):
             return "vllm", "text_generation: vLLM is the default for generation", "huggingface"
@@ -139,6 +146,6 @@ def load_backend_factory(name: str) -> BackendFactory:
             factory: BackendFactory = ep.load()
             return factory
     raise ConfigurationError(
-        f"backend {name!r} is not installed (pip install lmserve-backend-{'hf' if name == 'huggingface' else name})",
+        f"backend {name!r} is not installed (pip install lmserve-backend-{'vllm' if name == 'vllm' else 'hf'})",
         param="backend",
     )
