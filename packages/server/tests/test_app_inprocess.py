@@ -13,6 +13,7 @@ import pytest
 
 from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
+from lmserve_core.errors import BackendError, ModelNotReady, PredictorError
 from lmserve_core.model_files import ModelSource
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
@@ -151,3 +152,41 @@ def test_openapi_schema_lists_routes(monkeypatch: pytest.MonkeyPatch) -> None:
         assert route in paths
     body = paths["/v2/models/{model_name}/infer"]["post"]["requestBody"]
     assert "inputs" in body["content"]["application/json"]["schema"]["properties"]
+
+
+class DownPredictor(GatedBackend):
+    """A remote predictor that is down: every forward fails, health says why."""
+
+    def forward(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        raise PredictorError("Triton at 10.0.0.1:8001 cannot be reached: connection refused")
+
+    def check_health(self) -> None:
+        raise ModelNotReady("Triton at 10.0.0.1:8001 cannot be reached")
+
+
+def test_a_failing_predictor_is_502_and_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    host, app = make(monkeypatch, DownPredictor())
+
+    async def scenario() -> None:
+        await host.load()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/v2/health/ready")).status_code == 503
+            assert (await c.get("/v2/models/model/ready")).status_code == 503
+            assert (await c.get("/v2/health/live")).status_code == 200
+            r = await c.post("/v1/models/model:predict", json={"instances": ["a"]})
+            assert r.status_code == 502 and "cannot be reached" in r.json()["error"]
+            body = {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}
+            assert (await c.post("/v2/models/model/infer", json=body)).status_code == 502
+        await host.close()
+
+    asyncio.run(scenario())
+
+
+def test_grpc_maps_predictor_errors_to_unavailable() -> None:
+    import grpc
+
+    from lmserve_server.grpc_service import status_code
+
+    assert status_code(PredictorError("x")) is grpc.StatusCode.UNAVAILABLE
+    assert status_code(BackendError("x")) is grpc.StatusCode.INTERNAL
