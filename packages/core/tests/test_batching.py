@@ -20,6 +20,7 @@ WAIT_S = 10.0  # upper bound on waits for the other thread; never asserted on
 class Item:
     name: str
     size: int = 1
+    seq_len: int = 1
 
 
 class Recorder:
@@ -158,8 +159,9 @@ def test_max_batch_size_counts_item_sizes() -> None:
 
     results = run(main)
     assert results == [f"result:{n}" for n in ["first", "a", "b", "c", "d", "e", "big", "f"]]
-    # An oversized item runs alone rather than never.
-    assert recorder.batches == [["first"], ["a", "b"], ["c", "d"], ["e"], ["big"], ["f"]]
+    # Items that fit are packed past one that does not ("f" joins "e"); an oversized item
+    # runs alone rather than never.
+    assert recorder.batches == [["first"], ["a", "b"], ["c", "d"], ["e", "f"], ["big"]]
 
 
 def test_run_batch_runs_off_the_event_loop_thread() -> None:
@@ -401,3 +403,45 @@ def test_stop_fails_every_batch_in_flight() -> None:
 def test_concurrency_must_be_positive() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         DynamicBatcher(Recorder(), max_batch_size=8, concurrency=0)
+
+
+def _queue_then_release(items: Sequence[Item], **options: Any) -> tuple[list[Any], Recorder]:
+    """Block the model on a first item, queue ``items`` in order, then let everything run."""
+    recorder = Recorder(block=[0])
+
+    async def main() -> list[Any]:
+        batcher: DynamicBatcher[Item, Any] = DynamicBatcher(recorder, **options)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(Item("first")))
+            await _started(recorder, 0)
+            later = []
+            for item in items:
+                later.append(asyncio.ensure_future(batcher.submit(item)))
+                await _queued(batcher, len(later))
+            recorder.release_all()
+            return await asyncio.gather(first, *later)
+        finally:
+            recorder.release_all()
+            await batcher.stop()
+
+    return run(main), recorder
+
+
+def test_waiting_requests_are_grouped_by_length_oldest_first() -> None:
+    """The oldest waiting request anchors each batch; the rest are the closest lengths."""
+    items = [Item("l100", seq_len=100), Item("s10", seq_len=10), Item("l120", seq_len=120),
+             Item("s12", seq_len=12), Item("s8", seq_len=8), Item("l90", seq_len=90)]  # fmt: skip
+    results, recorder = _queue_then_release(items, max_batch_size=3)
+    assert results == ["result:first"] + [f"result:{i.name}" for i in items]
+    assert recorder.batches == [["first"], ["l100", "l90", "l120"], ["s10", "s12", "s8"]]
+
+
+def test_token_budget_caps_instances_times_the_longest_length() -> None:
+    items = [Item("a", size=2, seq_len=50), Item("b", size=2, seq_len=50),
+             Item("c", size=1, seq_len=200), Item("d", size=1, seq_len=40)]  # fmt: skip
+    results, recorder = _queue_then_release(items, max_batch_size=32, max_batch_tokens=250)
+    assert results == ["result:first"] + [f"result:{i.name}" for i in items]
+    # a+b: 4 x 50 = 200 fits; d would make 5 x 50 = 250, fits; c alone (200) is over with any
+    # other item and runs by itself.
+    assert recorder.batches == [["first"], ["a", "b", "d"], ["c"]]

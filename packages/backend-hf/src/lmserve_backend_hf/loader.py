@@ -35,8 +35,15 @@ def _model_class(task: Task) -> Any:
 
 
 def configure_threads(requested: int | None) -> int:
+    """``--torch_threads`` (default: the cores this process may use) intra-op threads, and one
+    inter-op thread: the model runs one forward at a time on the batcher's thread, so torch's
+    second pool (as many threads again) would only compete with the event loop for the cores."""
     threads = requested or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel op: a second model load
+        logger.debug("torch inter-op threads already fixed at %d", torch.get_num_interop_threads())
     return threads
 
 

@@ -1,8 +1,10 @@
 """A dynamic batcher: one model thread, requests merged while the model is busy.
 
 No fixed wait: an idle model takes the first request at once; requests that arrive while
-a forward pass runs are merged into the next one, up to ``max_batch_size`` instances.
-The model function runs on a dedicated thread, never on the event loop, so health checks
+a forward pass runs are merged into the next one, up to ``max_batch_size`` instances and
+``max_batch_tokens`` padded tokens (instances x the longest ``seq_len``). When more is waiting
+than fits, the oldest request anchors the batch (so none starves) and the others are picked by
+how close their length is to it, which cuts padding. The model function runs on a dedicated thread, never on the event loop, so health checks
 and new requests are answered during a forward pass.
 
 ``concurrency`` > 1 keeps that many batches in flight at once, each on its own thread: for a
@@ -30,6 +32,12 @@ class Sized(Protocol):
     def size(self) -> int: ...
 
 
+def _seq_len(item: object) -> int:
+    """Padded length of an item; items without one (not token sequences) count as 1."""
+    value = getattr(item, "seq_len", 1)
+    return value if isinstance(value, int) else 1
+
+
 ItemT = TypeVar("ItemT", bound=Sized)
 ResultT = TypeVar("ResultT")
 
@@ -50,11 +58,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         max_batch_size: int,
         name: str = "model",
         concurrency: int = 1,
+        max_batch_tokens: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
+        self._max_batch_tokens = max_batch_tokens
         self._concurrency = concurrency
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] | None = None
         self._executor = ThreadPoolExecutor(
@@ -63,7 +73,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
-        self._carry: _Pending[ItemT, ResultT] | None = None
+        # Taken off the queue but not yet run (did not fit the last batch), oldest first.
+        self._waiting: list[_Pending[ItemT, ResultT]] = []
         self.batches_run = 0
         self.on_batch: Callable[[int], None] | None = None  # metrics hook: instances per batch
 
@@ -88,7 +99,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() if self._queue else 0
+        """Requests waiting for a forward pass."""
+        return (self._queue.qsize() if self._queue else 0) + len(self._waiting)
 
     async def submit(self, item: ItemT) -> ResultT:
         if self._queue is None or self._task is None:
@@ -119,17 +131,31 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def _next_batch(self) -> list[_Pending[ItemT, ResultT]]:
         assert self._queue is not None
-        batch = [self._carry] if self._carry else [await self._queue.get()]
-        self._carry = None
-        size = batch[0].item.size
+        if not self._waiting:
+            self._waiting.append(await self._queue.get())
         while not self._queue.empty():
-            nxt = self._queue.get_nowait()
-            if size + nxt.item.size > self._max_batch_size:
-                self._carry = nxt  # first in line for the next pass
+            self._waiting.append(self._queue.get_nowait())
+        self._waiting = [p for p in self._waiting if not p.future.done()]  # cancelled meanwhile
+        if not self._waiting:
+            return []
+        anchor, *others = self._waiting
+        length = _seq_len(anchor.item)
+        # Closest lengths first; among equals the oldest (sorted() is stable).
+        others.sort(key=lambda p: abs(_seq_len(p.item) - length))
+        batch, size, longest = [anchor], anchor.item.size, length
+        for pending in others:
+            n, new_longest = pending.item.size, max(longest, _seq_len(pending.item))
+            if size + n > self._max_batch_size:
+                continue
+            if self._max_batch_tokens and (size + n) * new_longest > self._max_batch_tokens:
+                continue
+            batch.append(pending)
+            size, longest = size + n, new_longest
+            if size >= self._max_batch_size:
                 break
-            batch.append(nxt)
-            size += nxt.item.size
-        return [p for p in batch if not p.future.done()]  # cancelled while queued
+        chosen = {id(p) for p in batch}
+        self._waiting = [p for p in self._waiting if id(p) not in chosen]
+        return batch
 
     async def _run(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
         """One pass on a model thread; always gives its slot back."""
@@ -176,8 +202,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 pending.future.set_exception(exc)
 
     def _fail_waiting(self, exc: Exception) -> None:
-        waiting = [self._carry] if self._carry else []
-        self._carry = None
+        waiting, self._waiting = self._waiting, []
         while self._queue is not None and not self._queue.empty():
             waiting.append(self._queue.get_nowait())
         self._fail(waiting, exc)

@@ -243,6 +243,17 @@ class ServeSettings(BaseModel):
             ),
         ),
     ] = 32
+    max_batch_tokens: Annotated[
+        int,
+        Field(
+            gt=0,
+            **_flag(
+                "Most padded tokens (instances x longest input) one encoder forward pass takes; "
+                "bounds activation memory. A single larger request still runs, alone.",
+                group="server",
+            ),
+        ),
+    ] = 16384
     max_request_body_bytes: Annotated[
         int,
         Field(

@@ -97,6 +97,7 @@ class ModelHost:
                     info=loaded.info,
                     options=loaded.options,
                     max_batch_size=self.settings.max_batch_size,
+                    max_batch_tokens=self.settings.max_batch_tokens,
                     bucket_lengths=loaded.bucket_lengths,
                     concurrency=loaded.concurrent_batches,
                 )

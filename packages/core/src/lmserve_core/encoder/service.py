@@ -96,11 +96,13 @@ class EncoderService:
         info: ModelInfo,
         options: EncoderOptions,
         max_batch_size: int = 32,
+        max_batch_tokens: int | None = None,
         bucket_lengths: bool = False,
         concurrency: int = 1,
     ) -> None:
-        """``bucket_lengths``: pad batches to ``length_bucket`` sizes, not to their longest
-        input; ``concurrency``: batches in flight at once (see ``DynamicBatcher``)."""
+        """``max_batch_size`` / ``max_batch_tokens``: the batcher's limits (instances, padded
+        tokens); ``bucket_lengths``: pad batches to ``length_bucket`` sizes, not to their
+        longest input; ``concurrency``: batches in flight at once (see ``DynamicBatcher``)."""
         if task not in ENCODER_TASKS:
             raise ValueError(f"{task} is not an encoder task")
         self.task = task
@@ -109,7 +111,11 @@ class EncoderService:
         self.bucket_lengths = bucket_lengths
         self.context = TaskContext(tokenizer=tokenizer, info=info, options=options)
         self.batcher: DynamicBatcher[EncodedRequest, FloatArray] = DynamicBatcher(
-            self._run_batch, max_batch_size=max_batch_size, name="encoder", concurrency=concurrency
+            self._run_batch,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            name="encoder",
+            concurrency=concurrency,
         )
 
     @property
