@@ -1,0 +1,161 @@
+"""Encoder serving against the hardware limit: requests/s vs. the model's batched forward pass.
+
+For one model, in one run:
+
+1. the limit: the model's own forward pass in this process (torch, ``--threads`` intra-op
+   threads, the server's thread count), on the benchmark sentences tokenized and padded as
+   lmserve pads them, at batch 32 (sequences/s) and at batch 1 (ms per sentence);
+2. cold start: ``lmserve serve`` spawned -> ``/v2/health/ready`` answers 200 (includes the
+   interpreter, imports and model load);
+3. served: ``encoder_load.py``'s closed loop (V1 predict, one sentence per request) at each
+   concurrency in ``--concurrency``; requests/s and its ratio to the limit;
+4. overhead per request at concurrency 1: served p50 latency - the model's batch-1 forward time
+   for the same sentences (mean);
+5. peak memory: the server process's VmHWM (peak RSS) after the load.
+
+    uv run --no-sync python benchmarks/encoder_throughput.py --model sentiment
+    uv run --no-sync python benchmarks/encoder_throughput.py --model all-minilm-l6-v2 --json-out x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the server and tiny-model helpers of the tests
+
+from encoder_load import format_summary, run_encoder_load  # noqa: E402
+from prompts import PROMPTS  # noqa: E402
+
+from _support.servers import start_server  # noqa: E402
+from _support.tiny_models import model_path  # noqa: E402
+
+BUILTINS = ("all-minilm-l6-v2",)
+
+
+def locate(model: str) -> Path:
+    if model in BUILTINS:
+        from lmserve_core.builtin_models import locate_builtin
+
+        return locate_builtin(model)
+    return model_path(model)  # a tiny test model, built on first use
+
+
+def forward_limit(path: Path, threads: int, batch: int) -> dict[str, float]:
+    """The model's forward pass alone, on lmserve's own tokenization and padding."""
+    import torch
+    import transformers
+
+    from lmserve_backend_hf.rust_tokenizer import load_rust_tokenizer
+    from lmserve_core.encoder.service import pad_encodings
+
+    torch.set_num_threads(threads)
+    # The checkpoint's own class (with its task head), as the server loads it.
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    model = model_class.from_pretrained(str(path)).eval()
+    tokenizer = load_rust_tokenizer(path, disable_lower_case=False)
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=True, max_length=256)
+
+    def padded(rows: list[Any]) -> dict[str, torch.Tensor]:
+        arrays = pad_encodings(rows, pad_id=tokenizer.pad_token_id,
+                               length=max(len(e) for e in rows), with_token_types=False)  # fmt: skip
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    def run(inputs: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode():
+            model(**inputs)
+
+    batched = padded(encodings)
+    for _ in range(3):
+        run(batched)
+    rounds = 10
+    started = time.perf_counter()
+    for _ in range(rounds):
+        run(batched)
+    batch_rate = batch * rounds / (time.perf_counter() - started)
+    singles = [padded([e]) for e in encodings[: len(PROMPTS)]]
+    times = []
+    for inputs in singles * 3:
+        t = time.perf_counter()
+        run(inputs)
+        times.append(time.perf_counter() - t)
+    return {
+        "batch": batch,
+        "sequences_per_s": batch_rate,
+        "batch1_ms_mean": 1000 * statistics.fmean(times),
+        "padded_length": float(next(iter(batched.values())).shape[1]),
+    }
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sentiment", help="a tiny test model or all-minilm-l6-v2")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests", type=int, default=640, help="measured requests per level")
+    p.add_argument("--warmup", type=int, default=64)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--backend", default="huggingface", choices=["huggingface", "onnx"])
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    path = locate(args.model)
+    limit = forward_limit(path, args.threads, batch=max(levels))
+    print(f"{args.model}: forward limit {limit['sequences_per_s']:.1f} seq/s at batch "
+          f"{limit['batch']}, batch-1 forward {limit['batch1_ms_mean']:.2f} ms", flush=True)  # fmt: skip
+
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    started = time.perf_counter()
+    server = start_server(["--model_dir", str(path), "--model_name", "m", "--backend",
+                           args.backend, "--torch_threads", str(args.threads)], env=env)  # fmt: skip
+    cold_start = time.perf_counter() - started
+    results: dict[str, Any] = {
+        "model": args.model,
+        "backend": args.backend,
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "threads": args.threads,
+        "forward_limit": limit,
+        "cold_start_s": cold_start,
+        "levels": {},
+    }
+    try:
+        for level in levels:
+            m = asyncio.run(run_encoder_load(server.url, "m", concurrency=level,
+                                             requests=args.requests, warmup=args.warmup))  # fmt: skip
+            m["ratio_to_limit"] = m["requests_per_s"] / limit["sequences_per_s"]
+            results["levels"][str(level)] = m
+            print(f"  {format_summary(m)}  ({m['ratio_to_limit']:.2f} of the limit)", flush=True)
+        results["peak_rss_mib"] = peak_rss_mib(server.proc.pid)
+    finally:
+        server.stop()
+    if "1" in results["levels"]:
+        p50 = results["levels"]["1"]["latency_ms"]["p50"]
+        results["overhead_ms_at_c1"] = p50 - limit["batch1_ms_mean"]
+        print(f"  overhead at concurrency 1: {results['overhead_ms_at_c1']:.2f} ms "
+              f"(p50 {p50:.2f} ms - forward {limit['batch1_ms_mean']:.2f} ms)")  # fmt: skip
+    print(f"  cold start {cold_start:.1f} s, peak RSS {results['peak_rss_mib']:.0f} MiB")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    failed = sum(m["failed"] for m in results["levels"].values())
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
