@@ -2,9 +2,10 @@
 
 For one model, in one run:
 
-1. the limit: the model's own forward pass in this process (torch, ``--threads`` intra-op
-   threads, the server's thread count), on the benchmark sentences tokenized and padded as
-   lmserve pads them, at batch 32 (sequences/s) and at batch 1 (ms per sentence);
+1. the limit: the model's own forward pass in this process, under the server's thread settings
+   (torch, ``--threads`` intra-op threads, one inter-op thread, ``OMP_WAIT_POLICY=PASSIVE``),
+   on the benchmark sentences tokenized and padded as lmserve does, at batch 32 (sequences/s)
+   and at batch 1 (ms per sentence);
 2. cold start: ``lmserve serve`` spawned -> ``/v2/health/ready`` answers 200 (includes the
    interpreter, imports and model load);
 3. served: ``encoder_load.py``'s closed loop (V1 predict, one sentence per request) at each
@@ -55,17 +56,22 @@ def forward_limit(path: Path, threads: int, batch: int) -> dict[str, float]:
     import torch
     import transformers
 
+    from lmserve_backend_hf.encoder_info import max_length
     from lmserve_backend_hf.rust_tokenizer import load_rust_tokenizer
     from lmserve_core.encoder.service import pad_encodings
 
     torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
     # The checkpoint's own class (with its task head), as the server loads it.
     config = transformers.AutoConfig.from_pretrained(str(path))
     model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
     model = model_class.from_pretrained(str(path)).eval()
     tokenizer = load_rust_tokenizer(path, disable_lower_case=False)
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=True, max_length=256)
+    limit = max_length(
+        None, json.loads((path / "config.json").read_text()), path, tokenizer.model_max_length
+    )  # the server's own truncation length
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=True, max_length=limit)
 
     def padded(rows: list[Any]) -> dict[str, torch.Tensor]:
         arrays = pad_encodings(rows, pad_id=tokenizer.pad_token_id,
@@ -106,6 +112,8 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def main() -> int:
+    # What lmserve's HF backend sets before torch loads libgomp (read once, at load).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="sentiment", help="a tiny test model or all-minilm-l6-v2")
     p.add_argument("--concurrency", default="1,8,32")

@@ -115,6 +115,8 @@ def _session(path: Path, threads: int) -> tuple[Any, list[str]]:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle pool threads sleep rather than spin: the event loop shares these cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = ort.get_available_providers()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)

@@ -44,13 +44,17 @@ def load_tokenizer(
     return HFTokenizer(tok)
 
 
-def load_encoder_tokenizer(request: LoadRequest) -> tuple[TextTokenizer, Any]:
-    """(tokenizer, its model_max_length). tokenizer.json needs no transformers (and no torch)."""
+def load_encoder_tokenizer(
+    request: LoadRequest, *, quiet: bool = False
+) -> tuple[TextTokenizer, Any]:
+    """(tokenizer, its model_max_length). tokenizer.json needs no transformers (and no torch);
+    without one, transformers loads the tokenizer (``quiet``: torch is imported anyway)."""
     settings, source = request.settings, request.source
     if has_rust_tokenizer(source.path) and not (source.hub_id and settings.tokenizer_revision):
         rust = load_rust_tokenizer(source.path, disable_lower_case=settings.disable_lower_case)
         return rust, rust.model_max_length
-    logger.warning(
+    logger.log(
+        logging.INFO if quiet else logging.WARNING,
         "%s has no tokenizer.json (or asks for another tokenizer revision): loading the "
         "tokenizer with transformers, which imports torch", source.display_name,
     )  # fmt: skip
