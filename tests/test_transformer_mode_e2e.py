@@ -29,7 +29,7 @@ from _support.encoder_parity import (
 )
 from _support.servers import ServerProcess, free_port, start_server
 from _support.tiny_models import model_path
-from _support.triton import TritonServer, start_triton, unavailable_reason
+from _support.triton import TritonServer, serve_exported, unavailable_reason
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,9 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from lmserve_backend_hf.export import export_onnx
-
     repo = tmp_path_factory.mktemp("triton-repo")
-    for name, (model, task) in MODELS.items():
-        export_onnx(model_path(model), task, TENSORS.split(","), repo, model_name=name)
-    server = start_triton(repo)
+    models = {name: (model_path(model), task) for name, (model, task) in MODELS.items()}
+    server = serve_exported(repo, models, TENSORS.split(","))
     try:
         yield server
     finally:
@@ -159,11 +156,8 @@ def test_readiness_follows_the_predictor(tmp_path: Path) -> None:
     """Ready while Triton is; 503 (and 502 for requests) once it dies; exit 0 all the same."""
     if unavailable_reason():
         pytest.skip(unavailable_reason() or "")
-    from lmserve_backend_hf.export import export_onnx
-
-    export_onnx(model_path("sentiment"), "sequence_classification", TENSORS.split(","), tmp_path,
-                model_name="sentiment")  # fmt: skip
-    triton = start_triton(tmp_path)
+    triton = serve_exported(tmp_path, {"sentiment": (model_path("sentiment"),
+                                                     "sequence_classification")}, TENSORS.split(","))  # fmt: skip
     server = start_server([*serve_args("sentiment"), "--predictor_host", triton.grpc_url,
                            "--predictor_protocol", "grpc-v2"])  # fmt: skip
     try:

@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from _support.tiny_models import model_path
-from _support.triton import TritonServer, start_triton, unavailable_reason
+from _support.triton import TritonServer, serve_exported, unavailable_reason
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,9 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from lmserve_backend_hf.export import export_onnx
-
     repo = tmp_path_factory.mktemp("triton-repo")
-    export_onnx(model_path(MODEL), "sequence_classification", list(INPUTS), repo, model_name=MODEL)
-    server = start_triton(repo)
+    server = serve_exported(repo, {MODEL: (model_path(MODEL), "sequence_classification")},
+                            list(INPUTS))  # fmt: skip
     try:
         yield server
     finally:

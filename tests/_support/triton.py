@@ -263,6 +263,18 @@ def start_triton(
     raise RuntimeError("tritonserver could not bind free ports three times in a row")
 
 
+def serve_exported(
+    repository: Path, models: dict[str, tuple[Path, str]], inputs: list[str]
+) -> TritonServer:
+    """``lmserve export`` each ``name: (model folder, task)`` into ``repository``, then start
+    Triton on it."""
+    from lmserve_backend_hf.export import export_onnx
+
+    for name, (model_dir, task) in models.items():
+        export_onnx(model_dir, task, inputs, repository, model_name=name)
+    return start_triton(repository)
+
+
 class _PortTaken(RuntimeError):
     pass
 

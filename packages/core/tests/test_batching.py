@@ -137,27 +137,9 @@ def test_batcher_counts_batches_run() -> None:
 
 
 def test_max_batch_size_counts_item_sizes() -> None:
-    recorder = Recorder(block=[0])
-
-    async def main() -> list[Any]:
-        batcher: DynamicBatcher[Item, Any] = DynamicBatcher(recorder, max_batch_size=4)
-        await batcher.start()
-        try:
-            first = asyncio.ensure_future(batcher.submit(Item("first")))
-            await _started(recorder, 0)
-            items = [Item("a", 2), Item("b", 2), Item("c", 1), Item("d", 3), Item("e", 1),
-                     Item("big", 9), Item("f", 1)]  # fmt: skip
-            later = []
-            for item in items:  # one at a time, to fix the queue order
-                later.append(asyncio.ensure_future(batcher.submit(item)))
-                await _queued(batcher, len(later))
-            recorder.release_all()
-            return await asyncio.gather(first, *later)
-        finally:
-            recorder.release_all()
-            await batcher.stop()
-
-    results = run(main)
+    items = [Item("a", 2), Item("b", 2), Item("c", 1), Item("d", 3), Item("e", 1),
+             Item("big", 9), Item("f", 1)]  # fmt: skip
+    results, recorder = _queue_then_release(items, max_batch_size=4)
     assert results == [f"result:{n}" for n in ["first", "a", "b", "c", "d", "e", "big", "f"]]
     # Items that fit are packed past one that does not ("f" joins "e"); an oversized item
     # runs alone rather than never.

@@ -6,13 +6,17 @@ Shared by the in-process loader and the Triton bridge, so both post-process iden
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmserve_core.backend import LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_files import config_max_length, read_json, read_pooling_config
 from lmserve_core.settings import ServeSettings
+from lmserve_core.tasks import Task
+from lmserve_core.tokenizer import TextTokenizer
 
 
 def model_info(
@@ -95,3 +99,33 @@ def tensor_inputs(names: Sequence[str], *, return_token_type_ids: bool) -> list[
             "--tensor_input_names names a tensor twice", param="tensor_input_names"
         )
     return list(names)
+
+
+@dataclass(frozen=True)
+class GraphEncoderParts:
+    """What an encoder whose graph runs elsewhere (ONNX Runtime, Triton) needs besides it."""
+
+    input_names: list[str]
+    tokenizer: TextTokenizer
+    info: ModelInfo
+    options: EncoderOptions
+
+
+def graph_encoder_parts(request: LoadRequest) -> GraphEncoderParts:
+    """Input tensors, tokenizer (without torch when tokenizer.json exists), model facts and
+    output switches, checked the same way for every graph backend."""
+    from lmserve_backend_hf.tokenizer import load_encoder_tokenizer
+
+    settings, source, task = request.settings, request.source, request.task
+    names = tensor_inputs(
+        settings.tensor_input_name_list, return_token_type_ids=settings.return_token_type_ids
+    )
+    tokenizer, tokenizer_max = load_encoder_tokenizer(request)
+    if task is Task.fill_mask and tokenizer.mask_token_id is None:
+        raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
+    info = model_info(
+        request.config, source.path,
+        requested_max_length=settings.max_length, tokenizer_max=tokenizer_max,
+    )  # fmt: skip
+    options = encoder_options(settings, token_type_ids="token_type_ids" in names)
+    return GraphEncoderParts(names, tokenizer, info, options)

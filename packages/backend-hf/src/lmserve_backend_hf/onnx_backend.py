@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lmserve_backend_hf.encoder_info import encoder_options, model_info, tensor_inputs
-from lmserve_backend_hf.tokenizer import load_encoder_tokenizer
+from lmserve_backend_hf.encoder_info import graph_encoder_parts
 from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.builtin_models import cache_root
 from lmserve_core.encoder import ENCODER_TASKS
@@ -135,16 +134,8 @@ def load_onnx_encoder(request: LoadRequest) -> LoadedEncoder:
             param="dtype",
         )
     started = time.perf_counter()
-    names = tensor_inputs(
-        settings.tensor_input_name_list, return_token_type_ids=settings.return_token_type_ids
-    )
-    tokenizer, tokenizer_max = load_encoder_tokenizer(request)
-    if task is Task.fill_mask and tokenizer.mask_token_id is None:
-        raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
-    info = model_info(
-        request.config, source.path,
-        requested_max_length=settings.max_length, tokenizer_max=tokenizer_max,
-    )  # fmt: skip
+    parts = graph_encoder_parts(request)
+    names, info = parts.input_names, parts.info
     onnx_path = exported_model(source, task, names)
     threads = settings.torch_threads or len(os.sched_getaffinity(0))
     session, providers = _session(onnx_path, threads)
@@ -156,9 +147,9 @@ def load_onnx_encoder(request: LoadRequest) -> LoadedEncoder:
     )  # fmt: skip
     return LoadedEncoder(
         backend=OnnxEncoder(session, inputs=names, output=output),
-        tokenizer=tokenizer,
+        tokenizer=parts.tokenizer,
         info=info,
-        options=encoder_options(settings, token_type_ids="token_type_ids" in names),
+        options=parts.options,
         backend_name="onnx",
         details={
             "onnx": str(onnx_path),

@@ -91,9 +91,13 @@ class RustTokenizer:
     def encode_batch(
         self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None
     ) -> list[Encoding]:
-        encoded = self._for_length(max_length).encode_batch(
-            list(texts), add_special_tokens=add_special_tokens
-        )
+        tokenizer = self._for_length(max_length)
+        if len(texts) == 1:
+            # encode_batch hands even one text to its rayon thread pool, whose spinning
+            # workers then compete with the event loop and the model for the cores.
+            encoded = [tokenizer.encode(texts[0], add_special_tokens=add_special_tokens)]
+        else:
+            encoded = tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [
             Encoding(
                 ids=list(e.ids),

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lmserve_backend_hf.encoder_info import encoder_options, model_info, tensor_inputs
-from lmserve_backend_hf.tokenizer import load_encoder_tokenizer
+from lmserve_backend_hf.encoder_info import graph_encoder_parts
 from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.encoder import ENCODER_TASKS
 from lmserve_core.errors import ConfigurationError, ModelNotReady, PredictorError
@@ -262,17 +261,8 @@ def load_triton_encoder(request: LoadRequest) -> LoadedEncoder:
         raise ConfigurationError("transformer mode needs --predictor_host", param="predictor_host")
     started = time.perf_counter()
     url, ssl = split_predictor_host(settings.predictor_host)
-    names = tensor_inputs(
-        settings.tensor_input_name_list, return_token_type_ids=settings.return_token_type_ids
-    )
-    tokenizer, tokenizer_max = load_encoder_tokenizer(request)
-    if task is Task.fill_mask and tokenizer.mask_token_id is None:
-        raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
-    info = model_info(
-        request.config, source.path,
-        requested_max_length=settings.max_length, tokenizer_max=tokenizer_max,
-    )  # fmt: skip
-    options = encoder_options(settings, token_type_ids="token_type_ids" in names)
+    parts = graph_encoder_parts(request)
+    names, info = parts.input_names, parts.info
     encoder = TritonEncoder(
         url=url,
         protocol=settings.predictor_protocol,
@@ -294,9 +284,9 @@ def load_triton_encoder(request: LoadRequest) -> LoadedEncoder:
     )  # fmt: skip
     return LoadedEncoder(
         backend=encoder,
-        tokenizer=tokenizer,
+        tokenizer=parts.tokenizer,
         info=info,
-        options=options,
+        options=parts.options,
         backend_name="triton",
         details={
             "predictor": url,

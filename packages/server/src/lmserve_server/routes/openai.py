@@ -6,7 +6,7 @@ import base64
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from lmserve_core.encoder import RequestParams
 from lmserve_core.errors import InvalidInput
@@ -35,8 +35,8 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=host.name, created=host.created)])
 
 
-@router.post("/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+@router.post("/embeddings", response_model=EmbeddingResponse)
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     plane = _plane(request)
     service = plane.host.require(body.model)
     if service.task is not Task.text_embedding:
@@ -63,7 +63,10 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
         for i, vec in enumerate(vectors)
     ]
     usage = EmbeddingUsage(prompt_tokens=result.token_count, total_tokens=result.token_count)
-    return EmbeddingResponse(data=data, model=body.model, usage=usage)
+    # Serialised here, once: returned as a model, FastAPI would validate it again and walk
+    # every float through jsonable_encoder.
+    response = EmbeddingResponse(data=data, model=body.model, usage=usage)
+    return Response(response.model_dump_json(), media_type="application/json")
 
 
 def _split_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from lmserve_core.errors import InvalidInput
 from lmserve_protocols.v1 import V1PredictRequest
@@ -26,7 +27,7 @@ async def list_models(request: Request) -> dict[str, list[str]]:
     # The body is parsed by hand for precise errors; the schema is declared for clients.
     openapi_extra=request_body_schema(V1PredictRequest),
 )
-async def predict(model_name: str, request: Request) -> dict[str, Any]:
+async def predict(model_name: str, request: Request) -> JSONResponse:
     plane: DataPlane = request.app.state.dataplane
     payload = _parse_json(await request.body())
     instances = payload.get("instances", payload.get("inputs"))
@@ -36,7 +37,9 @@ async def predict(model_name: str, request: Request) -> dict[str, Any]:
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object", param="parameters")
     result = await plane.infer_texts(model_name, instances, parameters)
-    return {"predictions": result.predictions}
+    # A response object, not a dict: FastAPI would run a returned dict through
+    # jsonable_encoder, one Python call per number (an embedding has hundreds).
+    return JSONResponse({"predictions": result.predictions})
 
 
 def _parse_json(raw: bytes) -> dict[str, Any]:
