@@ -146,6 +146,8 @@ def main() -> int:
         "backend": args.backend,
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
         "threads": args.threads,
+        # Other load on this shared box (1-minute load average) when the step started.
+        "loadavg_at_start": os.getloadavg()[0],
         "forward_limit": limit,
         "cold_start_s": cold_start,
         "levels": {},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -27,10 +27,25 @@ def smol(server_pool: Pool) -> ServerProcess:
     return server_pool("--backend", "huggingface")
 
 
+# One SDK client per server, closed when the module ends: a client left to the garbage
+# collector closes its pooled sockets in whatever order it finds them (ResourceWarning).
+_CLIENTS: dict[str, openai.OpenAI] = {}
+
+
 def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=server.url + "/openai/v1", api_key="unused", max_retries=0, timeout=120
-    )
+    if server.url not in _CLIENTS:
+        _CLIENTS[server.url] = openai.OpenAI(
+            base_url=server.url + "/openai/v1", api_key="unused", max_retries=0, timeout=120
+        )
+    return _CLIENTS[server.url]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    for sdk in _CLIENTS.values():
+        sdk.close()
+    _CLIENTS.clear()
 
 
 def metric(server: ServerProcess, name: str) -> float:
