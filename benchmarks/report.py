@@ -256,9 +256,11 @@ def _generation(w: Any, gen: dict[str, Any] | None, streams: dict[str, Any] | No
     agree = gen.get("greedy_agreement", {})
     if agree:
         parts = [f"{k}: {v['equal']}/{v['total']}" for k, v in agree.items()]
-        w(f"\nGreedy tokens identical to serial, request by request: {'; '.join(parts)} "
-          "(transformers' `generate_batch` cannot ban EOS, so its differences are requests that "
-          "stopped where serial picked the runner-up).")  # fmt: skip
+        gb = agree.get("transformers generate_batch")
+        why = (" (transformers' `generate_batch` cannot ban EOS, so its differences are requests "
+               "that stopped where serial picked the runner-up)"
+               if gb and gb["equal"] < gb["total"] else "")  # fmt: skip
+        w(f"\nGreedy tokens identical to serial, request by request: {'; '.join(parts)}{why}.")
     w("\nThe Hugging Face engine is lmserve's own iteration-level scheduler: new requests are "
       "prefilled as a group and merged into the running batch's KV cache at the next step; "
       "finished or aborted rows leave at once. transformers' `generate_batch` is a batch API "
