@@ -6,7 +6,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from _support.sdk import close_openai_clients
 from _support.servers import ServerProcess, start_server
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    """Each module's openai SDK clients are closed when it ends (see _support/sdk.py)."""
+    yield
+    close_openai_clients()
 
 
 @pytest.fixture(scope="session")

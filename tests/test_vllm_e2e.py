@@ -8,13 +8,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
+from _support.sdk import openai_client
 from _support.servers import ServerProcess
 from _support.tiny_models import model_path
 
@@ -27,25 +28,8 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
 
 
-# One SDK client per server, closed when the module ends: a client left to the garbage
-# collector closes its pooled sockets in whatever order it finds them (ResourceWarning).
-_CLIENTS: dict[str, openai.OpenAI] = {}
-
-
 def client(server: ServerProcess) -> openai.OpenAI:
-    if server.url not in _CLIENTS:
-        _CLIENTS[server.url] = openai.OpenAI(
-            base_url=server.url + "/openai/v1", api_key="unused", max_retries=0, timeout=180
-        )
-    return _CLIENTS[server.url]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    for sdk in _CLIENTS.values():
-        sdk.close()
-    _CLIENTS.clear()
+    return openai_client(server, timeout=180)
 
 
 def greedy_tokens(
