@@ -4,8 +4,9 @@ No fixed wait: an idle model takes the first request at once; requests that arri
 a forward pass runs are merged into the next one, up to ``max_batch_size`` instances and
 ``max_batch_tokens`` padded tokens (instances x the longest ``seq_len``). When more is waiting
 than fits, the oldest request anchors the batch (so none starves) and the others are picked by
-how close their length is to it, which cuts padding. The model function runs on a dedicated thread, never on the event loop, so health checks
-and new requests are answered during a forward pass.
+how close their length is to it, which cuts padding. The model function runs on a dedicated
+thread, never on the event loop, so health checks and new requests are answered during a
+forward pass.
 
 ``concurrency`` > 1 keeps that many batches in flight at once, each on its own thread: for a
 remote predictor (Triton) the "forward pass" is mostly waiting on the network, and the next
