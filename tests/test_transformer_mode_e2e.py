@@ -29,7 +29,7 @@ from _support.encoder_parity import (
 )
 from _support.servers import ServerProcess, free_port, start_server
 from _support.tiny_models import model_path
-from _support.triton import TritonServer, serve_exported, unavailable_reason
+from _support.triton import TritonServer, serve_exported
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,6 @@ PROTOCOLS = ("v2", "grpc-v2")
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     repo = tmp_path_factory.mktemp("triton-repo")
     models = {name: (model_path(model), task) for name, (model, task) in MODELS.items()}
     server = serve_exported(repo, models, TENSORS.split(","))
@@ -154,8 +151,6 @@ def wait_until_loaded(server: ServerProcess, name: str, timeout: float = 60) -> 
 
 def test_readiness_follows_the_predictor(tmp_path: Path) -> None:
     """Ready while Triton is; 503 (and 502 for requests) once it dies; exit 0 all the same."""
-    if unavailable_reason():
-        pytest.skip(unavailable_reason() or "")
     triton = serve_exported(tmp_path, {"sentiment": (model_path("sentiment"),
                                                      "sequence_classification")}, TENSORS.split(","))  # fmt: skip
     server = start_server([*serve_args("sentiment"), "--predictor_host", triton.grpc_url,

@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from _support.tiny_models import model_path
-from _support.triton import TritonServer, serve_exported, unavailable_reason
+from _support.triton import TritonServer, serve_exported
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,6 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     repo = tmp_path_factory.mktemp("triton-repo")
     server = serve_exported(repo, {MODEL: (model_path(MODEL), "sequence_classification")},
                             list(INPUTS))  # fmt: skip

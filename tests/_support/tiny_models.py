@@ -58,7 +58,6 @@ exists is always complete.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -70,6 +69,8 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lmserve_core.builtin_models import cache_lock
 
 if TYPE_CHECKING:
     import tokenizers
@@ -107,7 +108,7 @@ def model_path(name: str) -> Path:
     if target.is_dir():  # only ever created complete, by rename
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with _file_lock(CACHE_DIR / f".{name}.lock"):
+    with cache_lock(CACHE_DIR / f".{name}.lock"):
         if target.is_dir():  # another process built it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=CACHE_DIR))
@@ -123,16 +124,6 @@ def model_path(name: str) -> Path:
 
 def _source_hash() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,6 @@ serves ``platform: "onnxruntime_onnx"`` models, so Triton runs a model repositor
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -44,13 +43,14 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 from _support.servers import free_port
+from lmserve_core.builtin_models import cache_lock
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = _REPO_ROOT / ".cache"
@@ -114,16 +114,6 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_triton_env() -> Path:
     """Return the venv with pytriton and onnxruntime, building it on first use (~40 s)."""
     reason = unavailable_reason()
@@ -134,7 +124,7 @@ def ensure_triton_env() -> Path:
     if marker.is_file():
         return venv
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with _file_lock(CACHE_DIR / f".{venv.name}.lock"):
+    with cache_lock(CACHE_DIR / f".{venv.name}.lock"):
         if marker.is_file():  # another process built it while we waited
             return venv
         if venv.exists():
@@ -267,7 +257,10 @@ def serve_exported(
     repository: Path, models: dict[str, tuple[Path, str]], inputs: list[str]
 ) -> TritonServer:
     """``lmserve export`` each ``name: (model folder, task)`` into ``repository``, then start
-    Triton on it."""
+    Triton on it; the calling test is skipped where Triton cannot run."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     from lmserve_backend_hf.export import export_onnx
 
     for name, (model_dir, task) in models.items():

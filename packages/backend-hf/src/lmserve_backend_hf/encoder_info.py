@@ -6,7 +6,7 @@ Shared by the in-process loader and the Triton bridge, so both post-process iden
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,30 +102,42 @@ def tensor_inputs(names: Sequence[str], *, return_token_type_ids: bool) -> list[
 
 
 @dataclass(frozen=True)
-class GraphEncoderParts:
-    """What an encoder whose graph runs elsewhere (ONNX Runtime, Triton) needs besides it."""
+class EncoderParts:
+    """What every encoder backend needs besides the model: the tokenizer, the model facts for
+    post-processing, the output switches, and the graph's input tensors (graph backends)."""
 
-    input_names: list[str]
     tokenizer: TextTokenizer
     info: ModelInfo
     options: EncoderOptions
+    input_names: list[str] = field(default_factory=list)
 
 
-def graph_encoder_parts(request: LoadRequest) -> GraphEncoderParts:
-    """Input tensors, tokenizer (without torch when tokenizer.json exists), model facts and
-    output switches, checked the same way for every graph backend."""
+def encoder_parts(
+    request: LoadRequest, *, input_names: Sequence[str] = (), quiet: bool = False
+) -> EncoderParts:
+    """Tokenizer (without torch when tokenizer.json exists), model facts and output switches,
+    checked the same way for every encoder backend. ``input_names``: the tensors a graph
+    backend sends (token_type_ids among them turns them on); ``quiet``: torch is imported
+    anyway, so loading the tokenizer through transformers is no warning."""
     from lmserve_backend_hf.tokenizer import load_encoder_tokenizer
 
     settings, source, task = request.settings, request.source, request.task
-    names = tensor_inputs(
-        settings.tensor_input_name_list, return_token_type_ids=settings.return_token_type_ids
-    )
-    tokenizer, tokenizer_max = load_encoder_tokenizer(request)
+    tokenizer, tokenizer_max = load_encoder_tokenizer(request, quiet=quiet)
     if task is Task.fill_mask and tokenizer.mask_token_id is None:
         raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
     info = model_info(
         request.config, source.path,
         requested_max_length=settings.max_length, tokenizer_max=tokenizer_max,
     )  # fmt: skip
-    options = encoder_options(settings, token_type_ids="token_type_ids" in names)
-    return GraphEncoderParts(names, tokenizer, info, options)
+    options = encoder_options(settings, token_type_ids="token_type_ids" in input_names)
+    return EncoderParts(tokenizer, info, options, list(input_names))
+
+
+def graph_encoder_parts(request: LoadRequest) -> EncoderParts:
+    """``encoder_parts`` for a graph run elsewhere (ONNX Runtime, Triton): its input tensors
+    come from --tensor_input_names (checked)."""
+    settings = request.settings
+    names = tensor_inputs(
+        settings.tensor_input_name_list, return_token_type_ids=settings.return_token_type_ids
+    )
+    return encoder_parts(request, input_names=names)

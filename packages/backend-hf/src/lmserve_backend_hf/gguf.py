@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -10,7 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmserve_core.builtin_models import BuiltinModel, builtin_cache_dir, locate_builtin_file
+from lmserve_core.builtin_models import (
+    BuiltinModel,
+    builtin_cache_dir,
+    cache_lock,
+    locate_builtin_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +24,7 @@ def convert_gguf(model: BuiltinModel) -> Path:
     target = builtin_cache_dir(model)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache_lock(target.parent / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
         source = locate_builtin_file(model)

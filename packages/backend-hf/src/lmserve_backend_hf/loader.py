@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from lmserve_backend_hf.encoder import TorchEncoder
-from lmserve_backend_hf.encoder_info import encoder_options, model_info
-from lmserve_backend_hf.tokenizer import load_encoder_tokenizer
+from lmserve_backend_hf.encoder_info import encoder_parts
 from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.encoder import ENCODER_TASKS
 from lmserve_core.errors import ConfigurationError
@@ -72,9 +71,7 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     # tokenizer.json through the tokenizers library alone when there is one: the same tokens as
     # transformers' fast tokenizer (tested) at a tenth of the per-call cost (0.29 ms -> 0.02 ms
     # per sentence on MiniLM).
-    tokenizer, tokenizer_max = load_encoder_tokenizer(request, quiet=True)
-    if task is Task.fill_mask and tokenizer.mask_token_id is None:
-        raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
+    parts = encoder_parts(request, quiet=True)
 
     try:
         model, loading_info = _model_class(task).from_pretrained(
@@ -89,13 +86,7 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     refuse_untrained_heads(loading_info, source.display_name, task)
     model.eval().to(device)
 
-    info = model_info(
-        request.config, source.path,
-        requested_max_length=settings.max_length,
-        tokenizer_max=tokenizer_max,
-    )  # fmt: skip
-    options = encoder_options(settings)
-    max_length = info.max_length
+    max_length = parts.info.max_length
     config = request.config
     handler = ENCODER_TASKS[task]
     backend = TorchEncoder(model, device=device, output=handler.model_output)
@@ -112,9 +103,9 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     )
     return LoadedEncoder(
         backend=backend,
-        tokenizer=tokenizer,
-        info=info,
-        options=options,
+        tokenizer=parts.tokenizer,
+        info=parts.info,
+        options=parts.options,
         backend_name="huggingface",
         details={"device": str(device), "dtype": dtype_name, "torch_threads": threads,
                  "architecture": (config.get("architectures") or ["?"])[0]},

@@ -12,13 +12,11 @@ when available.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import numpy as np
 
 from lmserve_backend_hf.encoder_info import graph_encoder_parts
 from lmserve_core.backend import LoadedEncoder, LoadRequest
-from lmserve_core.builtin_models import cache_root
+from lmserve_core.builtin_models import cache_lock, cache_root
 from lmserve_core.encoder import ENCODER_TASKS
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_files import ModelSource
@@ -72,24 +70,13 @@ def cache_key(source: ModelSource, task: Task, inputs: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One export per cache entry even when several servers start at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def exported_model(source: ModelSource, task: Task, inputs: Sequence[str]) -> Path:
     """The cached ONNX graph of this model, exported (and parity-checked) on first use."""
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.path.name)[:60]
     folder = cache_root() / "onnx" / f"{name}-{cache_key(source, task, inputs)}"
     onnx_path = folder / _EXPORT_NAME / "1" / "model.onnx"
-    with _locked(folder.with_suffix(".lock")):
+    # One export per cache entry even when several servers start at once.
+    with cache_lock(folder.with_suffix(".lock")):
         if onnx_path.is_file():
             logger.info("ONNX graph of %s from the cache: %s", source.display_name, onnx_path)
             return onnx_path
