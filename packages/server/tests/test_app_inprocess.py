@@ -1,4 +1,9 @@
-"""The app in-process with a fake backend: readiness while loading, health during a forward."""
+"""The app in-process with a fake backend: readiness while loading, health during a forward,
+overload (429), instance caps, draining, API keys, CORS and backend faults.
+
+A fake backend that blocks each forward lets these tests hold requests in flight at will; the
+same behaviours run against real servers in tests/test_reliability_e2e.py.
+"""
 
 from __future__ import annotations
 
@@ -73,7 +78,10 @@ class GatedBackend:
 
 
 def make(
-    monkeypatch: pytest.MonkeyPatch, backend: GatedBackend, load_gate: threading.Event | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    backend: GatedBackend,
+    load_gate: threading.Event | None = None,
+    **settings_kwargs: object,
 ):
     def factory(request: LoadRequest) -> LoadedEncoder:
         if load_gate is not None:
@@ -83,7 +91,7 @@ def make(
 
     monkeypatch.setattr(plan_module, "load_backend_factory", lambda name: factory)
     monkeypatch.setattr("lmserve_server.model_host.load_backend_factory", lambda name: factory)
-    settings = ServeSettings()
+    settings = ServeSettings(**settings_kwargs)  # type: ignore[arg-type]
     plan = ServingPlan(
         ModelSource(Path("."), "fake"), {}, Task.sequence_classification, "fake", "test"
     )
@@ -190,3 +198,178 @@ def test_grpc_maps_predictor_errors_to_unavailable() -> None:
 
     assert status_code(PredictorError("x")) is grpc.StatusCode.UNAVAILABLE
     assert status_code(BackendError("x")) is grpc.StatusCode.INTERNAL
+
+
+# --- reliability and security -------------------------------------------------------
+PREDICT = "/v1/models/model:predict"
+V2_BODY = {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}
+
+
+def client(app: object, **headers: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://t",
+        headers=headers,  # type: ignore[arg-type]
+    )
+
+
+def test_a_full_queue_answers_429_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = GatedBackend()
+    host, app = make(monkeypatch, backend, max_batch_size=1, max_queued_requests=1)
+
+    async def scenario() -> None:
+        await host.load()
+        async with client(app) as c:
+            running = asyncio.create_task(c.post(PREDICT, json={"instances": ["a"]}))
+            await asyncio.to_thread(backend.entered.wait, 5)
+            queued = asyncio.create_task(c.post(PREDICT, json={"instances": ["b"]}))
+            await asyncio.sleep(0.05)
+            assert host.gate.in_flight == 2
+            refused = await c.post(PREDICT, json={"instances": ["c"]})
+            assert refused.status_code == 429
+            assert int(refused.headers["retry-after"]) >= 1
+            assert "--max_queued_requests" in refused.json()["error"]
+            v2 = await c.post("/v2/models/model/infer", json=V2_BODY)
+            assert v2.status_code == 429 and "retry-after" in v2.headers
+            emb = await c.post("/openai/v1/embeddings", json={"model": "model", "input": "x"})
+            assert emb.status_code in (400, 429)  # not an embedding model: refused either way
+            backend.release.set()
+            assert (await running).status_code == 200
+            assert (await queued).status_code == 200
+            assert host.gate.in_flight == 0
+            assert (await c.post(PREDICT, json={"instances": ["d"]})).status_code == 200
+        await host.close()
+
+    asyncio.run(scenario())
+
+
+def test_too_many_instances_is_a_400_naming_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = GatedBackend()
+    backend.release.set()
+    host, app = make(monkeypatch, backend, max_instances_per_request=2)
+
+    async def scenario() -> None:
+        await host.load()
+        async with client(app) as c:
+            r = await c.post(PREDICT, json={"instances": ["a", "b", "c"]})
+            assert r.status_code == 400
+            assert "--max_instances_per_request" in r.json()["error"]
+            assert (await c.post(PREDICT, json={"instances": ["a", "b"]})).status_code == 200
+        await host.close()
+
+    asyncio.run(scenario())
+
+
+def test_draining_refuses_new_work_and_lets_in_flight_finish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = GatedBackend()
+    host, app = make(monkeypatch, backend)
+
+    async def scenario() -> None:
+        await host.load()
+        async with client(app) as c:
+            in_flight = asyncio.create_task(c.post(PREDICT, json={"instances": ["a"]}))
+            await asyncio.to_thread(backend.entered.wait, 5)
+            host.start_draining()
+            assert (await c.get("/v2/health/ready")).status_code == 503
+            assert (await c.get("/v2/health/live")).status_code == 200
+            late = await c.post(PREDICT, json={"instances": ["b"]})
+            assert late.status_code == 503 and "shutting down" in late.json()["error"]
+            assert not await host.gate.wait_idle(0.05)
+            backend.release.set()
+            assert (await in_flight).json() == {"predictions": [1]}
+            assert await host.gate.wait_idle(2)
+        await host.close()
+        await host.close()  # idempotent
+
+    asyncio.run(scenario())
+
+
+def test_api_key_guards_inference_and_metadata_not_health(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = GatedBackend()
+    backend.release.set()
+    host, app = make(monkeypatch, backend, api_key="s3cret")
+    guarded = [("POST", PREDICT, {"instances": ["a"]}), ("POST", "/v2/models/model/infer", V2_BODY),
+               ("GET", "/v2/models/model", None), ("GET", "/v1/models", None), ("GET", "/v2", None),
+               ("GET", "/openai/v1/models", None),
+               ("POST", "/openai/v1/embeddings", {"model": "model", "input": "a"})]  # fmt: skip
+    open_ = ["/", "/v2/health/live", "/v2/health/ready", "/v2/models/model/ready",
+             "/v1/models/model", "/metrics"]  # fmt: skip
+
+    async def scenario() -> None:
+        await host.load()
+        async with client(app) as anon, client(app, authorization="Bearer wrong") as wrong, \
+                client(app, authorization="bearer s3cret") as good:  # fmt: skip
+            for method, path, body in guarded:
+                for c in (anon, wrong):
+                    r = await c.request(method, path, json=body)
+                    assert r.status_code == 401, (path, r.text)
+                    assert r.headers["www-authenticate"] == "Bearer"
+                r = await good.request(method, path, json=body)
+                assert r.status_code != 401, path
+            openai_401 = (await anon.get("/openai/v1/models")).json()
+            assert openai_401["error"]["type"] == "authentication_error"
+            for path in open_:
+                assert (await anon.get(path)).status_code == 200, path
+            assert (await good.post(PREDICT, json={"instances": ["a"]})).json() == {
+                "predictions": [1]
+            }
+        await host.close()
+
+    asyncio.run(scenario())
+
+
+def test_cors_is_off_unless_origins_are_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization,content-type"}  # fmt: skip
+
+    async def run(app: object) -> httpx.Response:
+        async with client(app) as c:
+            return await c.options(PREDICT, headers=preflight)
+
+    _, closed = make(monkeypatch, GatedBackend())
+    r = asyncio.run(run(closed))
+    assert "access-control-allow-origin" not in r.headers
+    _, opened = make(monkeypatch, GatedBackend(), allowed_origins="https://app.example",
+                     api_key="k")  # fmt: skip
+    r = asyncio.run(run(opened))
+    assert r.status_code == 200  # the preflight passes the API key check: it has no credentials
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    other = dict(preflight, origin="https://evil.example")
+
+    async def run_other() -> httpx.Response:
+        async with client(opened) as c:
+            return await c.options(PREDICT, headers=other)
+
+    assert "access-control-allow-origin" not in asyncio.run(run_other()).headers
+
+
+class FaultyBackend(GatedBackend):
+    """Raises in a forward pass when an input has exactly three words."""
+
+    def forward(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        if int(inputs["attention_mask"].sum(axis=1).max()) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        n = inputs["input_ids"].shape[0]
+        return np.tile(np.array([[0.0, 1.0]], dtype=np.float32), (n, 1))
+
+
+def test_a_forward_fault_fails_only_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    host, app = make(monkeypatch, FaultyBackend())
+
+    async def scenario() -> None:
+        await host.load()
+        async with client(app) as c:
+            r = await c.post(PREDICT, json={"instances": ["a b c"]})
+            assert r.status_code == 500
+            assert "illegal memory access" in r.json()["error"]
+            assert (await c.post(PREDICT, json={"instances": ["a b"]})).status_code == 200
+            assert (await c.get("/v2/health/ready")).status_code == 200
+            assert host.gate.in_flight == 0
+        await host.close()
+
+    asyncio.run(scenario())

@@ -263,6 +263,59 @@ class ServeSettings(BaseModel):
             ),
         ),
     ] = 16 * 1024 * 1024
+    max_queued_requests: Annotated[
+        int,
+        Field(
+            ge=0,
+            **_flag(
+                "Most requests a model holds waiting beyond those it is running (an encoder's "
+                "batches in flight, a generator's --max_num_seqs sequences). When full, new "
+                "requests get 429 with Retry-After (gRPC: RESOURCE_EXHAUSTED).",
+                group="server",
+            ),
+        ),
+    ] = 256
+    max_instances_per_request: Annotated[
+        int,
+        Field(
+            gt=0,
+            **_flag(
+                "Most instances (texts, token lists) one encoder request may carry; more is a 400.",
+                group="server",
+            ),
+        ),
+    ] = 1024
+    shutdown_timeout: Annotated[
+        float,
+        Field(
+            ge=0,
+            **_flag(
+                "Seconds that in-flight requests (streams too) get to finish after SIGTERM or "
+                "SIGINT; readiness and new requests answer 503 meanwhile. Then the server exits.",
+                group="server",
+            ),
+        ),
+    ] = 30.0
+    api_key: Annotated[
+        str | None,
+        Field(
+            repr=False,
+            **_flag(
+                "Require 'Authorization: Bearer KEY' on every inference and metadata route "
+                "(HTTP and gRPC); health and metrics stay open.",
+                group="security",
+            ),
+        ),
+    ] = None
+    allowed_origins: Annotated[
+        str | None,
+        Field(
+            **_flag(
+                "Comma list of origins allowed by CORS ('*' for any). Default: CORS off.",
+                group="security",
+            )
+        ),
+    ] = None
     torch_threads: Annotated[
         int | None,
         Field(
@@ -299,6 +352,19 @@ class ServeSettings(BaseModel):
         if value.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError("must be one of debug, info, warning, error, critical")
         return value.lower()
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def allowed_origin_list(self) -> list[str]:
+        if not self.allowed_origins:
+            return []
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
 
     @property
     def tensor_input_name_list(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from lmserve_core.settings import ServeSettings
 from lmserve_server.dataplane import DataPlane, server_version
@@ -11,6 +12,7 @@ from lmserve_server.limits import BodyLimitMiddleware
 from lmserve_server.metrics import Metrics, MetricsMiddleware
 from lmserve_server.model_host import ModelHost
 from lmserve_server.routes import generation, health, metrics, openai, v1, v2
+from lmserve_server.security import ApiKeyMiddleware
 
 
 def create_app(settings: ServeSettings, host: ModelHost) -> FastAPI:
@@ -28,7 +30,19 @@ def create_app(settings: ServeSettings, host: ModelHost) -> FastAPI:
     install_error_handlers(app)
     for module in (health, v1, v2, openai, generation, metrics):
         app.include_router(module.router)
-    # Outermost first: the body limit rejects before anything reads the body.
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    # add_middleware wraps: the last added runs first. Request order: CORS (answers
+    # preflights) -> metrics (counts 401s and 413s too) -> API key -> body limit (before
+    # anything reads the body) -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.allowed_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origin_list,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After", "Inference-Header-Content-Length"],
+        )
     return app

@@ -30,6 +30,7 @@ _GROUP_TITLES = {
     "outputs": "outputs (encoder tasks)",
     "predictor": "Triton predictor (transformer mode)",
     "server": "server",
+    "security": "security",
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

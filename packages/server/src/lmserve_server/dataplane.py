@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lmserve_core.encoder import EncoderResult
+from lmserve_core.encoder import EncoderResult, RequestParams
 from lmserve_core.errors import InvalidInput
 from lmserve_core.v2_codec import DecodedTensor, tensor_to_texts
 from lmserve_server.metrics import Metrics
@@ -84,9 +84,19 @@ class DataPlane:
         self, name: str, texts: Sequence[Any], parameters: Mapping[str, Any] | None
     ) -> EncoderResult:
         service = self.host.require(name)
-        result = await service.infer(
-            list(texts) if isinstance(texts, list | tuple) else texts, parameters
-        )
+        with self.host.admit(name):
+            result = await service.infer(
+                list(texts) if isinstance(texts, list | tuple) else texts, parameters
+            )
+        self.metrics.input_tokens.inc(result.token_count)
+        return result
+
+    async def infer_token_ids(self, name: str, rows: Sequence[Sequence[int]]) -> EncoderResult:
+        """Pre-tokenized input (OpenAI embeddings accept token id lists)."""
+        service = self.host.require(name)
+        with self.host.admit(name):
+            encoded = service.encode_token_ids(rows, RequestParams())
+            result = await service.infer_encoded(encoded)
         self.metrics.input_tokens.inc(result.token_count)
         return result
 

@@ -6,6 +6,7 @@ KServe V1/V2 routes answer ``{"error": "message"}``; OpenAI routes answer
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -13,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope, Send
 
 from lmserve_core.errors import (
     BackendError,
@@ -50,6 +52,29 @@ def is_openai(request: Request) -> bool:
     return request.url.path.startswith("/openai/")
 
 
+def error_body(path: str, status: int, message: str, kind: str, param: str | None = None) -> Any:
+    if path.startswith("/openai/"):
+        return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"error": message}
+
+
+async def send_error(
+    scope: Scope,
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """The same error bodies from pure ASGI middleware (before any route runs)."""
+    raw = json.dumps(error_body(scope["path"], status, message, kind)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(raw)).encode()), *(headers or [])]})  # fmt: skip
+    await send({"type": "http.response.body", "body": raw})
+
+
 def error_response(
     request: Request,
     status: int,
@@ -59,11 +84,7 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any]
-    if is_openai(request):
-        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    else:
-        body = {"error": message}
+    body = error_body(request.url.path, status, message, kind, param)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -33,6 +33,7 @@ from lmserve_core.v2_codec import (
 from lmserve_protocols.grpc import grpc_predict_v2_pb2 as pb
 from lmserve_protocols.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from lmserve_server.dataplane import DataPlane, server_version, v2_outputs
+from lmserve_server.security import ApiKeyInterceptor
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -190,11 +191,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_grpc_server(
-    plane: DataPlane, host: str, port: int, max_message_bytes: int
+    plane: DataPlane, host: str, port: int, *, max_message_bytes: int, api_key: str | None = None
 ) -> grpc.aio.Server:
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]  # fmt: skip
-    server = grpc.aio.server(options=options)
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key is not None else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmserve_server.errors import send_error
 
 
 class BodyTooLarge(Exception):
@@ -56,14 +55,4 @@ class BodyLimitMiddleware:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         message = f"request body exceeds the limit of {self.max_bytes} bytes"
-        body: dict[str, Any]
-        if scope["path"].startswith("/openai/"):
-            body = {"error": {"message": message, "type": "invalid_request_error",
-                              "param": None, "code": 413}}  # fmt: skip
-        else:
-            body = {"error": message}
-        raw = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(raw)).encode())]})  # fmt: skip
-        await send({"type": "http.response.body", "body": raw})
+        await send_error(scope, send, 413, message)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
+from lmserve_core.admission import AdmissionGate, Ticket
 from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadRequest
 from lmserve_core.encoder import EncoderService
 from lmserve_core.errors import InvalidInput, LmserveError, ModelNotFound, ModelNotReady
@@ -41,6 +42,10 @@ class ModelHost:
         self.generator: OpenAIGenerationService | None = None
         self.created = int(time.time())
         self.load_seconds: float | None = None
+        # Bounds the requests this model holds (running + --max_queued_requests waiting);
+        # the running slots are refined once the backend is known.
+        running = settings.max_num_seqs if plan.task.is_generative else settings.max_batch_size
+        self.gate = AdmissionGate(running_slots=running, max_queued=settings.max_queued_requests)
         # Set by the app: metrics hooks.
         self.batch_observer: Callable[[int], None] | None = None
         self.generation_observer: GenerationObserver | None = None
@@ -100,7 +105,9 @@ class ModelHost:
                     max_batch_tokens=self.settings.max_batch_tokens,
                     bucket_lengths=loaded.bucket_lengths,
                     concurrency=loaded.concurrent_batches,
+                    max_instances=self.settings.max_instances_per_request,
                 )
+                self.gate.running_slots = self.settings.max_batch_size * loaded.concurrent_batches
                 service.batcher.on_batch = self.batch_observer
                 await service.start()
                 self.service = service
@@ -112,6 +119,8 @@ class ModelHost:
             raise
         self.loaded = loaded
         self.load_seconds = time.perf_counter() - started
+        if self.state is not ModelState.loading:  # a stop signal came while loading
+            return
         self.state = ModelState.ready
         logger.info(
             "model %r ready: %s on the %s backend (%s) in %.1f s",
@@ -142,11 +151,14 @@ class ModelHost:
         logger.error("model %r failed to load: %s", self.name, message)
 
     async def close(self) -> None:
-        self.state = ModelState.draining
-        if self.service is not None:
-            await self.service.stop()
-        if self.generator is not None:
-            await self.generator.backend.stop()
+        """Stop the backend; in-flight requests fail with 503. Idempotent."""
+        self.start_draining()
+        service, self.service = self.service, None
+        generator, self.generator = self.generator, None
+        if service is not None:
+            await service.stop()
+        if generator is not None:
+            await generator.backend.stop()
 
     def check_name(self, name: str) -> None:
         if name != self.name:
@@ -162,6 +174,16 @@ class ModelHost:
             raise ModelNotReady("the server is shutting down")
         if self.state is ModelState.failed:
             raise ModelNotReady(f"model {name!r} failed to load: {self.error}")
+
+    def admit(self, name: str, weight: int = 1) -> Ticket:
+        """Admission for one request to ``name`` (404/503 first, then 429 when full)."""
+        self.check_usable(name)
+        return self.gate.admit(weight)
+
+    def start_draining(self) -> None:
+        """Readiness 503 and new requests 503 from now on; in-flight ones carry on."""
+        if self.state is not ModelState.failed:
+            self.state = ModelState.draining
 
     def require(self, name: str) -> EncoderService:
         """The encoder service for ``name``, or the error a client should see."""

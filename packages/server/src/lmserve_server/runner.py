@@ -26,16 +26,51 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises the signal it caught once serve() returns, which turns a clean
-    stop into exit code -2; lmserve handles SIGINT/SIGTERM itself and exits 0."""
+    stop into exit code -2; lmserve handles SIGINT/SIGTERM itself (see ``_Shutdown``)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
-    def request_exit(self) -> None:
-        if self.should_exit:  # a second signal: stop waiting for connections
-            self.force_exit = True
-        self.should_exit = True
+
+class _Shutdown:
+    """SIGTERM/SIGINT: drain, then stop listening. A second signal stops at once.
+
+    Draining keeps the listeners open so that readiness probes read 503 and new requests get
+    a 503 that says why (not a refused connection) while in-flight requests, streams
+    included, finish; after ``--shutdown_timeout`` s whatever is left is aborted with an
+    error its client can read, and only then does the server close its sockets.
+    """
+
+    def __init__(self, server: _Server, host: ModelHost, timeout: float) -> None:
+        self.server = server
+        self.host = host
+        self.timeout = timeout
+        self.task: asyncio.Task[None] | None = None
+
+    def on_signal(self) -> None:
+        if self.task is not None:  # the second signal: no more waiting
+            logger.warning("second stop signal: exiting now")
+            self.task.cancel()
+            self.server.should_exit = self.server.force_exit = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        gate = self.host.gate
+        self.host.start_draining()
+        logger.info(
+            "stopping: readiness is 503 and new requests get 503; %d request(s) in flight get "
+            "up to %.0f s (--shutdown_timeout) to finish", gate.requests, self.timeout,
+        )  # fmt: skip
+        if not await gate.wait_idle(self.timeout):
+            logger.warning(
+                "%d request(s) still in flight after %.0f s: aborting them", gate.requests,
+                self.timeout,
+            )  # fmt: skip
+            await self.host.close()  # aborted streams end with an error event, not a cut
+            await gate.wait_idle(2)  # let those last bytes reach their clients
+        self.server.should_exit = True
 
 
 def configure_logging(level: str) -> None:
@@ -72,12 +107,14 @@ async def _serve(app: FastAPI, host: ModelHost, settings: ServeSettings) -> int:
         port=settings.http_port,
         log_config=None,
         access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=30,
+        # lmserve drains before uvicorn stops (``_Shutdown``): only stragglers are left here.
+        timeout_graceful_shutdown=5,
     )
     server = _Server(config)
+    shutdown = _Shutdown(server, host, settings.shutdown_timeout)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.request_exit)
+        loop.add_signal_handler(sig, shutdown.on_signal)
 
     async def load() -> None:
         try:
@@ -95,11 +132,14 @@ async def _serve(app: FastAPI, host: ModelHost, settings: ServeSettings) -> int:
         from lmserve_server.grpc_service import start_grpc_server
 
         grpc_server = await start_grpc_server(
-            app.state.dataplane, settings.host, settings.grpc_port, settings.max_request_body_bytes
-        )
+            app.state.dataplane, settings.host, settings.grpc_port,
+            max_message_bytes=settings.max_request_body_bytes, api_key=settings.api_key,
+        )  # fmt: skip
     try:
         await server.serve()
     finally:
+        if shutdown.task is not None and not shutdown.task.done():
+            shutdown.task.cancel()
         if grpc_server is not None:
             await grpc_server.stop(grace=5)
         if not loader.done():

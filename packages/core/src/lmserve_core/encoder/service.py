@@ -102,9 +102,11 @@ class EncoderService:
         max_batch_tokens: int | None = None,
         bucket_lengths: bool = False,
         concurrency: int = 1,
+        max_instances: int | None = None,
     ) -> None:
         """``max_batch_size`` / ``max_batch_tokens``: the batcher's limits (instances, padded
-        tokens); ``bucket_lengths``: pad batches to ``length_bucket`` sizes, not to their
+        tokens); ``max_instances``: most instances per request (more is a 400);
+        ``bucket_lengths``: pad batches to ``length_bucket`` sizes, not to their
         longest input; ``concurrency``: batches in flight at once (see ``DynamicBatcher``)."""
         if task not in ENCODER_TASKS:
             raise ValueError(f"{task} is not an encoder task")
@@ -112,6 +114,7 @@ class EncoderService:
         self.handler = ENCODER_TASKS[task]
         self.backend = backend
         self.bucket_lengths = bucket_lengths
+        self.max_instances = max_instances
         self.context = TaskContext(tokenizer=tokenizer, info=info, options=options)
         self.batcher: DynamicBatcher[EncodedRequest, FloatArray] = DynamicBatcher(
             self._run_batch,
@@ -142,6 +145,7 @@ class EncoderService:
     ) -> EncoderResult:
         params = RequestParams.parse(parameters)
         checked = check_texts(texts)
+        self._check_count(len(checked), "instances")
         if sum(len(t) for t in checked) <= INLINE_TOKENIZE_CHARS:
             # Tens of microseconds with a Rust tokenizer: less than the hop to a thread.
             request = self.encode(checked, params)
@@ -181,6 +185,7 @@ class EncoderService:
         self, rows: Sequence[Sequence[int]], params: RequestParams
     ) -> EncodedRequest:
         """Pre-tokenized input (OpenAI embeddings accept token ids)."""
+        self._check_count(len(rows), "input")
         vocab = self.info.vocab_size
         encodings = []
         for i, row in enumerate(rows):
@@ -206,6 +211,13 @@ class EncoderService:
         return EncoderResult(
             result.predictions, result.outputs, sum(len(e) for e in request.encodings)
         )
+
+    def _check_count(self, count: int, param: str) -> None:
+        if self.max_instances is not None and count > self.max_instances:
+            raise InvalidInput(
+                f"{count} instances in one request; the limit is {self.max_instances} "
+                "(--max_instances_per_request)", param=param,
+            )  # fmt: skip
 
     # --- model thread ------------------------------------------------------------
     def _run_batch(self, requests: Sequence[EncodedRequest]) -> list[FloatArray]:

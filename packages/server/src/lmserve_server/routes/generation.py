@@ -10,12 +10,15 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.types import Receive, Scope, Send
 
+from lmserve_core.admission import Ticket
 from lmserve_core.errors import ModelNotReady
 from lmserve_core.generation.prepare import Prepared
 from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
 from lmserve_server.dataplane import DataPlane
+from lmserve_server.model_host import ModelHost
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
 T = TypeVar("T")
@@ -28,24 +31,45 @@ def _plane(request: Request) -> DataPlane:
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    service = _plane(request).host.require_generator(body.model)
-    return await _respond(service, service.prepare_completion(body), request)
+    host = _plane(request).host
+    service = host.require_generator(body.model)
+    return await _respond(host, service, service.prepare_completion(body), request)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    service = _plane(request).host.require_generator(body.model)
-    return await _respond(service, service.prepare_chat(body), request)
+    host = _plane(request).host
+    service = host.require_generator(body.model)
+    return await _respond(host, service, service.prepare_chat(body), request)
 
 
-async def _respond(service: OpenAIGenerationService, prep: Prepared, request: Request) -> Any:
+class _AdmittedStream(EventSourceResponse):
+    """An SSE response that holds its admission ticket until the last byte (or the
+    client's disconnect): a body iterator that never started would never run a
+    ``finally``, so the release lives here."""
+
+    def __init__(self, content: AsyncIterator[bytes], ticket: Ticket) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache"})
+        self.ticket = ticket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
+async def _respond(
+    host: ModelHost, service: OpenAIGenerationService, prep: Prepared, request: Request
+) -> Any:
+    # One unit per sequence started: a request with n=4 weighs as much as four with n=1.
+    ticket = host.admit(prep.model, len(prep.prompts) * prep.n)
     if prep.stream:
         # Starlette cancels the body iterator when the client disconnects; cancelling
         # it closes every choice's backend stream, which aborts generation.
-        return EventSourceResponse(
-            _sse(service.stream(prep)), headers={"Cache-Control": "no-cache"}
-        )
-    result = await _until_disconnect(request, service.complete(prep))
+        return _AdmittedStream(_sse(service.stream(prep)), ticket)
+    with ticket:
+        result = await _until_disconnect(request, service.complete(prep))
     return JSONResponse(result)
 
 

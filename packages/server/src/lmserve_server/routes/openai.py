@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from lmserve_core.encoder import RequestParams
 from lmserve_core.errors import InvalidInput
 from lmserve_core.tasks import Task
 from lmserve_protocols.openai import (
@@ -49,14 +48,11 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
             f"this model does not support 'dimensions' other than its native {dim}",
             param="dimensions",
         )
-    params = RequestParams()
     texts, token_rows = _split_input(body.input)
     if texts is not None:
         result = await plane.infer_texts(body.model, texts, None)
     else:
-        encoded = service.encode_token_ids(token_rows or [], params)
-        result = await service.infer_encoded(encoded)
-        plane.metrics.input_tokens.inc(result.token_count)
+        result = await plane.infer_token_ids(body.model, token_rows or [])
     vectors = result.outputs[0].data
     data = [
         EmbeddingData(index=i, embedding=_format(vec, body.encoding_format))
