@@ -9,7 +9,7 @@ from lmserve_core.settings import ServeSettings
 from lmserve_server.dataplane import DataPlane, server_version
 from lmserve_server.errors import install_error_handlers
 from lmserve_server.limits import BodyLimitMiddleware
-from lmserve_server.metrics import Metrics, MetricsMiddleware
+from lmserve_server.metrics import AdmissionCollector, Metrics, MetricsMiddleware
 from lmserve_server.model_host import ModelHost
 from lmserve_server.routes import generation, health, metrics, openai, v1, v2
 from lmserve_server.security import ApiKeyMiddleware
@@ -23,6 +23,7 @@ def create_app(settings: ServeSettings, host: ModelHost) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.metrics.registry.register(AdmissionCollector(host.gate))
     app.state.dataplane = DataPlane(host, app.state.metrics)
     host.batch_observer = app.state.metrics.batch_size.observe
     host.generation_observer = app.state.metrics

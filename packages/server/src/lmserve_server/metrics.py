@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmserve_core.admission import AdmissionGate
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -68,6 +73,28 @@ class Metrics:
     def tokens(self, prompt: int, generated: int) -> None:
         self.input_tokens.inc(prompt)
         self.generation_tokens.inc(generated)
+
+
+class AdmissionCollector(Collector):
+    """The admission gate's counts, read at scrape time (core keeps no Prometheus objects)."""
+
+    def __init__(self, gate: AdmissionGate) -> None:
+        self.gate = gate
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "lmserve_admitted_requests",
+            "Requests holding an admission slot, running or queued (see --max_queued_requests)",
+            value=self.gate.requests,
+        )
+        yield GaugeMetricFamily(
+            "lmserve_queued_work", "Units of work waiting beyond those running",
+            value=self.gate.queued,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "lmserve_rejected_requests", "Requests refused with 429 because the queue was full",
+            value=self.gate.rejected,
+        )  # fmt: skip
 
 
 class MetricsMiddleware:

@@ -11,10 +11,9 @@ router = APIRouter(tags=["metrics"])
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     m = request.app.state.metrics
-    m.model_ready.labels(request.app.state.dataplane.host.name).set(
-        1 if request.app.state.dataplane.ready() else 0
-    )
-    generator = request.app.state.dataplane.host.generator
+    host = request.app.state.dataplane.host
+    m.model_ready.labels(host.name).set(1 if request.app.state.dataplane.ready() else 0)
+    generator = host.generator
     if generator is not None:
         try:
             m.sequences_unfinished.set(generator.backend.num_unfinished())
