@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import threading
 import time
@@ -22,6 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from _support.reliability import abandon_many, assert_idle, metric
 from _support.sdk import openai_client
 from _support.servers import ServerProcess, free_port, start_server
 from _support.tiny_models import model_path
@@ -29,28 +29,6 @@ from _support.tiny_models import model_path
 pytestmark = pytest.mark.slow
 
 Pool = Callable[..., ServerProcess]
-LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
-
-
-def metric(server: ServerProcess, name: str) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
-    assert match is not None, f"{name} not in /metrics"
-    return float(match.group(1))
-
-
-def wait_for_metric(server: ServerProcess, name: str, value: float, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while metric(server, name) != value:
-        assert time.monotonic() < deadline, f"{name} stayed {metric(server, name)}, not {value}"
-        time.sleep(0.1)
-
-
-def assert_idle(server: ServerProcess) -> None:
-    """Nothing leaked: no request in flight, no admission slot held, no sequence left."""
-    wait_for_metric(server, "lmserve_admitted_requests", 0)
-    wait_for_metric(server, "lmserve_generation_sequences_unfinished", 0)
-    assert metric(server, "lmserve_requests_in_flight") == 0
 
 
 # --- overload ----------------------------------------------------------------------------
@@ -89,37 +67,6 @@ def test_a_flood_gets_429_with_retry_after_and_the_rest_complete(server_pool: Po
 
 
 # --- cancellation ------------------------------------------------------------------------
-
-
-async def _abandon(url: str, body: dict[str, object], how: int) -> None:
-    """Open a stream and walk away: 0 before any byte, 1 after the headers, 2 mid-stream."""
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-        if how == 0:
-            task = asyncio.create_task(c.post("/openai/v1/completions", json=body))
-            await asyncio.sleep(0.01)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return
-        async with c.stream("POST", "/openai/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            if how == 2:
-                async for _ in r.aiter_bytes():
-                    break
-
-
-def abandon_many(server: ServerProcess, count: int, concurrency: int) -> None:
-    body = {"model": "model", "prompt": "Once upon a time", "stream": True, **LONG}
-
-    async def run() -> None:
-        slots = asyncio.Semaphore(concurrency)
-
-        async def one(i: int) -> None:
-            async with slots:
-                await _abandon(server.url, dict(body, n=1 + i % 2), i % 3)
-
-        await asyncio.gather(*(one(i) for i in range(count)))
-
-    asyncio.run(run())
 
 
 def test_hundreds_of_abandoned_streams_leave_nothing_behind(server_pool: Pool) -> None:

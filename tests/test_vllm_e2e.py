@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -15,8 +16,9 @@ import numpy as np
 import openai
 import pytest
 
+from _support.reliability import abandon_many, assert_idle
 from _support.sdk import openai_client
-from _support.servers import ServerProcess
+from _support.servers import ServerProcess, start_server
 from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
@@ -248,3 +250,55 @@ def test_help_engine_lists_vllm_flags() -> None:
     for flag in ("--tensor-parallel-size", "--pipeline-parallel-size", "--distributed-executor-backend",
                  "--enforce-eager", "--kv-cache-memory-bytes"):  # fmt: skip
         assert flag in r.stdout
+
+
+# --- faults and cancellation (issue 7) -------------------------------------------------------
+
+
+def test_hundreds_of_abandoned_streams_on_vllm(server_pool: Pool) -> None:
+    server = server_pool("--model_dir", str(model_path("llama")), *VLLM)
+    abandon_many(server, count=200, concurrency=24)
+    assert_idle(server)
+    r = client(server).completions.create(model="model", prompt="Once", max_tokens=6,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.usage.completion_tokens == 6
+    assert_idle(server)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            found += [int(c) for c in fh.read().split()]
+    return found
+
+
+def test_a_dead_engine_fails_requests_clearly_and_turns_readiness_503() -> None:
+    server = start_server(["--model_dir", str(model_path("llama")), *VLLM], timeout=300)
+    try:
+        body = {"model": "model", "prompt": "Once", "max_tokens": 200, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        with httpx.stream(
+            "POST", server.url + "/openai/v1/completions", json=body, timeout=60
+        ) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            engines = _children(server.proc.pid)
+            assert engines, "vLLM's engine core process was not found"
+            for pid in engines:
+                os.kill(pid, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]  # must end, not hang
+        assert rest[-1] == "data: [DONE]"
+        assert any('"error"' in line and "engine" in line.lower() for line in rest), rest[-3:]
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "/v2/health/ready").status_code != 503:
+            assert time.monotonic() < deadline, "readiness stayed 200 with a dead engine"
+            time.sleep(0.2)
+        late = httpx.post(server.url + "/openai/v1/completions",
+                          json={"model": "model", "prompt": "Hi", "max_tokens": 2}, timeout=30)  # fmt: skip
+        assert late.status_code in (500, 503)
+        assert "engine" in late.json()["error"]["message"].lower()
+        assert httpx.get(server.url + "/v2/health/live").status_code == 200
+    finally:
+        code = server.stop()
+    assert code is not None, "the server did not exit"
