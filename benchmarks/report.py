@@ -1,6 +1,6 @@
 """Run every benchmark, one after another, and regenerate BENCHMARKS.md from their results.
 
-    uv run --no-sync python benchmarks/report.py                 # everything (~20 min here)
+    uv run --no-sync python benchmarks/report.py                 # everything (~22 min here)
     uv run --no-sync python benchmarks/report.py --only encoder-minilm,triton-bridge
     uv run --no-sync python benchmarks/report.py --render-only   # BENCHMARKS.md from results/
 
@@ -43,6 +43,7 @@ STEPS: dict[str, list[str]] = {
                            "--json-out", str(RESULTS / "generation-streams.json")],
     "vllm-vs-hf": [PY, "vllm_vs_hf.py", "--json-out", str(RESULTS / "vllm-vs-hf.json")],
     "triton-bridge": [PY, "triton_bridge.py", "--json-out", str(RESULTS / "triton-bridge.json")],
+    "soak": [PY, "soak.py", "--json-out", str(RESULTS / "soak.json")],
 }  # fmt: skip
 
 TARGET_ENCODER_RATIO = 0.85
@@ -110,6 +111,7 @@ def render() -> str:
     _vllm_vs_own(w, load("vllm-vs-hf"))
     _cold_start_memory(w, enc, streams)
     _triton(w, load("triton-bridge"))
+    _soak(w, load("soak"))
     _micro(w, load("micro"))
     return "\n".join(out).rstrip() + "\n"
 
@@ -338,6 +340,30 @@ def _triton(w: Any, r: dict[str, Any] | None) -> None:
           f"{f1(c32['requests_per_s'])} | {c32['latency_ms']['p50']:.0f} / "
           f"{c32['latency_ms']['p99']:.0f} | {d['ratio_vs_in_process']:.2f}x |")  # fmt: skip
     w("")
+
+
+def _soak(w: Any, r: dict[str, Any] | None) -> None:
+    if not r:
+        return
+    w("## Soak: mixed requests across every task (issue 7)\n")
+    mix = r["mix"]
+    unexpected = r["outcomes"].get("unexpected", 0)
+    w(f"`soak.py`: {r['requests']:,} requests (seed {r['seed']}) from {r['concurrency']} "
+      f"concurrent clients over six servers, one per task: {mix.get('valid', 0):,} valid, "
+      f"{mix.get('invalid', 0):,} invalid (each must get its 4xx), {mix.get('abandoned', 0):,} "
+      f"abandoned by the client (before the answer or mid-stream), in {r['seconds']:.0f} s. "
+      f"**Unexpected outcomes: {unexpected}.** Resident memory is read after the first 10% "
+      "(warm) and at the end; the limit is +10%.\n")  # fmt: skip
+    w(
+        "| task | RSS warm MiB | RSS end MiB | growth | ready after | slots / sequences left | exit |"
+    )
+    w("|---|---:|---:|---:|---|---|---:|")
+    for task, s in r["servers"].items():
+        w(f"| {task} | {s['rss_warm_mib']:.0f} | {s['rss_end_mib']:.0f} | "
+          f"{s['rss_growth'] * 100:+.2f}% | {'yes' if s['ready'] else 'NO'} | "
+          f"{s['admitted_requests']:.0f} / {s['sequences_unfinished']:.0f} | "
+          f"{r['exit_codes'][task]} |")  # fmt: skip
+    w(f"\nResult: {'passed' if r['passed'] else 'FAILED'}.\n")
 
 
 def _micro(w: Any, r: dict[str, Any] | None) -> None:
