@@ -18,6 +18,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -213,3 +214,43 @@ def test_api_key_guards_grpc(keyed: ServerProcess) -> None:
         assert result.as_numpy(result.get_response().outputs[0].name).shape[-1] == 64
         meta = triton.get_model_metadata("model", headers={"authorization": "Bearer k-123"})
         assert meta.name == "model"
+
+
+# --- gRPC: overload and cancelled calls ------------------------------------------------------
+
+
+def test_grpc_overload_is_resource_exhausted_and_cancelled_calls_free_their_slots() -> None:
+    grpc_port = free_port()
+    # One request at a time and no queue: concurrent calls must be refused, not queued.
+    server = start_server(["--model_dir", str(model_path("sentiment")), "--enable_grpc",
+                           "--grpc_port", str(grpc_port), "--max_batch_size", "1",
+                           "--max_queued_requests", "0", "--max_instances_per_request", "4096"])  # fmt: skip
+    texts = np.array([("great movie " * 40).encode()] * 512, dtype=object)
+
+    async def call(client: grpcaio.InferenceServerClient, timeout: float | None) -> str:
+        inp = grpcaio.InferInput("text", [len(texts)], "BYTES")
+        inp.set_data_from_numpy(texts)
+        try:
+            await client.infer("model", [inp], client_timeout=timeout)
+            return "OK"
+        except InferenceServerException as exc:
+            return str(exc.status()).removeprefix("StatusCode.")
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with grpcaio.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            burst = await asyncio.gather(*(call(client, None) for _ in range(6)))
+            cancelled = await asyncio.gather(*(call(client, 0.01) for _ in range(20)))
+            return burst, cancelled
+
+    try:
+        burst, cancelled = asyncio.run(scenario())
+        assert "OK" in burst and "RESOURCE_EXHAUSTED" in burst, burst
+        assert set(burst) <= {"OK", "RESOURCE_EXHAUSTED"}, burst
+        assert "DEADLINE_EXCEEDED" in cancelled, cancelled
+        assert_idle(server)  # abandoned calls gave their slots back
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            inp = grpcclient.InferInput("text", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([b"great movie"], dtype=object))
+            assert client.infer("model", [inp]).as_numpy("output-0") is not None
+    finally:
+        assert server.stop() == 0
