@@ -33,7 +33,7 @@ from lmserve_core.v2_codec import (
 from lmserve_protocols.grpc import grpc_predict_v2_pb2 as pb
 from lmserve_protocols.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from lmserve_server.dataplane import DataPlane, server_version, v2_outputs
-from lmserve_server.security import ApiKeyInterceptor
+from lmserve_server.security import OPEN_GRPC_METHODS, ApiKey
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,6 +188,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
 
         return await self._call(context, work)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses gRPC calls without ``authorization: Bearer KEY`` metadata (UNAUTHENTICATED)."""
+
+    def __init__(self, api_key: str) -> None:
+        self.key = ApiKey(api_key)
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        method = str(details.method).rsplit("/", 1)[-1]
+        if method in OPEN_GRPC_METHODS:
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        if self.key.accepts(metadata.get("authorization")):
+            return await continuation(details)
+        return _deny_handler(await continuation(details))
+
+
+def _deny_handler(handler: Any) -> Any:
+    """A handler of the same shape as the real one that aborts with UNAUTHENTICATED."""
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong API key: send metadata 'authorization: Bearer <key>'",
+        )
+
+    if handler is None:
+        return None
+    if handler.request_streaming or handler.response_streaming:
+        raise NotImplementedError("lmserve's gRPC service has only unary methods")
+    return grpc.unary_unary_rpc_method_handler(
+        deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 async def start_grpc_server(

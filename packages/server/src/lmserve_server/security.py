@@ -10,9 +10,7 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Iterable
-from typing import Any
 
-import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmserve_server.errors import send_error
@@ -27,7 +25,8 @@ _OPEN_PATTERNS = (
     re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$"),
     re.compile(r"^/v1/models/[^/:]+$"),
 )
-_OPEN_GRPC_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+# gRPC methods anyone may call (the interceptor lives in grpc_service: grpc loads lazily).
+OPEN_GRPC_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 
 
 class ApiKey:
@@ -76,39 +75,3 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None
         if key == name:
             return value
     return None
-
-
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses gRPC calls without ``authorization: Bearer KEY`` metadata (UNAUTHENTICATED)."""
-
-    def __init__(self, api_key: str) -> None:
-        self.key = ApiKey(api_key)
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        method = str(details.method).rsplit("/", 1)[-1]
-        if method in _OPEN_GRPC_METHODS:
-            return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        if self.key.accepts(metadata.get("authorization")):
-            return await continuation(details)
-        return _deny_handler(await continuation(details))
-
-
-def _deny_handler(handler: Any) -> Any:
-    """A handler of the same shape as the real one that aborts with UNAUTHENTICATED."""
-
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "missing or wrong API key: send metadata 'authorization: Bearer <key>'",
-        )
-
-    if handler is None:
-        return None
-    if handler.request_streaming or handler.response_streaming:
-        raise NotImplementedError("lmserve's gRPC service has only unary methods")
-    return grpc.unary_unary_rpc_method_handler(
-        deny,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
