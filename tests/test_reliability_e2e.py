@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 
+import grpc
 import httpx
 import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
-import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -26,6 +26,8 @@ from _support.reliability import abandon_many, assert_idle, metric
 from _support.sdk import openai_client
 from _support.servers import ServerProcess, free_port, start_server
 from _support.tiny_models import model_path
+from lmserve_protocols.grpc import grpc_predict_v2_pb2 as pb
+from lmserve_protocols.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -225,21 +227,26 @@ def test_grpc_overload_is_resource_exhausted_and_cancelled_calls_free_their_slot
     server = start_server(["--model_dir", str(model_path("sentiment")), "--enable_grpc",
                            "--grpc_port", str(grpc_port), "--max_batch_size", "1",
                            "--max_queued_requests", "0", "--max_instances_per_request", "4096"])  # fmt: skip
-    texts = np.array([("great movie " * 40).encode()] * 512, dtype=object)
+    request = pb.ModelInferRequest(model_name="model")
+    request.inputs.add(name="text", datatype="BYTES", shape=[512])
+    request.inputs[0].contents.bytes_contents.extend([("great movie " * 40).encode()] * 512)
 
-    async def call(client: grpcaio.InferenceServerClient, timeout: float | None) -> str:
-        inp = grpcaio.InferInput("text", [len(texts)], "BYTES")
-        inp.set_data_from_numpy(texts)
+    async def call(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float | None) -> str:
         try:
-            await client.infer("model", [inp], client_timeout=timeout)
+            await stub.ModelInfer(request, timeout=timeout)
             return "OK"
-        except InferenceServerException as exc:
-            return str(exc.status()).removeprefix("StatusCode.")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                trailers = dict(exc.trailing_metadata() or ())
+                assert int(trailers["retry-after"]) >= 1, trailers
+                assert "--max_queued_requests" in (exc.details() or "")
+            return exc.code().name
 
     async def scenario() -> tuple[list[str], list[str]]:
-        async with grpcaio.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
-            burst = await asyncio.gather(*(call(client, None) for _ in range(6)))
-            cancelled = await asyncio.gather(*(call(client, 0.01) for _ in range(20)))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            burst = await asyncio.gather(*(call(stub, None) for _ in range(6)))
+            cancelled = await asyncio.gather(*(call(stub, 0.01) for _ in range(20)))
             return burst, cancelled
 
     try:

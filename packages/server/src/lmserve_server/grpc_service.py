@@ -117,6 +117,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return await work()
         except LmserveError as exc:
+            if isinstance(exc, Overloaded):  # HTTP's Retry-After, as trailing metadata
+                context.set_trailing_metadata(
+                    (("retry-after", str(max(1, round(exc.retry_after)))),)
+                )
             await context.abort(status_code(exc), exc.message)
         except Exception as exc:
             logger.exception("gRPC call failed")
