@@ -48,10 +48,6 @@ def status_of(exc: LmserveError) -> tuple[int, str]:
     return 500, "internal_server_error"
 
 
-def is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/openai/")
-
-
 def error_body(path: str, status: int, message: str, kind: str, param: str | None = None) -> Any:
     if path.startswith("/openai/"):
         return {"error": {"message": message, "type": kind, "param": param, "code": status}}
