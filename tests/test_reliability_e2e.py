@@ -7,11 +7,12 @@ BERT), real clients (the openai SDK, tritonclient over HTTP and gRPC, raw httpx 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
@@ -124,11 +125,24 @@ def _stream_in_thread(server: ServerProcess, max_tokens: int) -> tuple[threading
     return thread, out
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_0() -> None:
-    server = start_server(["--backend", "huggingface", "--shutdown_timeout", "60"])
+@contextlib.contextmanager
+def _sigterm_mid_stream(
+    shutdown_timeout: str, max_tokens: int
+) -> Iterator[tuple[ServerProcess, threading.Thread, dict[str, object]]]:
+    """SmolLM2 on the HF backend streaming ``max_tokens`` when SIGTERM arrives; exits 0."""
+    server = start_server(["--backend", "huggingface", "--shutdown_timeout", shutdown_timeout])
     try:
-        thread, out = _stream_in_thread(server, max_tokens=60)
+        thread, out = _stream_in_thread(server, max_tokens=max_tokens)
         server.proc.send_signal(signal.SIGTERM)
+        yield server, thread, out
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_0() -> None:
+    with _sigterm_mid_stream("60", max_tokens=60) as (server, thread, out):
         time.sleep(0.3)
         # Still listening, but not ready and refusing new work with a reason.
         assert httpx.get(server.url + "/v2/health/ready").status_code == 503
@@ -138,26 +152,16 @@ def test_sigterm_drains_in_flight_streams_then_exits_0() -> None:
         assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
         thread.join(120)
         assert out["finish"] == "length" and out["done"] and out["error"] is None, out
-        assert server.proc.wait(60) == 0
-    finally:
-        server.stop()
-    log = server.log()
-    assert "stopping: readiness is 503" in log and "Traceback" not in log
+    assert "stopping: readiness is 503" in server.log()
 
 
 def test_streams_past_the_shutdown_timeout_end_with_an_error_event() -> None:
-    server = start_server(["--backend", "huggingface", "--shutdown_timeout", "1"])
-    try:
-        thread, out = _stream_in_thread(server, max_tokens=250)
-        server.proc.send_signal(signal.SIGTERM)
+    with _sigterm_mid_stream("1", max_tokens=250) as (server, thread, out):
         thread.join(60)
         assert not thread.is_alive()
         assert out["finish"] is None and out["done"], out
         error = out["error"]
         assert isinstance(error, dict) and error["code"] == 503, out
-        assert server.proc.wait(60) == 0
-    finally:
-        server.stop()
     assert "still in flight after 1 s: aborting them" in server.log()
 
 
