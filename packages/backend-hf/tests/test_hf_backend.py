@@ -121,3 +121,47 @@ def test_dtype_flag_is_applied() -> None:
         {"input_ids": np.array([[2, 5, 3]]), "attention_mask": np.ones((1, 3), dtype=np.int64)}
     )
     assert out.dtype == np.float32
+
+
+def test_generation_engine_faults_fail_requests_not_the_server() -> None:
+    """A failing decode step fails its sequences and the engine carries on; a crash of the
+    engine loop itself fails everything in flight, and health reports it from then on."""
+    from lmserve_core.errors import BackendError
+    from lmserve_core.generation.params import GenerationRequest, SamplingParams
+
+    engine = load(model_path("llama"), Task.text_generation).backend
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def run(request_id: str) -> list[object]:
+        return [e async for e in engine.generate(GenerationRequest(request_id, [5, 6, 7], params))]
+
+    async def scenario() -> None:
+        await engine.start()
+        real_decode, calls = engine._decode, {"n": 0}
+
+        def flaky_decode() -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            real_decode()
+
+        engine._decode = flaky_decode
+        with pytest.raises(BackendError, match="decoding failed: CUDA error"):
+            await run("a")
+        engine.check_health()  # one failed step is not a dead engine
+        events = await run("b")
+        assert events[-1].finish_reason == "length" and len(events) == 6
+
+        def broken() -> None:
+            raise RuntimeError("engine bug")
+
+        engine._drop_finished = broken
+        with pytest.raises(BackendError, match="generation engine crashed: engine bug"):
+            await run("c")
+        with pytest.raises(BackendError, match="engine bug"):
+            engine.check_health()
+        with pytest.raises(BackendError):
+            await run("d")
+        await engine.stop()
+
+    asyncio.run(scenario())
