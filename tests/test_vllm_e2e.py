@@ -302,3 +302,21 @@ def test_a_dead_engine_fails_requests_clearly_and_turns_readiness_503() -> None:
     finally:
         code = server.stop()
     assert code is not None, "the server did not exit"
+
+
+def test_generation_metrics_on_vllm(server_pool: Pool) -> None:
+    server = server_pool("--model_dir", str(model_path("llama")), *VLLM)
+
+    def count(name: str) -> float:
+        found = re.search(rf"^{name} ([0-9.e+]+)$", httpx.get(server.url + "/metrics").text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    names = ("lmserve_time_to_first_token_seconds_count", "lmserve_queue_time_seconds_count",
+             "lmserve_generation_tokens_total")  # fmt: skip
+    before = {n: count(n) for n in names}
+    r = client(server).completions.create(model="model", prompt="Once", max_tokens=6,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.usage.completion_tokens == 6
+    assert count(names[0]) == before[names[0]] + 1
+    assert count(names[1]) == before[names[1]] + 1  # vLLM's own queued -> scheduled time
+    assert count(names[2]) == before[names[2]] + 6

@@ -215,9 +215,13 @@ class RecordingObserver:
         self.first: list[float] = []
         self.inter: list[float] = []
         self.totals: list[tuple[int, int]] = []
+        self.queued: list[float] = []
 
     def first_token(self, seconds: float) -> None:
         self.first.append(seconds)
+
+    def queue_time(self, seconds: float) -> None:
+        self.queued.append(seconds)
 
     def inter_token(self, seconds: float) -> None:
         self.inter.append(seconds)

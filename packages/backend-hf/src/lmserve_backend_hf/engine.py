@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ class _Sequence:
     finished: bool = False
     length: int = 0  # real tokens in this sequence's KV cache
     last_token: int = 0
+    enqueued: float = field(default_factory=time.perf_counter)
+    queued_seconds: float | None = None  # set when the engine admits it
 
     @property
     def id(self) -> str:
@@ -229,6 +232,7 @@ class HFGenerationEngine:
                 break
             if seq.aborted:
                 continue
+            seq.queued_seconds = time.perf_counter() - seq.enqueued
             new.append(seq)
         return new
 
@@ -376,7 +380,9 @@ class HFGenerationEngine:
                 finish = "length"
             if finish is not None:
                 seq.finished = True
-            seq.emit(TokenEvent(token, lp, finish, stop_token, prompt_lps if i == 0 else None))
+            first = len(seq.row.output_ids) == 1
+            seq.emit(TokenEvent(token, lp, finish, stop_token, prompt_lps if i == 0 else None,
+                                seq.queued_seconds if first else None))  # fmt: skip
 
     def _select(self, group: _Group, keep: list[_Sequence]) -> None:
         index = {id(s): i for i, s in enumerate(group.seqs)}

@@ -28,6 +28,15 @@ def _logprob(entry: dict[int, Any] | None, token: int, k: int) -> TokenLogprob |
     )
 
 
+def _queued_seconds(output: Any) -> float | None:
+    """Time between vLLM queueing and scheduling the request (its own stats, when kept)."""
+    stats = getattr(output, "metrics", None)
+    queued, scheduled = getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0)
+    if queued and scheduled and scheduled >= queued:
+        return float(scheduled - queued)
+    return None
+
+
 class VLLMGenerator:
     def __init__(
         self, engine: Any, *, eos_token_ids: frozenset[int], max_model_len: int, vocab_size: int
@@ -134,7 +143,8 @@ class VLLMGenerator:
                         reason == "stop"
                         and (token in self.eos_token_ids or token in params.stop_token_ids)
                     )
-                    event = TokenEvent(token, lp, reason, is_stop, prompt_lps if first else None)
+                    event = TokenEvent(token, lp, reason, is_stop, prompt_lps if first else None,
+                                       _queued_seconds(output) if first else None)  # fmt: skip
                     first = False
                     prompt_lps = None
                     if reason is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ ResultT = TypeVar("ResultT")
 class _Pending(Generic[ItemT, ResultT]):
     item: ItemT
     future: asyncio.Future[ResultT] = field(repr=False)
+    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class DynamicBatcher(Generic[ItemT, ResultT]):
@@ -78,6 +80,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._waiting: list[_Pending[ItemT, ResultT]] = []
         self.batches_run = 0
         self.on_batch: Callable[[int], None] | None = None  # metrics hook: instances per batch
+        self.on_queue_time: Callable[[float], None] | None = None  # metrics hook: s waited
 
     async def start(self) -> None:
         if self._task is None:
@@ -170,6 +173,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         size = sum(p.item.size for p in batch)
         if self.on_batch:
             self.on_batch(size)
+        if self.on_queue_time:
+            now = time.perf_counter()
+            for pending in batch:
+                self.on_queue_time(now - pending.enqueued)
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(

@@ -22,6 +22,11 @@ class Backend(StrEnum):
     onnx = "onnx"
 
 
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
 class PredictorProtocol(StrEnum):
     v2 = "v2"
     grpc_v2 = "grpc-v2"
@@ -327,8 +332,28 @@ class ServeSettings(BaseModel):
         ),
     ] = None
     log_level: Annotated[
-        str, Field(**_flag("Log level: debug, info, warning, error.", group="server"))
+        str, Field(**_flag("Log level: debug, info, warning, error.", group="logging"))
     ] = "info"
+    log_format: Annotated[
+        LogFormat,
+        Field(
+            **_flag(
+                "text: one readable line per event; json: one JSON object per line (for log "
+                "collectors), request fields as keys.",
+                group="logging",
+            )
+        ),
+    ] = LogFormat.text
+    log_requests: Annotated[
+        bool,
+        Field(
+            **_flag(
+                "Also log each inference request's body (prompts, inputs; first 4 KiB) at INFO. "
+                "Off by default: prompts can be private.",
+                group="logging",
+            )
+        ),
+    ] = False
 
     # `vllm serve` engine flags given to `lmserve serve`, validated by the vLLM backend's own
     # argument parser (never re-declared here); not a flag itself.

@@ -6,10 +6,11 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from lmserve_core.settings import ServeSettings
+from lmserve_server.access import AccessMiddleware
 from lmserve_server.dataplane import DataPlane, server_version
 from lmserve_server.errors import install_error_handlers
 from lmserve_server.limits import BodyLimitMiddleware
-from lmserve_server.metrics import AdmissionCollector, Metrics, MetricsMiddleware
+from lmserve_server.metrics import AdmissionCollector, Metrics
 from lmserve_server.model_host import ModelHost
 from lmserve_server.routes import generation, health, metrics, openai, v1, v2
 from lmserve_server.security import ApiKeyMiddleware
@@ -28,16 +29,19 @@ def create_app(settings: ServeSettings, host: ModelHost) -> FastAPI:
     host.batch_observer = app.state.metrics.batch_size.observe
     host.generation_observer = app.state.metrics
     host.step_observer = app.state.metrics.decode_batch_size.observe
+    host.queue_observer = app.state.metrics.queue_time
     install_error_handlers(app)
     for module in (health, v1, v2, openai, generation, metrics):
         app.include_router(module.router)
     # add_middleware wraps: the last added runs first. Request order: CORS (answers
-    # preflights) -> metrics (counts 401s and 413s too) -> API key -> body limit (before
+    # preflights) -> request id, metrics and access log (401s and 413s too) -> API key -> body limit (before
     # anything reads the body) -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(
+        AccessMiddleware, metrics=app.state.metrics, log_bodies=settings.log_requests
+    )
     if settings.allowed_origin_list:
         app.add_middleware(
             CORSMiddleware,

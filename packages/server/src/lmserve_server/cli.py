@@ -31,6 +31,7 @@ _GROUP_TITLES = {
     "predictor": "Triton predictor (transformer mode)",
     "server": "server",
     "security": "security",
+    "logging": "logging",
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

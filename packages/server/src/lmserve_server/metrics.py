@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmserve_core.admission import AdmissionGate
 
@@ -39,6 +36,11 @@ class Metrics:
         self.input_tokens = Counter(
             "lmserve_prompt_tokens", "Input tokens processed", registry=self.registry
         )
+        self.queue_time_seconds = Histogram(
+            "lmserve_queue_time_seconds",
+            "Time a request waited before the model took it (encoder batch or generation engine)",
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
         self.time_to_first_token = Histogram(
             "lmserve_time_to_first_token_seconds", "Time from request to first generated token",
             buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -66,6 +68,9 @@ class Metrics:
     # GenerationObserver (lmserve_core.generation.service)
     def first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)
+
+    def queue_time(self, seconds: float) -> None:
+        self.queue_time_seconds.observe(seconds)
 
     def inter_token(self, seconds: float) -> None:
         self.inter_token_latency.observe(seconds)
@@ -95,35 +100,3 @@ class AdmissionCollector(Collector):
             "lmserve_rejected_requests", "Requests refused with 429 because the queue was full",
             value=self.gate.rejected,
         )  # fmt: skip
-
-
-class MetricsMiddleware:
-    """Pure ASGI so streaming responses are timed to their last byte."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/metrics":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.in_flight.dec()
-            route: Any = scope.get("route")
-            # The route template, not the raw path, keeps label cardinality bounded.
-            path = getattr(route, "path", None) or "unmatched"
-            labels = (path, scope["method"], str(status["code"]))
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)

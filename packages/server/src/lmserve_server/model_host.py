@@ -50,6 +50,7 @@ class ModelHost:
         self.batch_observer: Callable[[int], None] | None = None
         self.generation_observer: GenerationObserver | None = None
         self.step_observer: Callable[[int], None] | None = None
+        self.queue_observer: Callable[[float], None] | None = None
 
     @property
     def task(self) -> Task:
@@ -109,6 +110,7 @@ class ModelHost:
                 )
                 self.gate.running_slots = self.settings.max_batch_size * loaded.concurrent_batches
                 service.batcher.on_batch = self.batch_observer
+                service.batcher.on_queue_time = self.queue_observer
                 await service.start()
                 self.service = service
         except LmserveError as exc:

@@ -16,12 +16,11 @@ from fastapi import FastAPI
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.settings import ServeSettings
 from lmserve_server.app import create_app
+from lmserve_server.logs import configure_logging
 from lmserve_server.model_host import ModelHost, ModelState
 from lmserve_server.plan import plan_serving
 
 logger = logging.getLogger("lmserve")
-
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 class _Server(uvicorn.Server):
@@ -73,16 +72,14 @@ class _Shutdown:
         self.server.should_exit = True
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
-    # transformers and httpx are chatty at INFO about things users cannot act on.
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def run(settings: ServeSettings) -> int:
     """Returns the process exit code: 0 clean stop, 1 model failed, 2 bad configuration."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.log_format == "json":
+        # Every stderr line a JSON object: no tqdm bars (transformers, the hub) and vLLM's
+        # loggers through ours rather than its own handler. Set before either is imported.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("SAFETENSORS_FAST_GPU", "1")
     try:
@@ -106,7 +103,7 @@ async def _serve(app: FastAPI, host: ModelHost, settings: ServeSettings) -> int:
         host=settings.host,
         port=settings.http_port,
         log_config=None,
-        access_log=settings.log_level == "debug",
+        access_log=False,  # lmserve logs each request itself (lmserve_server.access)
         # lmserve drains before uvicorn stops (``_Shutdown``): only stragglers are left here.
         timeout_graceful_shutdown=5,
     )

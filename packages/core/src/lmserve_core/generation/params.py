@@ -61,3 +61,6 @@ class TokenEvent:
     # Only on the first event, when prompt logprobs were asked for; the first prompt
     # token has None (nothing precedes it).
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    # Only on the first event, when the backend knows it: seconds the request waited before
+    # the engine scheduled it (the queue time in /metrics).
+    queued_seconds: float | None = None

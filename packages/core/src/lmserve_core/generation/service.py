@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,8 @@ class GenerationObserver(Protocol):
     """Metrics hooks (time to first token, inter-token latency, token counters)."""
 
     def first_token(self, seconds: float) -> None: ...
+
+    def queue_time(self, seconds: float) -> None: ...
 
     def inter_token(self, seconds: float) -> None: ...
 
@@ -102,6 +104,8 @@ class OpenAIGenerationService:
         try:
             async for event in stream:
                 delta = ChoiceDelta(index, prompt_logprobs=event.prompt_logprobs)
+                if event.queued_seconds is not None and self.observer:
+                    self.observer.queue_time(event.queued_seconds)
                 if event.token_id is not None:
                     generated += 1
                     now = time.perf_counter()
@@ -230,8 +234,11 @@ class OpenAIGenerationService:
         }
 
     # --- streaming ----------------------------------------------------------------------
-    async def stream(self, prep: Prepared) -> AsyncIterator[str]:
-        """JSON payloads of the SSE ``data:`` lines, ending with ``[DONE]``."""
+    async def stream(
+        self, prep: Prepared, on_usage: Callable[[dict[str, int]], None] | None = None
+    ) -> AsyncIterator[str]:
+        """JSON payloads of the SSE ``data:`` lines, ending with ``[DONE]``. ``on_usage`` gets
+        the token counts once the last choice has finished."""
         total = 0
         counts: dict[int, int] = {}
         deltas = self._merged(prep)
@@ -265,6 +272,8 @@ class OpenAIGenerationService:
             total = sum(counts.values())
             usage = self._usage(prep, total)
             self._observe(usage)
+            if on_usage is not None:
+                on_usage(usage)
             if prep.include_usage:
                 yield json.dumps({
                     "id": prep.request_id, "object": self._chunk_object(prep), "created": prep.created,

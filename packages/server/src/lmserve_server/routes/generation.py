@@ -31,6 +31,7 @@ def _plane(request: Request) -> DataPlane:
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
+    request.state.model = body.model
     host = _plane(request).host
     service = host.require_generator(body.model)
     return await _respond(host, service, service.prepare_completion(body), request)
@@ -38,6 +39,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    request.state.model = body.model
     host = _plane(request).host
     service = host.require_generator(body.model)
     return await _respond(host, service, service.prepare_chat(body), request)
@@ -67,10 +69,19 @@ async def _respond(
     if prep.stream:
         # Starlette cancels the body iterator when the client disconnects; cancelling
         # it closes every choice's backend stream, which aborts generation.
-        return _AdmittedStream(_sse(service.stream(prep)), ticket)
+        return _AdmittedStream(
+            _sse(service.stream(prep, on_usage=lambda usage: _log_usage(request, usage))), ticket
+        )
     with ticket:
         result = await _until_disconnect(request, service.complete(prep))
+    _log_usage(request, result["usage"])
     return JSONResponse(result)
+
+
+def _log_usage(request: Request, usage: dict[str, int]) -> None:
+    """Token counts for the access log line (``lmserve_server.access``)."""
+    request.state.prompt_tokens = usage["prompt_tokens"]
+    request.state.completion_tokens = usage["completion_tokens"]
 
 
 async def _sse(payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:

@@ -37,6 +37,7 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     plane = _plane(request)
+    request.state.model = body.model
     service = plane.host.require(body.model)
     if service.task is not Task.text_embedding:
         raise InvalidInput(
@@ -53,6 +54,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         result = await plane.infer_texts(body.model, texts, None)
     else:
         result = await plane.infer_token_ids(body.model, token_rows or [])
+    request.state.prompt_tokens = result.token_count
     vectors = result.outputs[0].data
     data = [
         EmbeddingData(index=i, embedding=_format(vec, body.encoding_format))

@@ -37,6 +37,7 @@ async def predict(model_name: str, request: Request) -> JSONResponse:
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object", param="parameters")
     result = await plane.infer_texts(model_name, instances, parameters)
+    request.state.prompt_tokens = result.token_count
     # A response object, not a dict: FastAPI would run a returned dict through
     # jsonable_encoder, one Python call per number (an embedding has hundreds).
     return JSONResponse({"predictions": result.predictions})

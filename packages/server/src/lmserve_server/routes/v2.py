@@ -51,6 +51,7 @@ async def infer(model_name: str, request: Request, model_version: str | None = N
     inputs = decode_inputs(infer_request.inputs, binary)
     params = infer_request.parameters or {}
     result = await plane.infer_v2(model_name, inputs, params)
+    request.state.prompt_tokens = result.token_count
 
     outputs = v2_outputs(result)
     binary_names = _binary_outputs(infer_request, [name for name, _, _ in outputs])
