@@ -67,3 +67,29 @@ def test_bad_env_boolean_exits_2() -> None:
     with pytest.raises(SystemExit) as exc:
         parse(env={"LMSERVE_TRUST_REMOTE_CODE": "maybe"})
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("which", ["serve", "export"])
+def test_every_flag_of_every_subcommand_names_its_env_twin(which: str) -> None:
+    from lmserve_server.cli import export_parser
+
+    parser = serve_parser() if which == "serve" else export_parser()
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "help_engine"):
+            continue
+        env = f"LMSERVE_{action.dest.upper()}"
+        assert action.help and f"[env {env}" in action.help, (which, action.dest)
+        if action.default not in (None, False, "==SUPPRESS==") and which == "export":
+            assert f"default {action.default}]" in action.help, action.dest
+
+
+def test_export_flags_read_their_env_twins(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmserve_server.cli import export_parser
+
+    monkeypatch.setenv("LMSERVE_OUTPUT", "/tmp/repo")
+    monkeypatch.setenv("LMSERVE_TENSOR_INPUT_NAMES", "input_ids,attention_mask")
+    monkeypatch.setenv("LMSERVE_MAX_BATCH_SIZE", "8")
+    ns = export_parser().parse_args(["--model_name", "m"])
+    assert (ns.output, ns.tensor_input_names, ns.max_batch_size, ns.model_name) == (
+        "/tmp/repo", "input_ids,attention_mask", 8, "m",
+    )  # fmt: skip

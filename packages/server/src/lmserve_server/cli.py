@@ -215,9 +215,18 @@ def export_parser(prog: str = "lmserve export") -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
 
-    def add(name: str, **kwargs: Any) -> None:
-        flags = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))  # both spellings
-        parser.add_argument(*flags, dest=name, **kwargs)
+    def add(name: str, *, help: str, default: Any = None, required: bool = False,
+            **kwargs: Any) -> None:  # fmt: skip
+        """Both spellings, and the same ``LMSERVE_*`` environment twin as ``serve``'s flag."""
+        flags = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))
+        env = ENV_PREFIX + name.upper()
+        from_env = os.environ.get(env)
+        shown = f"; default {default}" if default is not None else ""
+        parser.add_argument(
+            *flags, dest=name, help=f"{help} [env {env}{shown}]",
+            default=kwargs.get("type", str)(from_env) if from_env else default,
+            required=required and not from_env, **kwargs,
+        )  # fmt: skip
 
     add("model_dir", metavar="DIR", help="local directory of a saved Hugging Face model")
     add("model_id", metavar="ID",
@@ -229,21 +238,10 @@ def export_parser(prog: str = "lmserve export") -> argparse.ArgumentParser:
         help="comma list of tokenizer outputs that become the INT64 graph inputs, in this "
         "order, e.g. input_ids,attention_mask")  # fmt: skip
     add("output", metavar="REPO", required=True, help="Triton model repository to write into")
-    add(
-        "model_name",
-        metavar="NAME",
-        default="model",
-        help="model folder and config name; default model",
-    )
-    add(
-        "max_batch_size",
-        metavar="N",
-        type=int,
-        default=32,
-        help="config.pbtxt max_batch_size; default 32",
-    )
-    add("opset", metavar="N", type=int, default=None,
-        help="ONNX opset; default the exporter's own; below 18 uses the TorchScript exporter")  # fmt: skip
+    add("model_name", metavar="NAME", default="model", help="model folder and config name")
+    add("max_batch_size", metavar="N", type=int, default=32, help="config.pbtxt max_batch_size")
+    add("opset", metavar="N", type=int,
+        help="ONNX opset (default: the exporter's own); below 18 uses the TorchScript exporter")  # fmt: skip
     return parser
 
 
