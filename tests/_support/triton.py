@@ -7,11 +7,8 @@ serves ``platform: "onnxruntime_onnx"`` models, so Triton runs a model repositor
 ``lmserve export`` unmodified.
 
 - ``ensure_triton_env()`` builds, once, a separate virtual environment with pytriton and
-  onnxruntime (pytriton pins ``numpy<2``, the project uses numpy 2) from the *base* interpreter
-  of the project's venv. It is cached in ``<repo>/.cache/triton-venv-<hash>``, the hash covering
-  this file and the base interpreter. Virtual environments are not relocatable, so the venv is
-  built in place under an ``fcntl`` lock and a ``.complete`` marker is written last: a directory
-  without it is a crashed build and is rebuilt.
+  onnxruntime (pytriton pins ``numpy<2``, the project uses numpy 2): ``_support/side_venvs.py``,
+  cached in ``<repo>/.cache/triton-venv-<hash>``.
 - ``start_triton(repo)`` copies (never symlinks) a backend directory into a private temporary
   directory::
 
@@ -31,7 +28,6 @@ serves ``platform: "onnxruntime_onnx"`` models, so Triton runs a model repositor
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -50,10 +46,8 @@ import httpx
 import pytest
 
 from _support.servers import free_port
-from lmserve_core.builtin_models import cache_lock
+from _support.side_venvs import clean_env, ensure_side_venv, run_checked
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_DIR = _REPO_ROOT / ".cache"
 BACKEND_SOURCE = Path(__file__).resolve().parent / "triton_onnx_backend"
 PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime")
 MIN_GLIBC = (2, 35)  # what the nvidia-pytriton 0.7.0 wheels are built for
@@ -86,90 +80,25 @@ def unavailable_reason() -> str | None:
 # -- the virtual environment -----------------------------------------------------------------
 
 
-def _env_hash() -> str:
-    # The backend is copied at each start, not installed: only this file and the interpreter.
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(str(base_interpreter()).encode())
-    return digest.hexdigest()[:12]
-
-
-def base_interpreter() -> Path:
-    """The interpreter the project's venv was made from (``sys.executable`` is the venv's)."""
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    bindir = Path(sysconfig.get_config_var("BINDIR") or "/nonexistent")
-    candidates = [getattr(sys, "_base_executable", ""), str(bindir / f"python{version}")]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and not _inside_venv(Path(candidate)):
-            return Path(candidate)
-    raise RuntimeError(f"cannot find the base interpreter of {sys.executable} (tried {candidates})")
-
-
-def _inside_venv(executable: Path) -> bool:
-    return (executable.parent.parent / "pyvenv.cfg").is_file()
-
-
-def _clean_env() -> dict[str, str]:
-    """The environment minus what points at the project's venv."""
-    drop = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "UV_PROJECT_ENVIRONMENT"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
-
 def ensure_triton_env() -> Path:
     """Return the venv with pytriton and onnxruntime, building it on first use (~40 s)."""
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(reason)
-    venv = CACHE_DIR / f"triton-venv-{_env_hash()}"
-    marker = venv / ".complete"
-    if marker.is_file():
-        return venv
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with cache_lock(CACHE_DIR / f".{venv.name}.lock"):
-        if marker.is_file():  # another process built it while we waited
-            return venv
-        if venv.exists():
-            _say(f"removing an incomplete build at {venv}")
-            shutil.rmtree(venv)
-        try:
-            _build_env(venv)
-        except BaseException:
-            shutil.rmtree(venv, ignore_errors=True)
-            raise
-    return venv
+    # The backend is copied at each start, not installed: the hash covers only this file.
+    return ensure_side_venv("triton", PACKAGES, hash_files=[Path(__file__)], probe=_probe)
 
 
-def _build_env(venv: Path) -> None:
-    started = time.perf_counter()
-    base = base_interpreter()
-    _say(f"building {venv} from {base} (once; cached)")
-    _run([str(base), "-m", "venv", str(venv)], "python -m venv")
-    python = venv / "bin" / "python"
-    _say(f"pip install {' '.join(PACKAGES)} ...")
-    step = time.perf_counter()
-    _run([str(python), "-m", "pip", "install", "--disable-pip-version-check",
-          "--no-input", "--progress-bar", "off", *PACKAGES], "pip install")  # fmt: skip
-    _say(f"pip install: done ({time.perf_counter() - step:.1f} s)")
-    probe = _run(
-        [str(python), "-c",
+def _probe(venv: Path) -> dict[str, object]:
+    probe = run_checked(
+        [str(venv / "bin" / "python"), "-c",
          "import json, numpy, onnxruntime, pytriton, importlib.metadata as m; "
          "print(json.dumps({p: m.version(p) for p in "
          "('nvidia-pytriton', 'onnxruntime', 'numpy')}))"],
         "import check",
     )  # fmt: skip
-    versions = json.loads(probe.stdout.strip().splitlines()[-1])
     tritonserver_dist(venv)  # fails here, not at the first start, if the layout changed
-    seconds = time.perf_counter() - started
-    info = {"versions": versions, "base_interpreter": str(base), "build_seconds": seconds}
-    (venv / ".complete").write_text(json.dumps(info, indent=2) + "\n")
-    _say(f"built {venv.name} in {seconds:.1f} s: {versions}")
-
-
-def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), check=False)
-    if result.returncode != 0:
-        tail = (result.stdout + result.stderr)[-4000:]
-        raise RuntimeError(f"{what} failed with exit code {result.returncode}:\n{tail}")
-    return result
+    return dict(json.loads(probe.stdout.strip().splitlines()[-1]))
 
 
 def tritonserver_dist(venv: Path) -> Path:
@@ -325,7 +254,7 @@ def _launch(venv: Path, repository: Path, extra_args: list[str]) -> TritonServer
         f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
         *extra_args,
     ]  # fmt: skip
-    env = _clean_env()
+    env = clean_env()
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
     env["LD_LIBRARY_PATH"] = _library_path(dist)
     env.setdefault("OMP_NUM_THREADS", "1")
