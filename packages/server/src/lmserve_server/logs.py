@@ -60,6 +60,8 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # Python warnings through the same handler (in JSON mode: JSON lines too).
+    logging.captureWarnings(True)
     # httpx, urllib3 and filelock are chatty at INFO about things users cannot act on.
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
