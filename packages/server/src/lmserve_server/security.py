@@ -37,7 +37,7 @@ class ApiKey:
         """``authorization``: the header's value, ``Bearer KEY`` (scheme case-insensitive)."""
         if authorization is None:
             return False
-        raw = authorization.encode("latin-1") if isinstance(authorization, str) else authorization
+        raw = authorization.encode("utf-8") if isinstance(authorization, str) else authorization
         scheme, _, token = raw.strip().partition(b" ")
         if scheme.lower() != b"bearer":
             return False
