@@ -16,7 +16,7 @@ import numpy as np
 import openai
 import pytest
 
-from _support.reliability import abandon_many, assert_idle
+from _support.reliability import abandon_many, assert_idle, metric
 from _support.sdk import openai_client
 from _support.servers import ServerProcess, start_server
 from _support.tiny_models import model_path
@@ -307,16 +307,12 @@ def test_a_dead_engine_fails_requests_clearly_and_turns_readiness_503() -> None:
 def test_generation_metrics_on_vllm(server_pool: Pool) -> None:
     server = server_pool("--model_dir", str(model_path("llama")), *VLLM)
 
-    def count(name: str) -> float:
-        found = re.search(rf"^{name} ([0-9.e+]+)$", httpx.get(server.url + "/metrics").text, re.M)
-        return float(found.group(1)) if found else 0.0
-
     names = ("lmserve_time_to_first_token_seconds_count", "lmserve_queue_time_seconds_count",
              "lmserve_generation_tokens_total")  # fmt: skip
-    before = {n: count(n) for n in names}
+    before = {n: metric(server, n) for n in names}
     r = client(server).completions.create(model="model", prompt="Once", max_tokens=6,
                                           extra_body={"ignore_eos": True})  # fmt: skip
     assert r.usage.completion_tokens == 6
-    assert count(names[0]) == before[names[0]] + 1
-    assert count(names[1]) == before[names[1]] + 1  # vLLM's own queued -> scheduled time
-    assert count(names[2]) == before[names[2]] + 6
+    assert metric(server, names[0]) == before[names[0]] + 1
+    assert metric(server, names[1]) == before[names[1]] + 1  # vLLM's queued -> scheduled time
+    assert metric(server, names[2]) == before[names[2]] + 6

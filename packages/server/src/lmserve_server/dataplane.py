@@ -84,7 +84,7 @@ class DataPlane:
         self, name: str, texts: Sequence[Any], parameters: Mapping[str, Any] | None
     ) -> EncoderResult:
         service = self.host.require(name)
-        with self.host.admit(name):
+        with self.host.gate.admit():
             result = await service.infer(
                 list(texts) if isinstance(texts, list | tuple) else texts, parameters
             )
@@ -94,7 +94,7 @@ class DataPlane:
     async def infer_token_ids(self, name: str, rows: Sequence[Sequence[int]]) -> EncoderResult:
         """Pre-tokenized input (OpenAI embeddings accept token id lists)."""
         service = self.host.require(name)
-        with self.host.admit(name):
+        with self.host.gate.admit():
             encoded = service.encode_token_ids(rows, RequestParams())
             result = await service.infer_encoded(encoded)
         self.metrics.input_tokens.inc(result.token_count)

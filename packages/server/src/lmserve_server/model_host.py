@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
-from lmserve_core.admission import AdmissionGate, Ticket
+from lmserve_core.admission import AdmissionGate
 from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadRequest
 from lmserve_core.encoder import EncoderService
 from lmserve_core.errors import InvalidInput, LmserveError, ModelNotFound, ModelNotReady
@@ -43,7 +43,8 @@ class ModelHost:
         self.created = int(time.time())
         self.load_seconds: float | None = None
         # Bounds the requests this model holds (running + --max_queued_requests waiting);
-        # the running slots are refined once the backend is known.
+        # the running slots are refined once the backend is known. Callers admit after
+        # ``require``/``require_generator``, so 404 and 503 come before 429.
         running = settings.max_num_seqs if plan.task.is_generative else settings.max_batch_size
         self.gate = AdmissionGate(running_slots=running, max_queued=settings.max_queued_requests)
         # Set by the app: metrics hooks.
@@ -176,11 +177,6 @@ class ModelHost:
             raise ModelNotReady("the server is shutting down")
         if self.state is ModelState.failed:
             raise ModelNotReady(f"model {name!r} failed to load: {self.error}")
-
-    def admit(self, name: str, weight: int = 1) -> Ticket:
-        """Admission for one request to ``name`` (404/503 first, then 429 when full)."""
-        self.check_usable(name)
-        return self.gate.admit(weight)
 
     def start_draining(self) -> None:
         """Readiness 503 and new requests 503 from now on; in-flight ones carry on."""

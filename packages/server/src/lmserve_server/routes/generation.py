@@ -65,7 +65,7 @@ async def _respond(
     host: ModelHost, service: OpenAIGenerationService, prep: Prepared, request: Request
 ) -> Any:
     # One unit per sequence started: a request with n=4 weighs as much as four with n=1.
-    ticket = host.admit(prep.model, len(prep.prompts) * prep.n)
+    ticket = host.gate.admit(len(prep.prompts) * prep.n)
     if prep.stream:
         # Starlette cancels the body iterator when the client disconnects; cancelling
         # it closes every choice's backend stream, which aborts generation.
