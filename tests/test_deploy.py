@@ -4,6 +4,12 @@
   ``kubernetes`` client, generated from the same OpenAPI definitions as the CRDs), in a side
   venv (``_support/side_venvs.py``): unknown fields, wrong types, missing required fields.
 - The lmserve arguments in them are accepted by ``lmserve serve``'s own parser.
+- The multi-node runtime's shell commands are run under bash with stand-ins for ``ray`` and
+  ``lmserve`` that record their arguments: the head starts Ray and then execs ``lmserve serve``,
+  whose arguments (KServe's injected variables given sample values) pass lmserve's parser and
+  vLLM's engine-flag check, and the workers join the head on the port it listens on; the
+  ``ray`` arguments pass Ray's own CLI parser. KServe's multi-node rules (container names,
+  variables its webhook refuses, pvc/oci storage, no autoscaler) are checked on the manifests.
 - The Dockerfile runs ``lmserve serve`` as a non-root user on 0.0.0.0, and its install command
   resolves against uv.lock for both variants (``uv sync --dry-run``). No image is built here:
   there is no Docker daemon and no registry to pull base images from.
@@ -12,10 +18,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +32,8 @@ import pytest
 import yaml
 
 from _support.side_venvs import clean_env, ensure_side_venv
-from lmserve_server.cli import build_settings, serve_parser
+from lmserve_core.settings import ServeSettings
+from lmserve_server.cli import build_settings, check_engine_args, serve_parser
 from lmserve_server.security import is_open_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +41,7 @@ DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted((DEPLOY / "kserve").glob("*.yaml"))
 CHECKER = Path(__file__).resolve().parent / "_support" / "kserve" / "check_manifests.py"
 KSERVE_SDK = ("kserve==0.21.0", "pyyaml")
+MULTINODE = "lmserve-multinode"
 
 
 def kserve_check(paths: list[Path]) -> dict[str, Any]:
@@ -53,7 +63,11 @@ def test_manifests_match_kserves_api_models() -> None:
     report = kserve_check(MANIFESTS)
     assert report["errors"] == []
     kinds = sorted(c["kind"] for c in report["checked"])
-    assert kinds.count("V1beta1InferenceService") >= 3 and "V1alpha1ServingRuntime" in kinds
+    assert (
+        kinds.count("V1beta1InferenceService") >= 4 and kinds.count("V1alpha1ServingRuntime") >= 2
+    )
+    files = {Path(c["file"]).name for c in report["checked"]}
+    assert {"servingruntime-multinode.yaml", "inferenceservice-multinode.yaml"} <= files
 
 
 @pytest.mark.slow
@@ -71,8 +85,38 @@ def test_the_checker_finds_what_is_wrong(tmp_path: Path) -> None:
     assert "name" in errors and "V1Container" in errors  # a container needs a name
 
 
-def _runtime() -> dict[str, Any]:
-    (runtime,) = [d for _, d in documents() if d["kind"] == "ServingRuntime"]
+@pytest.mark.slow
+def test_the_checker_checks_worker_specs(tmp_path: Path) -> None:
+    """Both workerSpecs are typed: the InferenceService's by the SDK's V1beta1WorkerSpec, the
+    ServingRuntime's by V1alpha1WorkerSpec, which the SDK names but lacks (the checker builds
+    it from KServe's Go definition: ServingRuntimePodSpec plus the two sizes)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        "apiVersion: serving.kserve.io/v1alpha1\nkind: ServingRuntime\nmetadata: {name: x}\n"
+        "spec:\n  supportedModelFormats: [{name: huggingface}]\n"
+        "  containers: [{name: kserve-container, image: i}]\n"
+        "  workerSpec:\n    pipelineParallelSize: two\n    tensorParalelSize: 1\n"
+        "---\napiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\n"
+        "metadata: {name: x}\nspec:\n  predictor:\n    deploymentStrategy: {kind: Recreate}\n"
+        "    model: {modelFormat: {name: huggingface}}\n"
+        "    workerSpec:\n      pipelineParallelSize: '2'\n      tensorParallelSizes: 1\n"
+        "      containers: [{image: lmserve}]\n"
+    )
+    errors = "\n".join(kserve_check([broken])["errors"])
+    assert "workerSpec.pipelineParallelSize: expected int, got str 'two'" in errors
+    assert "workerSpec.tensorParalelSize: not a field of V1alpha1WorkerSpec" in errors
+    assert "V1alpha1WorkerSpec: Invalid value for `containers`" in errors  # required
+    assert "workerSpec.pipelineParallelSize: expected int, got str '2'" in errors
+    assert "workerSpec.tensorParallelSizes: not a field of V1beta1WorkerSpec" in errors
+    assert "workerSpec.containers[0]: V1Container" in errors and "name" in errors
+    assert "deploymentStrategy.kind: not a field of K8sIoApiAppsV1DeploymentStrategy" in errors
+
+
+def _runtime(name: str = "lmserve") -> dict[str, Any]:
+    (runtime,) = [
+        d for _, d in documents()
+        if d["kind"] == "ServingRuntime" and d["metadata"]["name"] == name
+    ]  # fmt: skip
     return runtime
 
 
@@ -120,6 +164,213 @@ def test_every_lmserve_argument_in_the_manifests_parses() -> None:
     assert seen >= 3
 
 
+# --- multi-node: vLLM on Ray across the head pod and the worker pods -------------------------
+
+# Sample values for what the Downward API gives the fieldRef variables.
+FIELD_REFS = {"status.podIP": "10.244.3.7", "metadata.namespace": "llm", "metadata.name": "pod-0"}
+STUB = """#!{python}
+import json, os, sys
+log = os.environ["STUB_LOG"]
+with open(log) as fh:
+    before = [json.loads(line) for line in fh]
+call = {{"prog": os.path.basename(sys.argv[0]), "argv": sys.argv[1:], "pid": os.getpid(),
+        "env": dict(os.environ)}}
+with open(log, "a") as fh:
+    fh.write(json.dumps(call) + "\\n")
+# `ray health-check` fails twice (the head is not up yet), then answers.
+if sys.argv[1:2] == ["health-check"]:
+    sys.exit(0 if sum(c["argv"][:1] == ["health-check"] for c in before) >= 2 else 1)
+"""
+
+
+def _multinode_services() -> list[dict[str, Any]]:
+    return [
+        d for _, d in documents()
+        if d["kind"] == "InferenceService"
+        and (d["spec"]["predictor"].get("model") or {}).get("runtime") == MULTINODE
+    ]  # fmt: skip
+
+
+def _injected(isvc: dict[str, Any], role: str) -> dict[str, str]:
+    """What KServe's controller sets on the head and worker containers of an InferenceService
+    with a workerSpec (multiNodeProcess in its predictor.go), for the first generation."""
+    name, workers = isvc["metadata"]["name"], isvc["spec"]["predictor"]["workerSpec"]
+    if role == "head":
+        return {"TENSOR_PARALLEL_SIZE": str(workers["tensorParallelSize"]),
+                "PIPELINE_PARALLEL_SIZE": str(workers["pipelineParallelSize"]),
+                "RAY_NODE_COUNT": "2", "REQUEST_GPU_COUNT": "1", "MODEL_NAME": name,
+                "MODEL_DIR": "/mnt/models"}  # fmt: skip
+    return {"HEAD_SVC": f"{name}-head-1", "ISVC_NAME": name, "RAY_NODE_COUNT": "2",
+            "REQUEST_GPU_COUNT": "1"}  # fmt: skip
+
+
+def _container_env(container: dict[str, Any]) -> dict[str, str]:
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            env[var["name"]] = FIELD_REFS[var["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
+
+
+def _run(
+    container: dict[str, Any], args: list[str], env: dict[str, str], tmp_path: Path
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run the container's command + args under bash with only ``env`` set (so an unset
+    variable fails under ``set -u``) and recording stand-ins for ray, lmserve and sleep.
+    Returns the shell's pid and the calls in order."""
+    command = container["command"]
+    assert command[:2] == ["bash", "-c"], command
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for prog in ("ray", "lmserve", "sleep"):
+        (stubs / prog).write_text(STUB.format(python=sys.executable))
+        (stubs / prog).chmod(0o755)
+    log = tmp_path / f"calls-{container['name']}.jsonl"
+    log.write_text("")
+    # bash replaces itself with a script's last command on its own, unless a trap is set: with
+    # one, only the script's own `exec` keeps the pid (which is what the tests look at).
+    (tmp_path / "bash_env").write_text("trap : EXIT\n")
+    full_env = {**env, "PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log),
+                "BASH_ENV": str(tmp_path / "bash_env")}  # fmt: skip
+    proc = subprocess.Popen([*command, *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    return proc.pid, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _ray_cli(argv: list[str]) -> dict[str, Any]:
+    """Ray's own CLI parser (click) reads ``ray`` arguments without running them."""
+    from ray.scripts.scripts import cli
+
+    command, *rest = argv
+    return dict(cli.commands[command].make_context(f"ray {command}", rest).params)
+
+
+def _engine_flags(argv: tuple[str, ...]) -> dict[str, str]:
+    flags, i = {}, 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if not eq:
+            i, value = i + 1, argv[i + 1]
+        flags[flag] = value
+        i += 1
+    return flags
+
+
+def _serve_settings(argv: list[str], environ: dict[str, str]) -> ServeSettings:
+    """What ``lmserve serve`` does with its arguments: its own flags, then the leftovers
+    through vLLM's engine parser (exit 2 for either kind of bad flag)."""
+    parser = serve_parser()
+    namespace, leftovers = parser.parse_known_args(argv)
+    engine_args = check_engine_args(parser, leftovers)
+    return build_settings(parser, namespace, environ=environ, engine_args=engine_args)
+
+
+def _run_head(isvc: dict[str, Any], tmp_path: Path) -> tuple[int, list[dict[str, Any]]]:
+    (head,) = _runtime(MULTINODE)["spec"]["containers"]
+    name = isvc["metadata"]["name"]
+    args = [a.replace("{{.Name}}", name) for a in head.get("args", [])]
+    args += isvc["spec"]["predictor"]["model"].get("args", [])  # KServe appends model args
+    return _run(head, args, {**_container_env(head), **_injected(isvc, "head")}, tmp_path)
+
+
+def test_multinode_runtime_follows_kserves_multinode_rules() -> None:
+    spec = _runtime(MULTINODE)["spec"]
+    assert {f["name"] for f in spec["supportedModelFormats"]} == {"huggingface"}
+    assert spec["protocolVersions"] == _runtime()["spec"]["protocolVersions"]
+    (head,) = spec["containers"]
+    (worker,) = spec["workerSpec"]["containers"]  # KServe refuses more than one
+    assert (head["name"], worker["name"]) == ("kserve-container", "worker-container")
+    # KServe sets these from workerSpec; its webhook refuses a runtime that sets them itself.
+    assert not {"TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE"} & set(_container_env(head))
+    assert head["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"  # lost Ray nodes
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        path = head[probe]["httpGet"]["path"]
+        assert is_open_path("GET", path), f"{probe} {path} would need the API key"
+    for container, volumes in ((head, spec["volumes"]), (worker, spec["workerSpec"]["volumes"])):
+        security = container["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+        assert security["allowPrivilegeEscalation"] is False
+        (shm,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        (volume,) = [v for v in volumes if v["name"] == shm]
+        assert volume["emptyDir"]["medium"] == "Memory", f"{container['name']}: /dev/shm"
+
+
+def test_multinode_inference_service_follows_kserves_multinode_rules() -> None:
+    services = _multinode_services()
+    assert services
+    for isvc in services:
+        annotations = isvc["metadata"]["annotations"]
+        assert annotations["serving.kserve.io/deploymentMode"] in ("Standard", "RawDeployment")
+        assert annotations["serving.kserve.io/autoscalerClass"] == "none"
+        predictor = isvc["spec"]["predictor"]
+        model, workers = predictor["model"], predictor["workerSpec"]
+        assert model["storageUri"].split("://")[0] in ("pvc", "oci")  # all KServe mounts there
+        assert not {"TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE"} & set(_container_env(model))
+        tp, pp = workers["tensorParallelSize"], workers["pipelineParallelSize"]
+        assert tp >= 1 and pp >= 1
+        (worker,) = workers["containers"]
+        assert worker["name"] == "worker-container"
+        # KServe's arithmetic (computeRayNodeAndGPUs): ceil(tp x pp / GPUs per worker) pods.
+        gpu = "nvidia.com/gpu"
+        head_gpus = int(model["resources"]["limits"][gpu])
+        worker_gpus = int(worker["resources"]["limits"][gpu])
+        nodes = math.ceil(tp * pp / worker_gpus)
+        assert nodes >= 2, "one pod would do: use the lmserve runtime"
+        assert head_gpus + worker_gpus * (nodes - 1) >= tp * pp
+
+
+def test_multinode_head_starts_ray_then_execs_lmserve_serve(tmp_path: Path) -> None:
+    services = _multinode_services()
+    assert services
+    for isvc in services:
+        pid, calls = _run_head(isvc, tmp_path)
+        assert [c["prog"] for c in calls] == ["ray", "lmserve"], calls
+        ray_start, serve = calls
+        started = _ray_cli(ray_start["argv"])
+        assert ray_start["argv"][0] == "start" and started["head"] is True
+        # exec: lmserve replaces the shell, so SIGTERM reaches it and it drains.
+        assert serve["pid"] == pid
+        # lmserve joins the head that was just started on this pod.
+        host, port = serve["env"]["RAY_ADDRESS"].rsplit(":", 1)
+        assert (host, int(port)) == (started["node_ip_address"], started["port"])
+        assert serve["argv"][0] == "serve"
+        settings = _serve_settings(serve["argv"][1:], environ=serve["env"])
+        workers = isvc["spec"]["predictor"]["workerSpec"]
+        assert settings.model_name == isvc["metadata"]["name"]
+        assert settings.model_dir == "/mnt/models"  # where KServe mounts the storageUri
+        assert settings.backend.value == "vllm"
+        assert settings.host == "0.0.0.0"  # LMSERVE_HOST: reachable from the Service
+        engine = _engine_flags(settings.engine_args)
+        assert engine["--distributed-executor-backend"] == "ray"
+        assert engine["--tensor-parallel-size"] == str(workers["tensorParallelSize"])
+        assert engine["--pipeline-parallel-size"] == str(workers["pipelineParallelSize"])
+
+
+def test_multinode_workers_wait_for_the_head_and_join_its_ray_port(tmp_path: Path) -> None:
+    (isvc,) = _multinode_services()[:1]
+    _, head_calls = _run_head(isvc, tmp_path)
+    head_port = _ray_cli(head_calls[0]["argv"])["port"]
+    (worker,) = _runtime(MULTINODE)["spec"]["workerSpec"]["containers"]
+    env = {**_container_env(worker), **_injected(isvc, "worker")}
+    pid, calls = _run(worker, worker.get("args", []), env, tmp_path)
+    ray_calls = [c["argv"] for c in calls if c["prog"] == "ray"]
+    *checks, start = ray_calls
+    assert [c[0] for c in checks] == ["health-check"] * 3 and start[0] == "start"
+    assert [c["prog"] for c in calls].count("sleep") == 2  # waited after each failed check
+    joined = _ray_cli(start)
+    assert joined["block"] is True and joined["head"] is False
+    host, port = joined["address"].rsplit(":", 1)
+    assert int(port) == head_port
+    # HEAD_SVC is the head pod's headless Service; POD_NAMESPACE its namespace.
+    assert host == f"{env['HEAD_SVC']}.{FIELD_REFS['metadata.namespace']}.svc"
+    assert {_ray_cli(c)["address"] for c in checks} == {joined["address"]}
+    assert calls[-1]["pid"] == pid  # exec: the container lives as long as `ray start --block`
+
+
 def _dockerfile() -> str:
     return (DEPLOY / "Dockerfile").read_text()
 
@@ -153,3 +404,4 @@ def test_dockerfile_install_command_resolves_against_the_lock(variant: str) -> N
         variant == "cuda"
     )
     assert "pytest" not in out  # no dev tools in the image
+    assert "+ ray==" in out  # multi-node vLLM (deploy/kserve/*-multinode.yaml) and Ray Serve

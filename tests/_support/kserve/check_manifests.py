@@ -6,6 +6,16 @@ OpenAPI definitions as KServe's CRDs: every key of a manifest must be a field of
 its place, every value of that field's type, and every required field present (the models'
 client-side validation in their setters). Prints one JSON report: {"checked": [...], "errors": [...]}.
 
+Two types that the SDK's models name are missing from kserve==0.21.0, so they are supplied here
+from their definitions rather than left unchecked:
+
+- ``V1alpha1WorkerSpec`` (``ServingRuntimeSpec.workerSpec``, multi-node): KServe's Go type is
+  ``WorkerSpec{ServingRuntimePodSpec (inline); PipelineParallelSize *int; TensorParallelSize
+  *int}`` (pkg/apis/serving/v1alpha1/servingruntime_types.go), i.e. the fields of
+  ``V1alpha1ServingRuntimePodSpec`` plus two ints, checked as such.
+- ``K8sIoApiAppsV1DeploymentStrategy`` (``PredictorSpec.deploymentStrategy``) is Kubernetes'
+  apps/v1 DeploymentStrategy, which the ``kubernetes`` client calls ``V1DeploymentStrategy``.
+
     python check_manifests.py FILE.yaml [...]
 """
 
@@ -28,8 +38,32 @@ KINDS = {
 PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float)}
 
 
+def _v1alpha1_worker_spec() -> type:
+    pod = kserve.models.V1alpha1ServingRuntimePodSpec
+    sizes = {"pipeline_parallel_size": "pipelineParallelSize",
+             "tensor_parallel_size": "tensorParallelSize"}  # fmt: skip
+
+    class V1alpha1WorkerSpec:
+        openapi_types = {**pod.openapi_types, **dict.fromkeys(sizes, "int")}
+        attribute_map = {**pod.attribute_map, **sizes}
+
+        def __init__(self, **fields: Any) -> None:
+            pod(**{k: v for k, v in fields.items() if k not in sizes})  # required: containers
+
+    return V1alpha1WorkerSpec
+
+
+MISSING_FROM_SDK = {
+    "V1alpha1WorkerSpec": _v1alpha1_worker_spec,
+    "K8sIoApiAppsV1DeploymentStrategy": lambda: kubernetes.client.models.V1DeploymentStrategy,
+}
+
+
 def model_class(name: str) -> Any:
-    return getattr(kserve.models, name, None) or getattr(kubernetes.client.models, name, None)
+    found = getattr(kserve.models, name, None) or getattr(kubernetes.client.models, name, None)
+    if found is None and name in MISSING_FROM_SDK:
+        return MISSING_FROM_SDK[name]()
+    return found
 
 
 def check(value: Any, type_name: str, where: str, errors: list[str]) -> None:

@@ -9,12 +9,16 @@ to lmserve's. Everything else reaches ``AsyncEngineArgs`` as ``vllm serve`` woul
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lmserve_core.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
 
 # vLLM flag -> the lmserve flag that owns the setting.
 OWNED_BY_LMSERVE = {
@@ -105,7 +109,20 @@ def build_engine_args(
         and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     ):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(default_cpu_kv_cache_gib())
+    world = int(args.tensor_parallel_size) * int(args.pipeline_parallel_size)
+    bind_set = bool(os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+    if on_cpu and world > 1 and not bind_set and numa_nodes() < world:
+        # vLLM's "auto" binds each CPU worker to a NUMA node of its own and refuses to
+        # start when there are fewer nodes than workers; unbound threads work anywhere.
+        logger.info("%d CPU workers on %d NUMA node(s): VLLM_CPU_OMP_THREADS_BIND=nobind",
+                    world, numa_nodes())  # fmt: skip
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return args
+
+
+def numa_nodes() -> int:
+    nodes = list(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return max(1, len(nodes))
 
 
 def default_cpu_kv_cache_gib() -> int:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from lmserve_backend_vllm.ray_cluster import NodeWatch
 from lmserve_core.errors import BackendError
 from lmserve_core.generation.params import GenerationRequest, TokenEvent, TokenLogprob
 
@@ -39,9 +40,11 @@ def _queued_seconds(output: Any) -> float | None:
 
 class VLLMGenerator:
     def __init__(
-        self, engine: Any, *, eos_token_ids: frozenset[int], max_model_len: int, vocab_size: int
-    ) -> None:
+        self, engine: Any, *, eos_token_ids: frozenset[int], max_model_len: int, vocab_size: int,
+        node_watch: NodeWatch | None = None,
+    ) -> None:  # fmt: skip
         self.engine = engine
+        self.node_watch = node_watch  # --distributed-executor-backend ray
         self.eos_token_ids = eos_token_ids
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
@@ -71,6 +74,8 @@ class VLLMGenerator:
             raise BackendError(
                 f"the vLLM engine died: {getattr(self.engine, 'dead_error', 'unknown error')}"
             )
+        if self.node_watch is not None:
+            self.node_watch.check()
 
     def num_unfinished(self) -> int:
         return int(self.engine.get_num_unfinished_requests())

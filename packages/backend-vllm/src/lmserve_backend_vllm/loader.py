@@ -6,9 +6,11 @@ import logging
 import time
 from typing import Any
 
+from lmserve_backend_vllm import ray_cluster
 from lmserve_backend_vllm.engine_args import build_engine_args
 from lmserve_backend_vllm.generator import VLLMGenerator
 from lmserve_backend_vllm.pooling import VLLMPoolingEncoder
+from lmserve_backend_vllm.ray_cluster import NodeWatch
 from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadedModel, LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
 from lmserve_core.errors import ConfigurationError
@@ -59,6 +61,9 @@ def load(request: LoadRequest) -> LoadedModel:
     started = time.perf_counter()
     args = build_engine_args(settings, str(source.path), on_cpu=on_cpu,
                              runner="pooling" if task in POOLING_TASKS else None)  # fmt: skip
+    node_watch = None
+    if args.distributed_executor_backend == "ray":
+        node_watch = ray_cluster.prepare(args, timeout=settings.ray_cluster_timeout)
     try:
         engine = AsyncLLM.from_engine_args(args)
     except Exception as exc:
@@ -85,26 +90,29 @@ def load(request: LoadRequest) -> LoadedModel:
         "kv_cache_memory_bytes": config.cache_config.kv_cache_memory_bytes,
         "max_num_seqs": config.scheduler_config.max_num_seqs,
         "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+        **(node_watch.summary() if node_watch is not None else {}),
     }
     logger.info("vLLM engine for %s (%s) ready in %.1f s: %s", source.display_name, task.value,
                 time.perf_counter() - started, details)  # fmt: skip
     if task in POOLING_TASKS:
-        return _pooling(request, engine, raw_tok, context, details)
+        return _pooling(request, engine, raw_tok, context, details, node_watch)
     gen_config = generation_config(source.path)
     tokenizer = HFGenerationTokenizer(raw_tok, extra_eos=token_ids(gen_config.get("eos_token_id")),
                                       chat_template=read_chat_template(settings.chat_template))  # fmt: skip
     vocab = int(model_config.get_vocab_size())
     generator = VLLMGenerator(
-        engine, eos_token_ids=tokenizer.eos_token_ids, max_model_len=context, vocab_size=vocab
-    )
+        engine, eos_token_ids=tokenizer.eos_token_ids, max_model_len=context, vocab_size=vocab,
+        node_watch=node_watch,
+    )  # fmt: skip
     facts = ModelFacts(max_model_len=context, vocab_size=vocab, is_encoder_decoder=False,
                        default_sampling=sampling_defaults(gen_config))  # fmt: skip
     return LoadedGenerator(generator, tokenizer, facts, "vllm", details)
 
 
 def _pooling(
-    request: LoadRequest, engine: Any, raw_tok: Any, context: int, details: dict[str, Any]
-) -> LoadedEncoder:
+    request: LoadRequest, engine: Any, raw_tok: Any, context: int, details: dict[str, Any],
+    node_watch: NodeWatch | None,
+) -> LoadedEncoder:  # fmt: skip
     settings, task, config = request.settings, request.task, request.config
     if settings.disable_lower_case:
         disable_lower_case(raw_tok)
@@ -128,7 +136,7 @@ def _pooling(
         return_raw_logits=settings.return_raw_logits,
         return_offsets_mapping=settings.return_offsets_mapping,
     )
-    backend = VLLMPoolingEncoder(engine, loop, task=POOLING_TASKS[task])
+    backend = VLLMPoolingEncoder(engine, loop, task=POOLING_TASKS[task], node_watch=node_watch)
     return LoadedEncoder(backend, HFTokenizer(raw_tok), info, options, "vllm", details)
 
 

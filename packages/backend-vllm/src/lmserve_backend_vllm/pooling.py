@@ -14,10 +14,16 @@ from typing import Any
 
 import numpy as np
 
+from lmserve_backend_vllm.ray_cluster import NodeWatch
+
 
 class VLLMPoolingEncoder:
-    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, *, task: str) -> None:
+    def __init__(
+        self, engine: Any, loop: asyncio.AbstractEventLoop, *, task: str,
+        node_watch: NodeWatch | None = None,
+    ) -> None:  # fmt: skip
         self.engine = engine
+        self.node_watch = node_watch  # --distributed-executor-backend ray
         self.loop = loop
         self.task = task  # "embed" or "classify"
         self._ids = itertools.count()
@@ -52,6 +58,8 @@ class VLLMPoolingEncoder:
             from lmserve_core.errors import ModelNotReady
 
             raise ModelNotReady("the vLLM engine has died")
+        if self.node_watch is not None:
+            self.node_watch.check()
 
     def close(self) -> None:
         self.engine.shutdown()

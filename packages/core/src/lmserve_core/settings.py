@@ -290,6 +290,18 @@ class ServeSettings(BaseModel):
             ),
         ),
     ] = 1024
+    ray_cluster_timeout: Annotated[
+        float,
+        Field(
+            ge=0,
+            **_flag(
+                "vLLM with --distributed-executor-backend ray: seconds to wait for the Ray "
+                "cluster named by RAY_ADDRESS to offer the GPUs that --tensor-parallel-size x "
+                "--pipeline-parallel-size need (workers may still be joining), then fail.",
+                group="scale-out",
+            ),
+        ),
+    ] = 600
     shutdown_timeout: Annotated[
         float,
         Field(

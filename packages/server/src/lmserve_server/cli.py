@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from lmserve_core.errors import ConfigurationError
@@ -32,6 +32,7 @@ _GROUP_TITLES = {
     "server": "server",
     "security": "security",
     "logging": "logging",
+    "scale-out": "scale-out (Ray)",
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -56,9 +57,12 @@ def _spellings(name: str, field: FieldInfo) -> list[str]:
     return flags
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, model: type[BaseModel] = ServeSettings
+) -> None:
+    """A flag per field of ``model`` (ServeSettings, or serve-ray's ReplicaSettings)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, field in ServeSettings.model_fields.items():
+    for name, field in model.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if extra.get("cli") is False:
             continue
@@ -71,7 +75,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         shown = default.value if isinstance(default, Enum) else default
         env = ENV_PREFIX + name.upper()
         help_text = f"{field.description} [env {env}"
-        help_text += f"; default {shown}]" if shown not in (None, False) else "]"
+        # `is`, not `in`: a default of 0 equals False yet is worth showing.
+        help_text += f"; default {shown}]" if shown is not None and shown is not False else "]"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             group.add_argument(*_spellings(name, field), action="store_true", **kwargs)
@@ -83,9 +88,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(*_spellings(name, field), **kwargs)
 
 
-def settings_from_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, Any]:
+def settings_from_env(
+    environ: os._Environ[str] | dict[str, str], model: type[BaseModel] = ServeSettings
+) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for name, field in ServeSettings.model_fields.items():
+    for name, field in model.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if extra.get("cli") is False:
             continue
@@ -111,14 +118,29 @@ def build_settings(
     engine_args: Sequence[str] = (),
 ) -> ServeSettings:
     """Environment first, command line over it; errors name the flag and exit 2."""
+    return build_model(parser, namespace, ServeSettings, environ,
+                       extra={"engine_args": tuple(engine_args)})  # fmt: skip
+
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def build_model(
+    parser: argparse.ArgumentParser,
+    namespace: argparse.Namespace,
+    model: type[M],
+    environ: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> M:
+    """``model`` from its ``LMSERVE_*`` variables and, over them, the flags given."""
     try:
-        values = settings_from_env(os.environ if environ is None else environ)
+        values = settings_from_env(os.environ if environ is None else environ, model)
     except ConfigurationError as exc:
         parser.error(exc.message)
-    values.update({k: v for k, v in vars(namespace).items() if k in ServeSettings.model_fields})
-    values["engine_args"] = tuple(engine_args)
+    values.update({k: v for k, v in vars(namespace).items() if k in model.model_fields})
+    values.update(extra or {})
     try:
-        return ServeSettings(**values)
+        return model(**values)
     except ValidationError as exc:
         messages = []
         for err in exc.errors():
@@ -176,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "serve", help="serve a model (lmserve serve --help for every flag)", add_help=False
     )
     sub.add_parser(
+        "serve-ray",
+        help="serve a model as Ray Serve replicas behind one ingress (lmserve serve-ray --help)",
+        add_help=False,
+    )
+    sub.add_parser(
         "export", help="write an encoder as a Triton ONNX model repository", add_help=False
     )
     if not args or args[0] in ("-h", "--help"):
@@ -185,10 +212,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command == "serve":
         serve_main(rest, prog="lmserve serve")
         return
+    if command == "serve-ray":
+        serve_ray_main(rest, prog="lmserve serve-ray")
+        return
     if command == "export":
         export_main(rest, prog="lmserve export")
         return
-    parser.error(f"unknown command {command!r} (choose from: serve, export)")
+    parser.error(f"unknown command {command!r} (choose from: serve, serve-ray, export)")
 
 
 def serve_main(argv: Sequence[str], prog: str = "lmserve serve") -> None:
@@ -203,6 +233,40 @@ def serve_main(argv: Sequence[str], prog: str = "lmserve serve") -> None:
     from lmserve_server.runner import run
 
     raise SystemExit(run(settings))
+
+
+def serve_ray_parser(prog: str = "lmserve serve-ray") -> argparse.ArgumentParser:
+    from lmserve_server.ray_serve import ReplicaSettings
+
+    parser = serve_parser(prog)
+    parser.description = (
+        "Serve a model as lmserve replicas on Ray Serve: the same routes as `lmserve serve`, "
+        "behind one HTTP ingress on --host:--http_port, each replica with its own copy of the "
+        "model, autoscaled on in-flight requests. Needs lmserve-server[ray]. (No gRPC: Ray "
+        "Serve's proxy speaks HTTP here.)"
+    )
+    add_settings_arguments(parser, ReplicaSettings)
+    return parser
+
+
+def serve_ray_main(argv: Sequence[str], prog: str = "lmserve serve-ray") -> None:
+    """Exit 0 after a clean stop, 1 when the replicas could not start, 2 for a bad flag."""
+    try:
+        from lmserve_server.ray_serve import ReplicaSettings, run
+    except ImportError as exc:  # pragma: no cover - the extra is installed in the tests
+        print(f"{prog}: error: {exc}; install lmserve-server[ray]", file=sys.stderr)
+        raise SystemExit(2) from None
+    parser = serve_ray_parser(prog)
+    namespace, leftovers = parser.parse_known_args(list(argv))
+    if getattr(namespace, "enable_grpc", False):
+        parser.error("--enable_grpc: replicas on Ray Serve are reached over HTTP only")
+    engine_args = check_engine_args(parser, leftovers)
+    settings = build_settings(parser, namespace, engine_args=engine_args)
+    replicas = build_model(parser, namespace, ReplicaSettings)
+    try:
+        raise SystemExit(run(settings, replicas))
+    except ConfigurationError as exc:
+        parser.error(exc.message)
 
 
 def export_parser(prog: str = "lmserve export") -> argparse.ArgumentParser:

@@ -19,8 +19,14 @@ ACCESS_LOGGER = "lmserve.access"
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+# Decorations other libraries put on every record: uvicorn's coloured copy of the message,
+# vLLM's process name; Ray's record factory adds ``_ray_timestamp_ns`` (private: any ``_``).
+_DECORATIONS = {"color_message", "vllm_process_name"}
+
+
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    return {k: v for k, v in vars(record).items()
+            if k not in _STANDARD and k not in _DECORATIONS and not k.startswith("_")}  # fmt: skip
 
 
 class TextFormatter(logging.Formatter):
@@ -29,7 +35,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        fields = record_fields(record)
+        # key=value tails on lmserve's own lines only: elsewhere they are other libraries'.
+        fields = record_fields(record) if record.name.startswith("lmserve") else {}
         if fields:
             line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
         return line
