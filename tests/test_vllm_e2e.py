@@ -96,6 +96,21 @@ def test_greedy_parity_on_a_tiny_model(server_pool: Pool) -> None:
     assert r.choices[0].message.content == "Paris." and r.choices[0].finish_reason == "stop"
 
 
+def test_tensor_parallel_2_on_cpu_answers_like_one_process(server_pool: Pool) -> None:
+    """Two CPU workers (vLLM's mp executor), each with half of every layer: the same greedy
+    tokens as one. lmserve unbinds their threads on a machine with fewer NUMA nodes than
+    workers (vLLM's "auto" binding refuses to start there)."""
+    llama = str(model_path("llama"))
+    one = server_pool("--model_dir", llama, *VLLM)
+    two = server_pool("--model_dir", llama, *VLLM, "--tensor-parallel-size", "2",
+                      "--distributed-executor-backend", "mp")  # fmt: skip
+    meta = httpx.get(two.url + "/v2/models/model").json()["parameters"]
+    assert meta["tensor_parallel_size"] == 2 and meta["distributed_executor_backend"] == "mp"
+    for prompt in ("the capital of france is", "once upon a time", "the capital of italy is"):
+        assert greedy_tokens(two, prompt, 30)[1] == greedy_tokens(one, prompt, 30)[1]
+    assert "VLLM_CPU_OMP_THREADS_BIND=nobind" in two.log()
+
+
 def test_sdk_streaming_n_logprobs_stop_on_vllm(vllm_smol: ServerProcess) -> None:
     c = client(vllm_smol)
     full = c.chat.completions.create(model="model", messages=FRANCE, temperature=0, max_tokens=30)

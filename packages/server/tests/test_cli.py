@@ -69,11 +69,13 @@ def test_bad_env_boolean_exits_2() -> None:
     assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("which", ["serve", "export"])
+@pytest.mark.parametrize("which", ["serve", "serve-ray", "export"])
 def test_every_flag_of_every_subcommand_names_its_env_twin(which: str) -> None:
-    from lmserve_server.cli import export_parser
+    from lmserve_server.cli import export_parser, serve_ray_parser
 
-    parser = serve_parser() if which == "serve" else export_parser()
+    parser = {"serve": serve_parser, "serve-ray": serve_ray_parser, "export": export_parser}[
+        which
+    ]()
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help", "help_engine"):
             continue
