@@ -20,6 +20,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lmserve_server.errors import route_path
 from lmserve_server.logs import ACCESS_LOGGER
 from lmserve_server.metrics import Metrics
 
@@ -70,7 +71,7 @@ class AccessMiddleware:
                 body.extend(message.get("body", b"")[: LOGGED_BODY_BYTES - len(body)])
             return message
 
-        scraped = scope["path"] == "/metrics"
+        scraped = route_path(scope) == "/metrics"
         if not scraped:
             self.metrics.in_flight.inc()
         try:

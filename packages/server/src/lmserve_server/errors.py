@@ -48,6 +48,16 @@ def status_of(exc: LmserveError) -> tuple[int, str]:
     return 500, "internal_server_error"
 
 
+def route_path(scope: Scope) -> str:
+    """The path inside lmserve's app: without the prefix it is mounted under (``root_path``),
+    so protocol-by-path decisions hold in an app mounted at ``/lm`` (lmserve_server.embed)."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :] or "/"
+    return path
+
+
 def error_body(path: str, status: int, message: str, kind: str, param: str | None = None) -> Any:
     if path.startswith("/openai/"):
         return {"error": {"message": message, "type": kind, "param": param, "code": status}}
@@ -64,7 +74,7 @@ async def send_error(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """The same error bodies from pure ASGI middleware (before any route runs)."""
-    raw = json.dumps(error_body(scope["path"], status, message, kind)).encode()
+    raw = json.dumps(error_body(route_path(scope), status, message, kind)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(raw)).encode()), *(headers or [])]})  # fmt: skip
@@ -80,7 +90,7 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = error_body(request.url.path, status, message, kind, param)
+    body = error_body(route_path(request.scope), status, message, kind, param)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

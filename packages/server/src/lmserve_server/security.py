@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmserve_server.errors import send_error
+from lmserve_server.errors import route_path, send_error
 
 # Paths anyone may call: health, metrics, the OpenAPI docs (no model data in any of them).
 _OPEN_PATHS = frozenset(
@@ -58,7 +58,7 @@ class ApiKeyMiddleware:
         self.key = ApiKey(api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_open_path(scope["method"], scope["path"]):
+        if scope["type"] != "http" or is_open_path(scope["method"], route_path(scope)):
             await self.app(scope, receive, send)
             return
         if self.key.accepts(_header(scope["headers"], b"authorization")):
