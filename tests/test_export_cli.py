@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,45 @@ def test_export_writes_the_repository_and_prints_the_difference(tmp_path: Path) 
     config = (tmp_path / "sentiment" / "config.pbtxt").read_text()
     assert 'name: "sentiment"' in config and "max_batch_size: 8" in config
     assert "wrote " in r.stdout and "max abs diff" in r.stdout
+    # The tensor contract printed is the one Triton reads from the written config.pbtxt.
+    printed = printed_contract(r.stdout)
+    assert printed == pbtxt_contract(config), r.stdout
+    assert printed == [
+        ("input", "input_ids", "INT64", [-1, -1], [-1]),
+        ("input", "attention_mask", "INT64", [-1, -1], [-1]),
+        ("output", "logits", "FP32", [-1, 2], [2]),  # the two sentiment classes
+    ]
+
+
+Row = tuple[str, str, str, list[int], list[int]]
+_ROW = re.compile(
+    r"^\s+(input|output)\s+(\S+)\s+(\S+)\s+\[([-\d, ]*)\]\s+config\.pbtxt dims \[([-\d, ]*)\]$"
+)
+
+
+def printed_contract(stdout: str) -> list[Row]:
+    """(kind, name, datatype, shape with the batch axis, config.pbtxt dims) per printed line."""
+
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+
+    return [(m[1], m[2], m[3], ints(m[4]), ints(m[5]))
+            for m in map(_ROW.match, stdout.splitlines()) if m]  # fmt: skip
+
+
+def pbtxt_contract(text: str) -> list[Row]:
+    """The same rows from config.pbtxt as Triton parses it (protobuf text format into
+    ModelConfig); Triton's metadata puts a -1 batch axis before dims when max_batch_size > 0."""
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    pb = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    config = text_format.Parse(text, pb.ModelConfig())
+    batch = [-1] if config.max_batch_size > 0 else []
+
+    def row(kind: str, t: Any) -> Row:
+        datatype = pb.DataType.Name(t.data_type).removeprefix("TYPE_")
+        return (kind, t.name, datatype, [*batch, *t.dims], list(t.dims))
+
+    return [row("input", t) for t in config.input] + [row("output", t) for t in config.output]
 
 
 @pytest.mark.slow

@@ -37,10 +37,15 @@ PROTOCOLS = ("v2", "grpc-v2")
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    repo = tmp_path_factory.mktemp("triton-repo")
+def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model repository ``lmserve export`` writes (filled by the ``triton`` fixture)."""
+    return tmp_path_factory.mktemp("triton-repo")
+
+
+@pytest.fixture(scope="module")
+def triton(triton_repo: Path) -> Iterator[TritonServer]:
     models = {name: (model_path(model), task) for name, (model, task) in MODELS.items()}
-    server = serve_exported(repo, models, TENSORS.split(","))
+    server = serve_exported(triton_repo, models, TENSORS.split(","))
     try:
         yield server
     finally:
@@ -101,18 +106,73 @@ def test_concurrent_requests_of_mixed_lengths(
     assert all(r["predictions"][0] for r in got)  # entities were found, not empty answers
 
 
-def test_metadata_names_the_tensors_sent_to_triton(
-    transformer: Callable[[str, str], ServerProcess], triton: TritonServer
-) -> None:
-    with transformer("sentiment", "grpc-v2").client() as client:
-        params = client.get("/v2/models/sentiment").json()["parameters"]
-    assert params["backend"] == "triton"
-    assert params["predictor"] == triton.grpc_url and params["predictor_protocol"] == "grpc-v2"
-    assert params["predictor_inputs"] == [
-        {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-        {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
-    ]
-    assert params["predictor_output"] == "logits"
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_metadata_shows_the_tensors_of_config_pbtxt(
+    name: str, protocol: str, transformer: Callable[[str, str], ServerProcess],
+    triton: TritonServer, triton_repo: Path,
+) -> None:  # fmt: skip
+    """What lmserve sends to and expects from Triton, in /v2/models/{name}, is what the
+    exported config.pbtxt declares, and what Triton's own metadata shows."""
+    with transformer(name, protocol).client() as client:
+        metadata = client.get(f"/v2/models/{name}").json()
+    params = metadata["parameters"]
+    assert params["backend"] == "triton" and params["predictor_model"] == name
+    assert params["predictor_protocol"] == protocol
+    assert params["predictor"] == (triton.http_host if protocol == "v2" else triton.grpc_url)
+
+    config = config_pbtxt(triton_repo / name / "config.pbtxt")
+    assert params["predictor_inputs"] == config["inputs"]
+    assert params["predictor_outputs"] == config["outputs"]
+    with httpx.Client(base_url=triton.http_url, timeout=10) as client:
+        tritons = client.get(f"/v2/models/{name}").json()
+    assert params["predictor_inputs"] == tritons["inputs"]
+    assert params["predictor_outputs"] == tritons["outputs"]
+    if name == "sentiment":  # spelled out once
+        assert params["predictor_inputs"] == [
+            {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+        ]
+        assert params["predictor_outputs"] == [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 2]}
+        ]
+    # The protocol's own fields still describe lmserve's V2 model: text in, task output out.
+    assert metadata["inputs"] == [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}]
+    assert metadata["outputs"] and metadata["outputs"][0]["name"] == "output-0"
+
+
+def test_a_model_other_than_tritons_stops_startup(triton: TritonServer) -> None:
+    """The NER tokenizer and config in front of Triton's sentiment model: Triton's metadata
+    says logits [-1, 2], lmserve would read [-1, -1, 7]; startup names both, no traceback."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lmserve_server", "--model_dir", str(model_path("ner")),
+         "--model_name", "sentiment", "--predictor_host", triton.grpc_url,
+         "--predictor_protocol", "grpc-v2", "--tensor_input_names", TENSORS,
+         "--http_port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    message = (
+        "returns logits of shape [-1, 2]; lmserve expects [-1, -1, 7] for token_classification"
+    )
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def config_pbtxt(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """config.pbtxt as Triton reads it (protobuf text format into ModelConfig), in V2 model
+    metadata form: datatype without ``TYPE_``, shape = dims behind a -1 batch axis when
+    max_batch_size > 0."""
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    pb = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    config = text_format.Parse(path.read_text(), pb.ModelConfig())
+    batch = [-1] if config.max_batch_size > 0 else []
+
+    def tensors(items: Any) -> list[dict[str, Any]]:
+        return [{"name": t.name, "datatype": pb.DataType.Name(t.data_type).removeprefix("TYPE_"),
+                 "shape": [*batch, *t.dims]} for t in items]  # fmt: skip
+
+    return {"inputs": tensors(config.input), "outputs": tensors(config.output)}
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

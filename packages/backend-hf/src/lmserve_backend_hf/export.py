@@ -31,6 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmserve_backend_hf.triton_contract import (
+    DYNAMIC,
+    TritonTensor,
+    config_data_type,
+    describe_tensors,
+    token_inputs,
+)
 from lmserve_core.errors import BackendError, ConfigurationError
 from lmserve_core.model_files import config_max_length
 from lmserve_core.tasks import Task, parse_task
@@ -91,6 +98,27 @@ class ExportReport:
     seconds: float
     exporter: str  # "dynamo" (torch.export) or "torchscript"
     opset: int
+    max_batch_size: int = 32
+
+    @property
+    def inputs(self) -> tuple[TritonTensor, ...]:
+        """The graph's inputs as Triton's model metadata shows them (batch axis included)."""
+        return token_inputs(self.input_names)
+
+    @property
+    def outputs(self) -> tuple[TritonTensor, ...]:
+        return (_output_tensor(self.output_name, self.output_dims),)
+
+    def describe_tensors(self) -> list[str]:
+        """What ``lmserve export`` prints: the tensors Triton will see, as written to
+        config.pbtxt (SPEC §6), for a Triton operator to check."""
+        model = self.config_path.parent.name
+        return [
+            f'Triton model "{model}" (max_batch_size {self.max_batch_size}): shapes as Triton\'s '
+            "model metadata shows them, batch axis first, -1 = dynamic",
+            *(f"  {line}" for line in describe_tensors(self.inputs, self.outputs,
+                                                       self.max_batch_size)),
+        ]  # fmt: skip
 
 
 def export_onnx(
@@ -169,6 +197,7 @@ def export_onnx(
         seconds=time.perf_counter() - started,
         exporter=exporter,
         opset=written_opset,
+        max_batch_size=max_batch_size,
     )
 
 
@@ -185,28 +214,33 @@ def render_config_pbtxt(
     inputs are ``[ -1 ]`` (the sequence), the output is the model's shape after the batch axis.
     """
 
-    def dims(values: Sequence[int]) -> str:
-        return "[ " + ", ".join(str(v) for v in values) + " ]"
+    def block(tensor: TritonTensor) -> str:
+        dims = "[ " + ", ".join(str(d) for d in tensor.config_dims(max_batch_size)) + " ]"
+        return (
+            f"  {{\n    name: {_quote(tensor.name)}\n"
+            f"    data_type: {config_data_type(tensor.datatype)}\n    dims: {dims}\n  }}"
+        )
 
-    inputs = ",\n".join(
-        f"  {{\n    name: {_quote(n)}\n    data_type: TYPE_INT64\n    dims: [ -1 ]\n  }}"
-        for n in input_names
-    )
+    # The same TritonTensor values ExportReport.describe_tensors prints.
+    inputs = token_inputs(input_names)
+    output = _output_tensor(output_name, output_dims)
     return (
         "# Written by `lmserve export` (SPEC §6).\n"
         f"name: {_quote(model_name)}\n"
         'platform: "onnxruntime_onnx"\n'
         f"max_batch_size: {max_batch_size}\n"
-        f"input [\n{inputs}\n]\n"
-        "output [\n"
-        f"  {{\n    name: {_quote(output_name)}\n    data_type: TYPE_FP32\n"
-        f"    dims: {dims(output_dims)}\n  }}\n"
-        "]\n"
+        "input [\n" + ",\n".join(block(t) for t in inputs) + "\n]\n"
+        "output [\n" + block(output) + "\n]\n"
         # No preferred sizes or queue delay: like lmserve's own batcher, Triton then batches
         # whatever queued up while the model was busy.
         "dynamic_batching { }\n"
         "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
     )
+
+
+def _output_tensor(name: str, dims: Sequence[int]) -> TritonTensor:
+    """The graph's one FP32 output: ``dims`` (config.pbtxt's, no batch axis) behind the batch."""
+    return TritonTensor(name, "FP32", (DYNAMIC, *dims))
 
 
 def _quote(value: str) -> str:

@@ -16,6 +16,8 @@ from lmserve_core.tasks import Task, parse_task
 
 
 class Backend(StrEnum):
+    """Which backend runs the model (``--backend``)."""
+
     auto = "auto"
     huggingface = "huggingface"
     vllm = "vllm"
@@ -218,7 +220,8 @@ class ServeSettings(BaseModel):
         str | None,
         Field(
             **_flag(
-                "HOST:PORT of a Triton server: tokenize here, run the model there.",
+                "HOST:PORT of a Triton server (HOST alone: port 80, as KServe passes it): "
+                "tokenize here, run the model there.",
                 group="predictor",
             )
         ),

@@ -367,3 +367,8 @@ def export_main(argv: Sequence[str], prog: str = "lmserve export") -> None:
         f"wrote {report.config_path} and {report.onnx_path} ({report.exporter} exporter, "
         f"opset {report.opset}, max abs diff {report.max_abs_diff:.1e}, {report.seconds:.1f} s)"
     )
+    # The tensor contract, as Triton will see it: what a Triton operator checks against
+    # config.pbtxt and against lmserve's GET /v2/models/{name} in transformer mode.
+    describe = getattr(report, "describe_tensors", None)
+    for line in describe() if describe else []:
+        print(line)
