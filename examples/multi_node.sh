@@ -63,14 +63,20 @@ if [[ $ROLE == worker ]]; then
 fi
 [[ $ROLE == head || $ROLE == all ]] || { echo "ROLE is head, worker or all" >&2; exit 2; }
 
-# This script owns the Ray nodes it starts (`ray start --block` in the background) and stops
-# them when it ends: lmserve first (it drains), then the nodes, the head last.
+# This script owns the Ray nodes it starts (`ray start --block` in the background, in sessions
+# of their own so that Ctrl-C reaches lmserve alone) and stops them when it ends: lmserve first
+# (it drains its requests), then the nodes, the head last.
 NODES=() SERVER=
+# shellcheck disable=SC2329 # run by the traps below
 stop_all() {
-  local code=$?
+  local code=$? served=0
   trap - EXIT
   trap '' INT TERM  # finish stopping what was started (SIGKILL still ends it all)
-  if [[ -n $SERVER ]]; then kill -INT "$SERVER" 2>/dev/null || true; code=0; wait "$SERVER" || code=$?; fi
+  if [[ -n $SERVER ]]; then
+    kill -INT "$SERVER" 2>/dev/null || true
+    wait "$SERVER" || served=$?
+    if ((code > 128)); then code=$served; fi  # stopped by a signal: lmserve's exit status
+  fi
   for ((i = ${#NODES[@]} - 1; i >= 0; i--)); do
     kill -TERM "${NODES[i]}" 2>/dev/null || true
     wait "${NODES[i]}" || true
@@ -82,14 +88,14 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # 1. The Ray head (machine 1).
-"${RUN[@]}" ray start --block --head --port="$RAY_PORT" --node-ip-address="$HEAD" \
+setsid "${RUN[@]}" ray start --block --head --port="$RAY_PORT" --node-ip-address="$HEAD" \
   --disable-usage-stats "${DEMO_HEAD[@]}" &
 NODES+=($!)
 wait_for_head "${NODES[0]}"
 
 # 2. On machines 2..N: `ray start --address=HEAD:6379` (ROLE=worker). Here, the demo's second node.
 if [[ $ROLE == all ]]; then
-  "${RUN[@]}" ray start --block --address="$HEAD:$RAY_PORT" --node-ip-address="$HEAD" \
+  setsid "${RUN[@]}" ray start --block --address="$HEAD:$RAY_PORT" --node-ip-address="$HEAD" \
     "${DEMO_WORKER[@]}" &
   NODES+=($!)
 fi
@@ -107,6 +113,13 @@ else
     --host "$HOST" --http_port "$PORT" --min_replicas "${REPLICAS:-2}" --max_replicas_per_node 1 &
 fi
 SERVER=$!
+# Until lmserve ends, or a Ray node of this script does (lmserve cannot go on without it).
+while kill -0 "$SERVER" 2>/dev/null; do
+  for node in "${NODES[@]}"; do
+    kill -0 "$node" 2>/dev/null || { echo "a Ray node stopped: stopping lmserve" >&2; exit 1; }
+  done
+  sleep 1
+done
 code=0
 wait "$SERVER" || code=$?
 SERVER=

