@@ -1,7 +1,19 @@
-"""Hugging Face transformers backend of lmserve.
+"""Hugging Face transformers backend of lmserve, usable as a library.
 
-``create_backend`` is the ``lmserve.backends`` entry point; torch and transformers are
-imported inside it, so importing this package is cheap.
+From plain Python, no server::
+
+    from lmserve_backend_hf import load_model, export_onnx
+
+    with load_model("path/to/model") as model:      # task inferred from config.json
+        model.predict(["I love this"])               # encoders: V1 predictions
+        # generative models: model.generate(...), model.complete(...), model.chat(...)
+
+    export_onnx(model_dir, "sequence_classification", ["input_ids", "attention_mask"], out)
+
+For ``lmserve serve`` it plugs in through entry points: ``create_backend`` (``huggingface``),
+``create_triton_backend`` (``triton``), ``create_onnx_backend`` (``onnx``), ``convert_builtin``
+(``lmserve.converters``) and ``export_onnx`` (``lmserve.exporters``). torch and transformers are
+imported when a model is loaded, never by ``import lmserve_backend_hf``.
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from lmserve_backend_hf.export import export_onnx
+    from lmserve_backend_hf.library import EncoderModel, GeneratorModel, load_model
     from lmserve_core.backend import LoadedModel, LoadRequest
     from lmserve_core.builtin_models import BuiltinModel
 
@@ -21,6 +35,8 @@ __version__ = "0.1.0"
 
 
 def create_backend(request: LoadRequest) -> LoadedModel:
+    """``lmserve.backends`` entry point ``huggingface``: an encoder or a generator on
+    transformers/torch, as ``request.task`` says."""
     if request.task.is_generative:
         from lmserve_backend_hf.gen_loader import load_generator
 
@@ -67,4 +83,34 @@ def convert_builtin(model: BuiltinModel) -> Path:
     return convert_gguf(model)
 
 
-__all__ = ["convert_builtin", "create_backend", "create_onnx_backend", "create_triton_backend"]
+# The library API loads on first use: it imports numpy and the OpenAI schemas, which a
+# server that only asks for an entry point does not need yet.
+_LAZY = {
+    "load_model": "lmserve_backend_hf.library",
+    "EncoderModel": "lmserve_backend_hf.library",
+    "GeneratorModel": "lmserve_backend_hf.library",
+    "export_onnx": "lmserve_backend_hf.export",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "EncoderModel",
+    "GeneratorModel",
+    "convert_builtin",
+    "create_backend",
+    "create_onnx_backend",
+    "create_triton_backend",
+    "export_onnx",
+    "load_model",
+]

@@ -9,6 +9,8 @@ from lmserve_core.errors import ConfigurationError
 
 
 class Task(StrEnum):
+    """What a served model does; picks the pre/post-processing and the routes."""
+
     text_generation = "text_generation"
     text2text_generation = "text2text_generation"
     fill_mask = "fill_mask"

@@ -24,6 +24,8 @@ class Encoding:
 
 
 class TextTokenizer(Protocol):
+    """What the encoder tasks need from a tokenizer (backends wrap their own in it)."""
+
     @property
     def pad_token_id(self) -> int: ...
 

@@ -15,10 +15,14 @@ class OpenAIErrorDetail(BaseModel):
 
 
 class OpenAIErrorResponse(BaseModel):
+    """The body of every OpenAI-route error: ``{"error": {"message", "type", ...}}``."""
+
     error: OpenAIErrorDetail
 
 
 class EmbeddingRequest(BaseModel):
+    """``POST /openai/v1/embeddings``: text(s) or token ids to embed."""
+
     # Unknown fields are tolerated, as OpenAI SDKs add new ones over time.
     model_config = ConfigDict(extra="allow")
 
@@ -41,6 +45,8 @@ class EmbeddingUsage(BaseModel):
 
 
 class EmbeddingResponse(BaseModel):
+    """The embeddings, one per input, in input order, with token usage."""
+
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
     model: str
@@ -55,6 +61,8 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """``GET /openai/v1/models``."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
@@ -91,6 +99,8 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
+    """``POST /openai/v1/completions``: a prompt (text, texts or token ids) to continue."""
+
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0)
@@ -100,6 +110,8 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
+    """One message of a chat: ``role`` and ``content`` (text or content parts)."""
+
     model_config = ConfigDict(extra="allow")
 
     role: str
@@ -108,6 +120,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    """``POST /openai/v1/chat/completions``: messages, rendered by the model's chat template."""
+
     messages: list[ChatMessage]
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)

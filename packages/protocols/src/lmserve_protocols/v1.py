@@ -18,6 +18,8 @@ class V1PredictRequest(BaseModel):
 
 
 class V1PredictResponse(BaseModel):
+    """``{"predictions": [...]}``, one per instance."""
+
     predictions: list[Any]
 
 

@@ -13,6 +13,8 @@ V2Datatype = Literal[
 
 
 class V2RequestInput(BaseModel):
+    """One input tensor: name, shape, datatype and (in JSON) its data, row-major."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
@@ -31,6 +33,8 @@ class V2RequestOutput(BaseModel):
 
 
 class V2InferRequest(BaseModel):
+    """``POST /v2/models/{name}/infer``: at least one input tensor; unknown fields refused."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
@@ -40,6 +44,8 @@ class V2InferRequest(BaseModel):
 
 
 class V2ResponseOutput(BaseModel):
+    """One output tensor of an inference response."""
+
     name: str
     shape: list[int]
     datatype: str
@@ -48,6 +54,8 @@ class V2ResponseOutput(BaseModel):
 
 
 class V2InferResponse(BaseModel):
+    """The answer to ``/v2/models/{name}/infer``: the output tensors."""
+
     model_name: str
     model_version: str | None = None
     id: str | None = None
@@ -62,6 +70,8 @@ class V2TensorMetadata(BaseModel):
 
 
 class V2ModelMetadata(BaseModel):
+    """``GET /v2/models/{name}``: the tensors a model takes and returns."""
+
     name: str
     versions: list[str] = Field(default_factory=list)
     platform: str

@@ -57,6 +57,10 @@ class ChoiceDelta:
 
 
 class OpenAIGenerationService:
+    """The OpenAI completions and chat layer, written once above any ``GenerativeBackend``:
+    request validation, chat templates, stop strings, n, logprobs, echo, usage and stream
+    chunks (``prepare_*`` then ``complete`` or ``stream``)."""
+
     def __init__(
         self,
         *,
