@@ -41,6 +41,7 @@ from lmserve_core.errors import (
     PredictorError,
 )
 from lmserve_core.generation.backend import GenerativeBackend
+from lmserve_core.lazy import lazy_getattr
 from lmserve_core.settings import Backend, ServeSettings
 from lmserve_core.tasks import Task, infer_task, parse_task
 from lmserve_core.tokenizer import Encoding, TextTokenizer
@@ -61,15 +62,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
