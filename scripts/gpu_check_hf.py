@@ -156,6 +156,23 @@ def server_checks(models_dir: Path) -> None:
         report["server_log_tail"] = out[-3000:]
 
 
+def library_checks(models_dir: Path) -> None:
+    """lmserve_backend_hf's library API on the GPU: predict and generate from plain Python."""
+    from lmserve_backend_hf import load_model
+
+    with load_model(models_dir / "sentiment") as classifier:
+        labels = classifier.predict(["I love this", "I hate this"], {"output": "labels"})
+        device = str(classifier.service.backend.device)
+        check("library on GPU: predict labels", device.startswith("cuda")
+              and labels[0][0]["label"] == "POSITIVE" and labels[1][0]["label"] == "NEGATIVE",
+              labels=labels, device=device)  # fmt: skip
+    with load_model(models_dir / "llama") as llm:
+        text = llm.generate("the capital of france is", max_tokens=8, temperature=0)
+        device = str(llm.service.backend.device)
+        check("library on GPU: greedy generation", device.startswith("cuda")
+              and text.startswith(" paris."), text=text, device=device)  # fmt: skip
+
+
 def main() -> int:
     models_dir = Path(sys.argv[1])
     out_json = Path(sys.argv[2]) if len(sys.argv) > 2 else None
@@ -166,6 +183,7 @@ def main() -> int:
     if torch.cuda.is_available():
         model_checks(models_dir)
         server_checks(models_dir)
+        library_checks(models_dir)
     report["passed"] = all(c["ok"] for c in report["checks"])
     if out_json:
         out_json.write_text(json.dumps(report, indent=2, default=str))
