@@ -60,7 +60,7 @@ def cluster() -> dict[str, Any]:
 def watch_until_lost(timeout: float) -> dict[str, Any]:
     """Started while both nodes are alive; the test kills one after the 'watching' line."""
     from lmserve_backend_vllm.ray_cluster import RayCluster
-    from lmserve_core.errors import BackendError
+    from lmserve_core.errors import ModelNotReady
 
     watch = RayCluster.join().watch("CPU")
     watch.min_interval = 0.2
@@ -70,7 +70,7 @@ def watch_until_lost(timeout: float) -> dict[str, Any]:
     while time.monotonic() - started < timeout:
         try:
             watch.check()
-        except BackendError as exc:
+        except ModelNotReady as exc:
             return {"lost_after_seconds": time.monotonic() - started, "error": exc.message}
         time.sleep(0.2)
     return {"lost_after_seconds": None, "error": None}

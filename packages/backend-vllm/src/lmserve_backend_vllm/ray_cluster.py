@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmserve_core.errors import BackendError, ConfigurationError
+from lmserve_core.errors import ConfigurationError, ModelNotReady
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ class NodeWatch:
             self._checked_at = now
             self._error = self._find_lost()
         if self._error is not None:
-            raise BackendError(self._error)
+            # 503, like readiness: the engine cannot serve until its nodes are back.
+            raise ModelNotReady(self._error)
 
     def _find_lost(self) -> str | None:
         try:
