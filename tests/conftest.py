@@ -17,17 +17,53 @@ def _close_sdk_clients() -> Iterator[None]:
     close_openai_clients()
 
 
-@pytest.fixture(scope="session")
-def server_pool() -> Iterator[Callable[..., ServerProcess]]:
-    """Start each distinct server configuration once per session and share it."""
-    servers: dict[tuple[str, ...], ServerProcess] = {}
+class ServerPool:
+    """Each distinct server configuration started once and shared between tests and modules.
 
-    def get(*args: str) -> ServerProcess:
+    Memory is bounded: when a module ends, the servers that neither it nor the module before
+    it asked for are stopped (one is started again if a later module asks). A session-long
+    pool of every configuration ran this 24 GiB machine out of memory once vLLM engines
+    (each ~2 GiB with its workers) were among them.
+    """
+
+    def __init__(self) -> None:
+        self.servers: dict[tuple[str, ...], ServerProcess] = {}
+        self.used: set[tuple[str, ...]] = set()
+        self.used_before: set[tuple[str, ...]] = set()
+
+    def get(self, *args: str) -> ServerProcess:
         key = tuple(args)
-        if key not in servers or servers[key].proc.poll() is not None:
-            servers[key] = start_server(list(args))
-        return servers[key]
+        self.used.add(key)
+        if key not in self.servers or self.servers[key].proc.poll() is not None:
+            self.servers[key] = start_server(list(args))
+        return self.servers[key]
 
-    yield get
-    for server in servers.values():
-        server.stop()
+    def end_module(self) -> None:
+        keep = self.used | self.used_before
+        for key in [k for k in self.servers if k not in keep]:
+            self.servers.pop(key).stop()
+        self.used_before, self.used = self.used, set()
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+        self.servers.clear()
+
+
+@pytest.fixture(scope="session")
+def _pool() -> Iterator[ServerPool]:
+    pool = ServerPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bound_the_pool(_pool: ServerPool) -> Iterator[None]:
+    yield
+    _pool.end_module()
+
+
+@pytest.fixture(scope="session")
+def server_pool(_pool: ServerPool) -> Callable[..., ServerProcess]:
+    """Start each distinct server configuration once and share it (see ServerPool)."""
+    return _pool.get

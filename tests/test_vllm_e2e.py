@@ -102,13 +102,17 @@ def test_tensor_parallel_2_on_cpu_answers_like_one_process(server_pool: Pool) ->
     workers (vLLM's "auto" binding refuses to start there)."""
     llama = str(model_path("llama"))
     one = server_pool("--model_dir", llama, *VLLM)
-    two = server_pool("--model_dir", llama, *VLLM, "--tensor-parallel-size", "2",
-                      "--distributed-executor-backend", "mp")  # fmt: skip
-    meta = httpx.get(two.url + "/v2/models/model").json()["parameters"]
-    assert meta["tensor_parallel_size"] == 2 and meta["distributed_executor_backend"] == "mp"
-    for prompt in ("the capital of france is", "once upon a time", "the capital of italy is"):
-        assert greedy_tokens(two, prompt, 30)[1] == greedy_tokens(one, prompt, 30)[1]
-    assert "VLLM_CPU_OMP_THREADS_BIND=nobind" in two.log()
+    # Not pooled: three more processes of ~1 GiB each, needed by this test only.
+    two = start_server(["--model_dir", llama, *VLLM, "--tensor-parallel-size", "2",
+                        "--distributed-executor-backend", "mp"], timeout=300)  # fmt: skip
+    try:
+        meta = httpx.get(two.url + "/v2/models/model").json()["parameters"]
+        assert meta["tensor_parallel_size"] == 2 and meta["distributed_executor_backend"] == "mp"
+        for prompt in ("the capital of france is", "once upon a time", "the capital of italy is"):
+            assert greedy_tokens(two, prompt, 30)[1] == greedy_tokens(one, prompt, 30)[1]
+        assert "VLLM_CPU_OMP_THREADS_BIND=nobind" in two.log()
+    finally:
+        assert two.stop() == 0
 
 
 def test_sdk_streaming_n_logprobs_stop_on_vllm(vllm_smol: ServerProcess) -> None:
