@@ -139,6 +139,8 @@ def test_generation_replicas_autoscale_on_in_flight_requests(
         base_url=plain.url + "/openai/v1", api_key="none", timeout=120, max_retries=0
     )
     try:
+        # One replica before any load (the autoscaler adds one as soon as requests arrive).
+        assert cluster.probe("replicas", "model")["replica_states"].get("RUNNING") == 1
         for prompt in ("the capital of france is", "once upon a time"):
             a = sdk.completions.create(model="model", prompt=prompt, max_tokens=30, temperature=0)
             b = one.completions.create(model="model", prompt=prompt, max_tokens=30, temperature=0)
@@ -147,7 +149,6 @@ def test_generation_replicas_autoscale_on_in_flight_requests(
             model="model", stream=True, temperature=0, max_tokens=10,
             messages=[{"role": "user", "content": "What is the capital of France?"}]))  # fmt: skip
         assert streamed == "Paris."
-        assert cluster.probe("replicas", "model")["replica_states"] == {"RUNNING": 1}
 
         # Keep 8 streams in flight (target 1 per replica) until Ray Serve adds the second replica.
         def long_stream(_: int) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 
 from lmserve_backend_vllm.engine_args import (
@@ -14,6 +17,20 @@ from lmserve_backend_vllm.generator import _logprob
 from lmserve_backend_vllm.loader import UnsupportedByVLLM, check_supported
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
+
+
+@pytest.fixture(autouse=True)
+def _undo_engine_env() -> Iterator[None]:
+    """build_engine_args sets vLLM's CPU variables for the process it runs in; here that is
+    pytest's, whose later server processes would inherit them: put back after each test."""
+    names = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def test_vllm_flags_parse_with_vllms_parser() -> None:
