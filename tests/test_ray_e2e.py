@@ -43,7 +43,9 @@ def serve_ray(
     """``lmserve serve-ray`` inside the namespace; its Serve ingress reached through a forward."""
     log = Path(tempfile.mkstemp(prefix="lmserve-ray-", suffix=".log")[1])
     env = ray_env({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    argv = [LMSERVE, "serve-ray", "--host", "127.0.0.1",
+    # One ingress: on one host, a second node's proxy would share the port (SO_REUSEPORT) and
+    # answer 404 until its route table arrives.
+    argv = [LMSERVE, "serve-ray", "--proxy_location", "HeadOnly", "--host", "127.0.0.1",
             "--http_port", str(inner_port), "--torch_threads", "1", *args]  # fmt: skip
     with log.open("wb") as fh:
         proc = cluster.ns.popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)

@@ -21,6 +21,7 @@ import shlex
 import signal
 import threading
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,6 +34,11 @@ logger = logging.getLogger("lmserve.ray")
 
 REPLICA_HEADER = b"x-lmserve-replica"
 NODE_HEADER = b"x-lmserve-node"
+
+
+class ProxyLocation(StrEnum):
+    EveryNode = "EveryNode"
+    HeadOnly = "HeadOnly"
 
 
 def _flag(description: str) -> Any:
@@ -87,6 +93,13 @@ class ReplicaSettings(BaseModel):
     replica_num_gpus: Annotated[
         float, Field(ge=0, **_flag("GPUs Ray reserves for each replica (1 for a vLLM replica)."))
     ] = 0
+    proxy_location: Annotated[
+        ProxyLocation,
+        Field(**_flag(
+            "Where Ray Serve runs its HTTP proxy: EveryNode (each node with a replica; put a "
+            "load balancer in front of them) or HeadOnly (one ingress on the head node)."
+        )),
+    ] = ProxyLocation.EveryNode  # fmt: skip
     max_replicas_per_node: Annotated[
         int | None,
         Field(ge=1, **_flag("Spread replicas: at most this many on one Ray node.")),
@@ -246,7 +259,8 @@ def run(settings: ServeSettings, replicas: ReplicaSettings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.http_port})
+        serve.start(proxy_location=replicas.proxy_location.value,
+                    http_options={"host": settings.host, "port": settings.http_port})  # fmt: skip
         options = deployment_options(settings, replicas)
         logger.info("deploying %r on Ray (%s): %s", name, ray.get_runtime_context().gcs_address,
                     {k: v for k, v in options.items() if k != "name"})  # fmt: skip
