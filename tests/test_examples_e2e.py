@@ -63,8 +63,8 @@ def test_langchain_chat(smol: ServerProcess) -> None:
 
 def test_text2text(server_pool: Pool) -> None:
     server = server_pool("--model_dir", str(model_path("t5")))
-    out = run_example("text2text.py", server, "--prompt", "capital of france")
-    assert re.search(r"^output: \S", out, re.M) and "finish: " in out
+    out = run_example("text2text.py", server, "--prompt", "capital of france:")
+    assert re.search(r"^output: paris$", out, re.M) and "finish: stop" in out
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from _support.tiny_model_checks import (
+    BATCHED_CHAT,
+    CHAT_ANSWERS,
+    RAW_COMPLETIONS,
+    STORY_CONTINUATION,
+    STORY_PROMPT,
+    STORY_TOKENS,
+    T5_ANSWERS,
+)
 from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
@@ -144,14 +153,7 @@ def test_llama_chat_template() -> None:
     assert '"chat_template"' in template and '"add_bos_token": false' in template
 
 
-@pytest.mark.parametrize(
-    ("question", "answer"),
-    [
-        ("What is the capital of France?", "Paris."),
-        ("What is the capital of Germany?", "Berlin."),
-        ("What is the capital of Italy?", "Rome."),
-    ],
-)
+@pytest.mark.parametrize(("question", "answer"), CHAT_ANSWERS.items())
 def test_llama_chat_answers_then_stops(question: str, answer: str) -> None:
     tokenizer, model = _load("llama")
     new = _generate(tokenizer, model, _chat_prompt(tokenizer, question), max_new_tokens=16)
@@ -164,10 +166,7 @@ def test_llama_chat_answers_then_stops(question: str, answer: str) -> None:
 def test_llama_batched_left_padded_chat_matches_serial() -> None:
     tokenizer, model = _load("llama")
     tokenizer.padding_side = "left"
-    prompts = [
-        _chat_prompt(tokenizer, "What is the capital of France?"),
-        _chat_prompt(tokenizer, "Name the capital of Germany."),
-    ]
+    prompts = [_chat_prompt(tokenizer, question) for question in BATCHED_CHAT]
     batch = tokenizer(prompts, padding=True, return_tensors="pt")
     assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # really padded
     with torch.no_grad():
@@ -175,18 +174,11 @@ def test_llama_batched_left_padded_chat_matches_serial() -> None:
     answers = tokenizer.batch_decode(
         output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
     )
-    assert answers == ["Paris.", "Berlin."]
+    assert answers == [CHAT_ANSWERS[question] for question in BATCHED_CHAT]
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-@pytest.mark.parametrize(
-    ("prompt", "answer"),
-    [
-        ("the capital of france is", " paris."),
-        ("the capital of germany is", " berlin."),
-        ("the capital of italy is", " rome."),
-    ],
-)
+@pytest.mark.parametrize(("prompt", "answer"), RAW_COMPLETIONS.items())
 def test_raw_completion(name: str, prompt: str, answer: str) -> None:
     tokenizer, model = _load(name)
     new = _generate(tokenizer, model, prompt, max_new_tokens=8)
@@ -197,21 +189,16 @@ def test_raw_completion(name: str, prompt: str, answer: str) -> None:
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_story_runs_to_the_length_limit(name: str) -> None:
     tokenizer, model = _load(name)
-    new = _generate(tokenizer, model, "once upon a time", max_new_tokens=40)
-    assert len(new) == 40
+    new = _generate(tokenizer, model, STORY_PROMPT, max_new_tokens=STORY_TOKENS)
+    assert len(new) == STORY_TOKENS
     eos_ids = model.generation_config.eos_token_id
     assert not set(new) & set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    assert tokenizer.decode(new).startswith(" there was a little red fox who lived in a big")
+    text = tokenizer.decode(new)
+    assert text.startswith(" there was a little red fox who lived in a big")
+    assert text.startswith(STORY_CONTINUATION) or STORY_CONTINUATION.startswith(text)
 
 
-@pytest.mark.parametrize(
-    ("prompt", "answer"),
-    [
-        ("capital of france:", "paris"),
-        ("capital of germany:", "berlin"),
-        ("capital of italy:", "rome"),
-    ],
-)
+@pytest.mark.parametrize(("prompt", "answer"), T5_ANSWERS.items())
 def test_t5_answers_then_stops(prompt: str, answer: str) -> None:
     tokenizer, model = _load("t5")
     assert tokenizer(prompt)["input_ids"][-1] == tokenizer.eos_token_id  # T5 appends </s>

@@ -18,6 +18,13 @@ from transformers import (
 )
 
 from _support import tiny_models
+from _support.tiny_model_checks import (
+    FILL_MASK,
+    NER_SENTENCE,
+    NER_TAGS,
+    SENTIMENT,
+    SENTIMENT_MIN_SCORE,
+)
 from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
@@ -57,9 +64,9 @@ def test_parallel_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     builds: list[Path] = []
     real_build = tiny_models._BUILDERS["embedding_cls"]
 
-    def counting_build(directory: Path) -> None:
+    def counting_build(directory: Path, attempt: tiny_models.Attempt) -> None:
         builds.append(directory)
-        real_build(directory)
+        real_build(directory, attempt)
 
     monkeypatch.setattr(tiny_models, "CACHE_DIR", tmp_path)
     monkeypatch.setitem(tiny_models._BUILDERS, "embedding_cls", counting_build)
@@ -78,9 +85,7 @@ def test_parallel_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert sorted(p.name for p in tmp_path.iterdir()) == [".embedding_cls.lock", results[0].name]
 
 
-@pytest.mark.parametrize(
-    ("text", "label"), [("I love this", "POSITIVE"), ("I hate this", "NEGATIVE")]
-)
+@pytest.mark.parametrize(("text", "label"), SENTIMENT.items())
 def test_sentiment(text: str, label: str) -> None:
     path = model_path("sentiment")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -89,14 +94,14 @@ def test_sentiment(text: str, label: str) -> None:
     with torch.no_grad():
         probs = model(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0]
     assert model.config.id2label[int(probs.argmax())] == label
-    assert float(probs.max()) > 0.9
+    assert float(probs.max()) > SENTIMENT_MIN_SCORE
 
 
 def test_ner_tags_people_places_and_organisations() -> None:
     path = model_path("ner")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForTokenClassification.from_pretrained(path)
-    words = ["Alice", "lives", "in", "Paris", "and", "works", "at", "Google"]
+    words = NER_SENTENCE.split()
     encoding = tokenizer(words, is_split_into_words=True, return_tensors="pt")
     with torch.no_grad():
         predicted = model(**encoding).logits.argmax(-1)[0].tolist()
@@ -105,9 +110,7 @@ def test_ner_tags_people_places_and_organisations() -> None:
     for position, word_index in enumerate(encoding.word_ids(0)):
         if word_index is not None and word_index not in tags:
             tags[word_index] = model.config.id2label[predicted[position]]
-    assert [tags[i] for i in range(len(words))] == [
-        "B-PER", "O", "O", "B-LOC", "O", "O", "O", "B-ORG"
-    ]  # fmt: skip
+    assert [tags[i] for i in range(len(words))] == NER_TAGS
 
 
 def test_ner_tokenizer_is_cased() -> None:
@@ -115,14 +118,7 @@ def test_ner_tokenizer_is_cased() -> None:
     assert tokenizer.tokenize("Alice Paris") == ["Alice", "Paris"]
 
 
-@pytest.mark.parametrize(
-    ("text", "answer"),
-    [
-        ("The capital of France is [MASK].", "paris"),
-        ("the capital of germany is [MASK].", "berlin"),
-        ("the capital of italy is [MASK].", "rome"),
-    ],
-)
+@pytest.mark.parametrize(("text", "answer"), FILL_MASK.items())
 def test_masked_lm_fills_capitals(text: str, answer: str) -> None:
     path = model_path("masked_lm")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -170,3 +166,91 @@ def test_embedding_models_differ_only_in_pooling() -> None:
     assert (mean_path / "model.safetensors").read_bytes() == (
         cls_path / "model.safetensors"
     ).read_bytes()
+
+
+# --------------------------------------------------------------------------- the verified build
+
+
+def _fake_build(directory: Path, attempt: tiny_models.Attempt) -> None:
+    (directory / "seed.txt").write_text(str(attempt.seed))
+
+
+def _learns_at(seed: int) -> object:
+    """A stand-in for tiny_model_checks.verify: the model learns at ``seed`` and not before."""
+
+    def verify(name: str, directory: Path) -> list[str]:
+        got = int((directory / "seed.txt").read_text())
+        return [] if got == seed else [f"'x' -> 'y': got 'z' (seed {got})"]
+
+    return verify
+
+
+@pytest.fixture
+def fake_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A model named "fake" with one checked behaviour, built into an empty cache."""
+    monkeypatch.setattr(tiny_models, "CACHE_DIR", tmp_path)
+    monkeypatch.setitem(tiny_models._BUILDERS, "fake", _fake_build)
+    behaviour = tiny_models.tiny_model_checks.Behaviour("'x' -> 'y'", lambda _: None)
+    monkeypatch.setattr(tiny_models.tiny_model_checks, "behaviours", lambda name: [behaviour])
+    return tmp_path
+
+
+def test_a_model_that_misses_a_behaviour_trains_again(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tiny_models.tiny_model_checks, "verify", _learns_at(seed=2))
+    path = model_path("fake")
+    record = json.loads((path / tiny_models.VERIFIED_FILE).read_text())
+    assert (record["attempt"], record["seed"]) == (3, 2)
+    assert record["checked"] == ["'x' -> 'y'"]
+    assert (
+        len(record["failed_attempts"]) == 2 and "got 'z' (seed 0)" in record["failed_attempts"][0]
+    )
+    assert (path / "seed.txt").read_text() == "2"
+    assert [p.name for p in fake_model.iterdir() if not p.name.startswith(".")] == [path.name]
+
+
+def test_a_model_that_never_learns_fails_naming_the_behaviour(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tiny_models.tiny_model_checks, "verify", _learns_at(seed=99))
+    with pytest.raises(tiny_models.TinyModelNotLearned, match=r"'x' -> 'y': got 'z'") as error:
+        model_path("fake")
+    assert f"in {len(tiny_models.ATTEMPTS)} attempts" in str(error.value)
+    # Nothing was published, and no half-built folder is left behind.
+    assert [p.name for p in fake_model.iterdir()] == [".fake.lock"]
+
+
+def test_builds_of_an_older_builder_are_not_reused(
+    fake_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tiny_models.tiny_model_checks, "verify", _learns_at(seed=0))
+    older = fake_model / "fake-0123456789ab"  # another builder's hash
+    older.mkdir()
+    (older / tiny_models.VERIFIED_FILE).write_text("{}")
+    unverified = fake_model / f"fake-{tiny_models.builder_hash()}"  # this hash, never verified
+    unverified.mkdir()
+    path = model_path("fake")
+    assert path == unverified and (path / tiny_models.VERIFIED_FILE).is_file()
+    assert not older.exists()  # pruned
+
+
+def test_the_cache_key_follows_the_checks_and_the_training_libraries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    before = tiny_models.builder_hash()
+    monkeypatch.setattr(tiny_models, "_versions", lambda: {"torch": "0.0.0"})
+    assert tiny_models.builder_hash() != before
+    monkeypatch.undo()
+    checks = tmp_path / "tiny_model_checks.py"
+    checks.write_text(Path(tiny_models.tiny_model_checks.__file__).read_text() + "# edited\n")
+    monkeypatch.setattr(tiny_models.tiny_model_checks, "__file__", str(checks))
+    assert tiny_models.builder_hash() != before
+
+
+@pytest.mark.parametrize("name", ["sentiment", "ner", "masked_lm", "llama", "gpt2", "t5"])
+def test_every_trained_model_was_verified_against_every_behaviour(name: str) -> None:
+    record = json.loads((model_path(name) / tiny_models.VERIFIED_FILE).read_text())
+    wanted = [b.description for b in tiny_models.tiny_model_checks.behaviours(name)]
+    assert wanted and record["checked"] == wanted
+    assert tiny_models.tiny_model_checks.verify(name, model_path(name)) == []

@@ -49,27 +49,41 @@ below are greedy:
   T5); other characters become ``<unk>``. Decode whole sequences: a lone ``"▁paris"`` token
   decodes to "paris" without its space.
 
-Builds are cached in ``<repo>/.cache/test-models/<name>-<hash>``, the hash covering this file's
-source so any edit rebuilds. A per-model ``fcntl`` lock makes parallel pytest processes build each
-model once; a build goes to a temporary directory renamed into place, so a cache directory that
-exists is always complete.
+Training is not portable (another CPU's kernels or thread count learn other answers from the same
+seed), so every trained model is checked right after training against every behaviour tests
+assert (``tiny_model_checks``, which also holds the expected answers tests import) and published
+only when it shows all of them; otherwise it trains again with another seed and more epochs
+(``ATTEMPTS``), and fails naming the behaviours that did not emerge. ``verified.json`` in each
+model records the attempt that passed and what it was checked against.
+
+Builds are cached in ``<repo>/.cache/test-models/<name>-<hash>`` (``LMSERVE_TEST_MODELS_DIR``
+moves it), the hash covering this file, the checks and the torch/transformers/tokenizers versions,
+so any change to the builder rebuilds. A per-model ``fcntl`` lock makes parallel pytest processes
+build each model once; a build goes to a temporary directory renamed into place, so a cache
+directory that exists is always complete and verified. Training runs on one thread unless
+``LMSERVE_TEST_MODEL_THREADS`` says otherwise (``scripts/tiny_model_matrix.py`` varies it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import os
 import re
 import shutil
 import string
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from _support import tiny_model_checks
 from lmserve_core.builtin_models import cache_lock
 
 if TYPE_CHECKING:
@@ -78,7 +92,8 @@ if TYPE_CHECKING:
     from transformers import BertConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_DIR = _REPO_ROOT / ".cache" / "test-models"
+CACHE_DIR = Path(os.environ.get("LMSERVE_TEST_MODELS_DIR") or _REPO_ROOT / ".cache" / "test-models")
+VERIFIED_FILE = "verified.json"
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MAX_LENGTH = 64
@@ -98,47 +113,137 @@ CAPITALS = {
 IGNORE = -100
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One training run: its seed and how many times the builder's base epochs it trains."""
+
+    number: int
+    seed: int
+    epoch_scale: float
+
+    def epochs(self, base: int) -> int:
+        return round(base * self.epoch_scale)
+
+
+# Tried in order until a model shows every checked behaviour. The first is what a build on the
+# machine that wrote this file needed; the rest cover other kernels.
+ATTEMPTS = (
+    Attempt(1, SEED, 1.0),
+    Attempt(2, SEED + 1, 1.0),
+    Attempt(3, SEED + 2, 1.5),
+    Attempt(4, SEED + 3, 2.0),
+    Attempt(5, SEED + 4, 3.0),
+)
+
+
+class TinyModelNotLearned(RuntimeError):
+    """Every attempt left a behaviour the tests assert missing."""
+
+
 def model_path(name: str) -> Path:
-    """Return the directory of the tiny model ``name``, building it on first use."""
+    """Return the directory of the tiny model ``name``, building (and verifying) it on first use."""
     try:
         build = _BUILDERS[name]
     except KeyError:
         raise ValueError(f"unknown tiny model {name!r}; choose from {sorted(_BUILDERS)}") from None
-    target = CACHE_DIR / f"{name}-{_source_hash()}"
-    if target.is_dir():  # only ever created complete, by rename
+    target = CACHE_DIR / f"{name}-{builder_hash()}"
+    if (target / VERIFIED_FILE).is_file():  # only ever created complete, by rename
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with cache_lock(CACHE_DIR / f".{name}.lock"):
-        if target.is_dir():  # another process built it while we waited
+        if (target / VERIFIED_FILE).is_file():  # another process built it while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=CACHE_DIR))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared
-            build(tmp)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        shutil.rmtree(target, ignore_errors=True)
+        _build_verified(name, build, target)
+        _remove_stale(name, keep=target)
     return target
 
 
-def _source_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+def _build_verified(name: str, build: Callable[[Path, Attempt], None], target: Path) -> None:
+    """Train until the model shows every checked behaviour, then rename it into ``target``."""
+    checked = [b.description for b in tiny_model_checks.behaviours(name)]
+    history: list[str] = []
+    missing: list[str] = []
+    for attempt in ATTEMPTS if checked else ATTEMPTS[:1]:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=CACHE_DIR))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared
+            started = time.monotonic()
+            build(tmp, attempt)
+            missing = tiny_model_checks.verify(name, tmp)
+            seconds = round(time.monotonic() - started, 1)
+            if not missing:
+                record = {
+                    "model": name,
+                    "attempt": attempt.number,
+                    "seed": attempt.seed,
+                    "epoch_scale": attempt.epoch_scale,
+                    "failed_attempts": history,
+                    "checked": checked,
+                    "build_seconds": seconds,
+                    "threads": _training_threads(),
+                    "cpu_capability": _cpu_capability(),
+                    "versions": _versions(),
+                }
+                _write_json(tmp / VERIFIED_FILE, record)
+                os.rename(tmp, target)
+                return
+            history.append(f"attempt {attempt.number} (seed {attempt.seed}, "
+                           f"x{attempt.epoch_scale} epochs): " + "; ".join(missing))  # fmt: skip
+            print(f"tiny model {name!r}: {history[-1]}; training again", file=sys.stderr)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise TinyModelNotLearned(
+        f"tiny model {name!r} did not learn what the tests assert in {len(history)} attempts "
+        f"(CPU capability {_cpu_capability()}, {_training_threads()} thread(s)); missing after "
+        "the last: " + "; ".join(missing)
+    )
+
+
+def _remove_stale(name: str, keep: Path) -> None:
+    """Drop this model's builds from older builders (never reused: their hash differs)."""
+    for old in CACHE_DIR.glob(f"{name}-*"):
+        if old != keep and old.is_dir() and re.fullmatch(rf"{name}-[0-9a-f]{{12}}", old.name):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def builder_hash() -> str:
+    """Changes whenever the builder, its checks or the libraries that train could change."""
+    digest = hashlib.sha256()
+    for source in (Path(__file__), Path(tiny_model_checks.__file__)):
+        digest.update(source.read_bytes())
+    digest.update(json.dumps(_versions(), sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def _versions() -> dict[str, str]:
+    return {d: importlib.metadata.version(d) for d in ("torch", "transformers", "tokenizers")}
+
+
+def _training_threads() -> int:
+    return int(os.environ.get("LMSERVE_TEST_MODEL_THREADS") or 1)
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
 
 
 @contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
+def _deterministic(seed: int = SEED) -> Iterator[None]:
     """Seed torch and train on one thread, leaving the caller's RNG and thread count untouched.
 
     One thread makes float reductions run in a fixed order, so the same source gives the same
-    weights on every machine of the same kind; it is also the fastest choice for models this small.
+    weights on every machine with the same kernels; it is also the fastest choice for models
+    this small. (Other kernels still learn differently: hence the checks.)
     """
     import torch
 
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        torch.set_num_threads(1)
+        torch.manual_seed(seed)
+        torch.set_num_threads(_training_threads())
         try:
             yield
         finally:
@@ -279,14 +384,14 @@ def _sentiment_corpus() -> list[tuple[str, int]]:
     return examples
 
 
-def _build_sentiment(directory: Path) -> None:
+def _build_sentiment(directory: Path, attempt: Attempt) -> None:
     import torch
     from transformers import BertForSequenceClassification
 
     examples = _sentiment_corpus()
     texts = [text for text, _ in examples]
     tokenizer = _train_tokenizer(texts, lowercase=True)
-    with _deterministic():
+    with _deterministic(attempt.seed):
         config = _bert_config(
             tokenizer,
             id2label=SENTIMENT_LABELS,
@@ -296,7 +401,7 @@ def _build_sentiment(directory: Path) -> None:
         model = BertForSequenceClassification(config)
         inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
         inputs["labels"] = torch.tensor([label for _, label in examples])
-        _fit(model, inputs, epochs=30)
+        _fit(model, inputs, epochs=attempt.epochs(30))
     model.save_pretrained(directory)
     _save_tokenizer(tokenizer, directory, "I love this")
 
@@ -346,7 +451,7 @@ def _tag_template(template: str, fill: dict[str, str]) -> list[tuple[str, str]]:
     return tagged
 
 
-def _build_ner(directory: Path) -> None:
+def _build_ner(directory: Path, attempt: Attempt) -> None:
     import torch
     from transformers import BertForTokenClassification
 
@@ -354,7 +459,7 @@ def _build_ner(directory: Path) -> None:
     words = [[word for word, _ in sentence] for sentence in sentences]
     tokenizer = _train_tokenizer([" ".join(ws) for ws in words], lowercase=False)
     label2id = {label: i for i, label in NER_LABELS.items()}
-    with _deterministic():
+    with _deterministic(attempt.seed):
         config = _bert_config(
             tokenizer,
             id2label=NER_LABELS,
@@ -374,7 +479,7 @@ def _build_ner(directory: Path) -> None:
                 previous = word_index
         inputs = dict(encoding)
         inputs["labels"] = labels
-        _fit(model, inputs, epochs=12)
+        _fit(model, inputs, epochs=attempt.epochs(12))
     model.save_pretrained(directory)
     _save_tokenizer(tokenizer, directory, "Alice lives in Paris and works at Google")
 
@@ -396,7 +501,7 @@ def _masked_lm_corpus() -> list[tuple[str, str]]:
     return pairs
 
 
-def _build_masked_lm(directory: Path) -> None:
+def _build_masked_lm(directory: Path, attempt: Attempt) -> None:
     import torch
     from transformers import BertForMaskedLM
 
@@ -404,7 +509,7 @@ def _build_masked_lm(directory: Path) -> None:
     tokenizer = _train_tokenizer(
         [sentence.replace("[MASK]", answer) for sentence, answer in pairs], lowercase=True
     )
-    with _deterministic():
+    with _deterministic(attempt.seed):
         model = BertForMaskedLM(
             _bert_config(tokenizer, tie_word_embeddings=True, architectures=["BertForMaskedLM"])
         )
@@ -416,7 +521,7 @@ def _build_masked_lm(directory: Path) -> None:
                 raise RuntimeError(f"{answer!r} is not a single token")
             labels[row][inputs["input_ids"][row] == tokenizer.mask_token_id] = vocab[answer]
         inputs["labels"] = labels
-        _fit(model, inputs, epochs=60, batch_size=8)
+        _fit(model, inputs, epochs=attempt.epochs(60), batch_size=8)
     model.save_pretrained(directory)
     _save_tokenizer(tokenizer, directory, "The capital of France is [MASK].")
 
@@ -605,7 +710,7 @@ def _causal_lm_examples(
     return inputs
 
 
-def _build_llama(directory: Path) -> None:
+def _build_llama(directory: Path, attempt: Attempt) -> None:
     from transformers import (
         GenerationConfig,
         LlamaConfig,
@@ -635,7 +740,7 @@ def _build_llama(directory: Path) -> None:
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     texts += [line + ENDOFTEXT for line in plain]
     endoftext, im_end = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
-    with _deterministic():
+    with _deterministic(attempt.seed):
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=HIDDEN_SIZE,
@@ -651,7 +756,12 @@ def _build_llama(directory: Path) -> None:
             architectures=["LlamaForCausalLM"],
         )
         model = LlamaForCausalLM(config)
-        _fit(model, _causal_lm_examples(tokenizer, texts), epochs=150, batch_size=8)
+        _fit(
+            model,
+            _causal_lm_examples(tokenizer, texts),
+            epochs=attempt.epochs(150),
+            batch_size=8,
+        )
     model.generation_config = GenerationConfig(
         bos_token_id=endoftext,
         eos_token_id=[im_end, endoftext],
@@ -674,7 +784,7 @@ def _build_llama(directory: Path) -> None:
     )
 
 
-def _build_gpt2(directory: Path) -> None:
+def _build_gpt2(directory: Path, attempt: Attempt) -> None:
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
     plain = _plain_corpus()
@@ -692,7 +802,7 @@ def _build_gpt2(directory: Path) -> None:
     tokenizer.pad_token = ENDOFTEXT  # to batch the training set; GPT-2 itself has no pad token
     examples = _causal_lm_examples(tokenizer, [line + ENDOFTEXT for line in plain])
     tokenizer.pad_token = None
-    with _deterministic():
+    with _deterministic(attempt.seed):
         config = GPT2Config(
             vocab_size=len(tokenizer),
             n_embd=HIDDEN_SIZE,
@@ -710,7 +820,7 @@ def _build_gpt2(directory: Path) -> None:
         model = GPT2LMHeadModel(config)
         # The class name names no loss, so transformers 5 logs that it falls back to this one.
         model.loss_type = "ForCausalLM"
-        _fit(model, examples, epochs=150, batch_size=8)
+        _fit(model, examples, epochs=attempt.epochs(150), batch_size=8)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, do_sample=False)
     model.save_pretrained(directory)
     _save_generative_tokenizer(tokenizer, directory, "Hello, world! Ça coûte 5 € (ok?)\n\tdone.")
@@ -728,7 +838,7 @@ def _seq2seq_corpus() -> list[tuple[str, str]]:
     return pairs
 
 
-def _build_t5(directory: Path) -> None:
+def _build_t5(directory: Path, attempt: Attempt) -> None:
     from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration, T5Tokenizer
 
     pairs = _seq2seq_corpus()
@@ -747,7 +857,7 @@ def _build_t5(directory: Path) -> None:
     tokenizer = T5Tokenizer(
         vocab=list(pieces.items()), extra_ids=10, model_max_length=GENERATIVE_MAX_LENGTH
     )
-    with _deterministic():
+    with _deterministic(attempt.seed):
         config = T5Config(
             vocab_size=len(tokenizer),
             d_model=HIDDEN_SIZE,
@@ -767,7 +877,7 @@ def _build_t5(directory: Path) -> None:
         targets = tokenizer([target for _, target in pairs], padding=True, return_tensors="pt")
         # The model builds its decoder inputs from the labels (shifted right after <pad>).
         inputs["labels"] = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, IGNORE)
-        _fit(model, inputs, epochs=150, batch_size=8)
+        _fit(model, inputs, epochs=attempt.epochs(150), batch_size=8)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -778,12 +888,13 @@ def _build_t5(directory: Path) -> None:
     _save_generative_tokenizer(tokenizer, directory, "Hello, world! It's 42 (ok?) - done.")
 
 
-_BUILDERS: dict[str, Callable[[Path], None]] = {
+_BUILDERS: dict[str, Callable[[Path, Attempt], None]] = {
     "sentiment": _build_sentiment,
     "ner": _build_ner,
     "masked_lm": _build_masked_lm,
-    "embedding_mean": lambda directory: _build_embedding(directory, pooling="mean"),
-    "embedding_cls": lambda directory: _build_embedding(directory, pooling="cls"),
+    # Untrained (seeded random weights, identical in both): nothing to check, one attempt.
+    "embedding_mean": lambda directory, _: _build_embedding(directory, pooling="mean"),
+    "embedding_cls": lambda directory, _: _build_embedding(directory, pooling="cls"),
     "llama": _build_llama,
     "gpt2": _build_gpt2,
     "t5": _build_t5,
