@@ -1,20 +1,31 @@
-"""The transport-agnostic data plane: REST (and later gRPC) call these, nothing else."""
+"""The transport-agnostic data plane: the REST routes and the gRPC service call this and
+nothing below it (an import-linter contract keeps them from the model host and backends).
+
+Name checks, admission and token metrics happen here, once per request, for every task.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
+from prometheus_client import generate_latest
 
-from lmserve_core.encoder import EncoderResult, RequestParams
+from lmserve_core.admission import Ticket
+from lmserve_core.encoder import EncoderResult, EncoderService, RequestParams
 from lmserve_core.errors import InvalidInput
+from lmserve_core.generation.prepare import Prepared
+from lmserve_core.generation.service import OpenAIGenerationService
+from lmserve_core.tasks import Task
 from lmserve_core.v2_codec import DecodedTensor, tensor_to_texts
+from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from lmserve_server.metrics import Metrics
 from lmserve_server.model_host import ModelHost
 
-V2_EXTENSIONS = ["binary_tensor_data", "model_repository"]
+V2_EXTENSIONS = ["binary_tensor_data"]
 
 
 def server_version() -> str:
@@ -24,9 +35,40 @@ def server_version() -> str:
         return "0"
 
 
+@dataclass
+class AdmittedGeneration:
+    """A validated generation request holding its admission ticket.
+
+    The caller releases the ticket when the response is over: after ``complete`` returns, or
+    after the last byte (or the client's disconnect) of ``stream``.
+    """
+
+    service: OpenAIGenerationService
+    prepared: Prepared
+    ticket: Ticket
+
+    @property
+    def streaming(self) -> bool:
+        return self.prepared.stream
+
+    async def complete(self) -> dict[str, Any]:
+        return await self.service.complete(self.prepared)
+
+    def stream(self, on_usage: Callable[[dict[str, int]], None]) -> AsyncIterator[str]:
+        return self.service.stream(self.prepared, on_usage=on_usage)
+
+
+@dataclass
+class V2Result:
+    """V2 output tensors as (name, datatype, array), and the input tokens they cost."""
+
+    outputs: list[tuple[str, str, np.ndarray]]
+    token_count: int
+
+
 class DataPlane:
     def __init__(self, host: ModelHost, metrics: Metrics) -> None:
-        self.host = host
+        self._host = host
         self.metrics = metrics
 
     # --- health and metadata -----------------------------------------------------
@@ -34,27 +76,31 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.host.ready
+        return self._host.ready
 
     def model_ready(self, name: str) -> bool:
-        self.host.check_name(name)
-        return self.host.ready
+        self._host.check_name(name)
+        return self._host.ready
 
     def model_names(self) -> list[str]:
-        return [self.host.name]
+        return [self._host.name]
+
+    def model_cards(self) -> list[tuple[str, int]]:
+        """Each served name with its creation time (OpenAI's model list)."""
+        return [(self._host.name, self._host.created)]
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "lmserve", "version": server_version(), "extensions": V2_EXTENSIONS}
 
     def model_metadata(self, name: str) -> dict[str, Any]:
-        self.host.check_usable(name)
-        plan = self.host.plan
-        loaded = self.host.loaded
-        service = self.host.service
+        self._host.check_usable(name)
+        plan = self._host.plan
+        loaded = self._host.loaded
+        service = self._host.service
         parameters: dict[str, Any] = {
             "task": plan.task.value,
-            "backend": self.host.backend_name,
-            "backend_reason": self.host.backend_reason,
+            "backend": self._host.backend_name,
+            "backend_reason": self._host.backend_reason,
             "source": plan.source.display_name,
             **(loaded.details if loaded else {}),
         }
@@ -73,43 +119,113 @@ class DataPlane:
         return {
             "name": name,
             "versions": [],
-            "platform": f"lmserve/{self.host.backend_name}",
+            "platform": f"lmserve/{self._host.backend_name}",
             "inputs": inputs,
             "outputs": outputs,
             "parameters": parameters,
         }
 
-    # --- inference -----------------------------------------------------------------
+    # --- encoder inference -----------------------------------------------------------
     async def infer_texts(
         self, name: str, texts: Sequence[Any], parameters: Mapping[str, Any] | None
     ) -> EncoderResult:
-        service = self.host.require(name)
-        with self.host.gate.admit():
+        return await self._infer_texts(self._host.require(name), texts, parameters)
+
+    async def _infer_texts(
+        self, service: EncoderService, texts: Sequence[Any], parameters: Mapping[str, Any] | None
+    ) -> EncoderResult:
+        with self._host.gate.admit():
             result = await service.infer(
                 list(texts) if isinstance(texts, list | tuple) else texts, parameters
             )
         self.metrics.input_tokens.inc(result.token_count)
         return result
 
-    async def infer_token_ids(self, name: str, rows: Sequence[Sequence[int]]) -> EncoderResult:
-        """Pre-tokenized input (OpenAI embeddings accept token id lists)."""
-        service = self.host.require(name)
-        with self.host.gate.admit():
-            encoded = service.encode_token_ids(rows, RequestParams())
-            result = await service.infer_encoded(encoded)
-        self.metrics.input_tokens.inc(result.token_count)
-        return result
-
     async def infer_v2(
-        self, name: str, inputs: Sequence[DecodedTensor], parameters: Mapping[str, Any] | None
-    ) -> EncoderResult:
-        self.host.require(name)
+        self,
+        name: str,
+        inputs: Sequence[DecodedTensor],
+        parameters: Mapping[str, Any] | None,
+        requested_outputs: Sequence[str] = (),
+    ) -> V2Result:
+        """The V2 output tensors, only ``requested_outputs`` when given."""
+        service = self._host.require(name)
         if not inputs:
             raise InvalidInput("a V2 request needs at least one input", param="inputs")
         # Text models read the first input (KServe's convention); its shape is [N] or [N, 1].
         texts = tensor_to_texts(inputs[0])
-        return await self.infer_texts(name, texts, parameters)
+        result = await self._infer_texts(service, texts, parameters)
+        outputs = [(o.name, o.datatype, o.data) for o in result.outputs]
+        if requested_outputs:
+            wanted = set(requested_outputs)
+            unknown = wanted - {output_name for output_name, _, _ in outputs}
+            if unknown:
+                raise InvalidInput(
+                    f"unknown requested output(s): {', '.join(sorted(unknown))}", param="outputs"
+                )
+            outputs = [o for o in outputs if o[0] in wanted]
+        return V2Result(outputs, result.token_count)
+
+    async def embed(self, body: EmbeddingRequest) -> EncoderResult:
+        """OpenAI embeddings: strings or token id lists, on a text embedding model."""
+        service = self._host.require(body.model)
+        if service.task is not Task.text_embedding:
+            raise InvalidInput(
+                f"model {body.model!r} serves {service.task.value}, not text_embedding",
+                param="model",
+            )
+        dim = service.info.hidden_size
+        if body.dimensions is not None and body.dimensions != dim:
+            raise InvalidInput(
+                f"this model does not support 'dimensions' other than its native {dim}",
+                param="dimensions",
+            )
+        texts, token_rows = _split_embedding_input(body.input)
+        if texts is not None:
+            return await self._infer_texts(service, texts, None)
+        with self._host.gate.admit():
+            encoded = service.encode_token_ids(token_rows or [], RequestParams())
+            result = await service.infer_encoded(encoded)
+        self.metrics.input_tokens.inc(result.token_count)
+        return result
+
+    # --- generation ------------------------------------------------------------------
+    def admit_completion(self, body: CompletionRequest) -> AdmittedGeneration:
+        service = self._host.require_generator(body.model)
+        return self._admit(service, service.prepare_completion(body))
+
+    def admit_chat(self, body: ChatCompletionRequest) -> AdmittedGeneration:
+        service = self._host.require_generator(body.model)
+        return self._admit(service, service.prepare_chat(body))
+
+    def _admit(self, service: OpenAIGenerationService, prepared: Prepared) -> AdmittedGeneration:
+        # One unit per sequence started: a request with n=4 weighs as much as four with n=1.
+        ticket = self._host.gate.admit(len(prepared.prompts) * prepared.n)
+        return AdmittedGeneration(service, prepared, ticket)
+
+    # --- metrics ---------------------------------------------------------------------
+    def render_metrics(self) -> bytes:
+        """The Prometheus text page, with the gauges read at scrape time brought up to date."""
+        self.metrics.model_ready.labels(self._host.name).set(1 if self.ready() else 0)
+        unfinished = self._host.unfinished_sequences()
+        if unfinished is not None:
+            self.metrics.sequences_unfinished.set(unfinished)
+        return bytes(generate_latest(self.metrics.registry))
 
 
-def v2_outputs(result: EncoderResult) -> list[tuple[str, str, np.ndarray]]:
-    return [(o.name, o.datatype, o.data) for o in result.outputs]
+def _split_embedding_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidInput("'input' must be a non-empty string or list", param="input")
+    if all(isinstance(v, str) for v in value):
+        if any(v == "" for v in value):
+            raise InvalidInput("'input' must not contain empty strings", param="input")
+        return list(value), None
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return None, [list(value)]
+    if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
+        return None, [list(v) for v in value]
+    raise InvalidInput(
+        "'input' must be a string, a list of strings, or token id lists", param="input"
+    )

@@ -32,7 +32,7 @@ from lmserve_core.v2_codec import (
 )
 from lmserve_protocols.grpc import grpc_predict_v2_pb2 as pb
 from lmserve_protocols.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-from lmserve_server.dataplane import DataPlane, server_version, v2_outputs
+from lmserve_server.dataplane import DataPlane, server_version
 from lmserve_server.security import OPEN_GRPC_METHODS, ApiKey
 
 logger = logging.getLogger(__name__)
@@ -176,17 +176,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def work() -> pb.ModelInferResponse:
             inputs = decode_request_inputs(request)
             result = await self.plane.infer_v2(
-                request.model_name, inputs, parameters(request.parameters)
+                request.model_name,
+                inputs,
+                parameters(request.parameters),
+                [o.name for o in request.outputs],
             )
-            outputs = v2_outputs(result)
-            if request.outputs:
-                wanted = {o.name for o in request.outputs}
-                unknown = wanted - {name for name, _, _ in outputs}
-                if unknown:
-                    raise InvalidInput(f"unknown requested output(s): {', '.join(sorted(unknown))}")
-                outputs = [o for o in outputs if o[0] in wanted]
             response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-            for name, datatype, data in outputs:
+            for name, datatype, data in result.outputs:
                 response.outputs.add(name=name, datatype=datatype, shape=list(data.shape))
                 response.raw_output_contents.append(encode_binary(datatype, data))
             return response

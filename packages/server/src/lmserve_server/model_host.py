@@ -163,6 +163,15 @@ class ModelHost:
         if generator is not None:
             await generator.backend.stop()
 
+    def unfinished_sequences(self) -> int | None:
+        """Sequences the generation engine holds (None for encoders); 0 from a dead engine."""
+        if self.generator is None:
+            return None
+        try:
+            return self.generator.backend.num_unfinished()
+        except Exception:  # a dead engine must not break the metrics page
+            return 0
+
     def check_name(self, name: str) -> None:
         if name != self.name:
             raise ModelNotFound(

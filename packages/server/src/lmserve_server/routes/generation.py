@@ -14,35 +14,24 @@ from starlette.types import Receive, Scope, Send
 
 from lmserve_core.admission import Ticket
 from lmserve_core.errors import ModelNotReady
-from lmserve_core.generation.prepare import Prepared
-from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
-from lmserve_server.dataplane import DataPlane
-from lmserve_server.model_host import ModelHost
+from lmserve_server.dataplane import AdmittedGeneration
+from lmserve_server.routes import plane
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
 T = TypeVar("T")
 
 
-def _plane(request: Request) -> DataPlane:
-    plane: DataPlane = request.app.state.dataplane
-    return plane
-
-
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     request.state.model = body.model
-    host = _plane(request).host
-    service = host.require_generator(body.model)
-    return await _respond(host, service, service.prepare_completion(body), request)
+    return await _respond(plane(request).admit_completion(body), request)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     request.state.model = body.model
-    host = _plane(request).host
-    service = host.require_generator(body.model)
-    return await _respond(host, service, service.prepare_chat(body), request)
+    return await _respond(plane(request).admit_chat(body), request)
 
 
 class _AdmittedStream(EventSourceResponse):
@@ -61,19 +50,14 @@ class _AdmittedStream(EventSourceResponse):
             self.ticket.release()
 
 
-async def _respond(
-    host: ModelHost, service: OpenAIGenerationService, prep: Prepared, request: Request
-) -> Any:
-    # One unit per sequence started: a request with n=4 weighs as much as four with n=1.
-    ticket = host.gate.admit(len(prep.prompts) * prep.n)
-    if prep.stream:
+async def _respond(generation: AdmittedGeneration, request: Request) -> Any:
+    if generation.streaming:
         # Starlette cancels the body iterator when the client disconnects; cancelling
         # it closes every choice's backend stream, which aborts generation.
-        return _AdmittedStream(
-            _sse(service.stream(prep, on_usage=lambda usage: _log_usage(request, usage))), ticket
-        )
-    with ticket:
-        result = await _until_disconnect(request, service.complete(prep))
+        events = generation.stream(on_usage=lambda usage: _log_usage(request, usage))
+        return _AdmittedStream(_sse(events), generation.ticket)
+    with generation.ticket:
+        result = await _until_disconnect(request, generation.complete())
     _log_usage(request, result["usage"])
     return JSONResponse(result)
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from lmserve_core.errors import InvalidInput
 from lmserve_protocols.v1 import V1PredictRequest
-from lmserve_server.dataplane import DataPlane
+from lmserve_server.routes import plane
 from lmserve_server.routes.schema import request_body_schema
 
 router = APIRouter(tags=["v1"])
@@ -18,8 +18,7 @@ router = APIRouter(tags=["v1"])
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, list[str]]:
-    plane: DataPlane = request.app.state.dataplane
-    return {"models": plane.model_names()}
+    return {"models": plane(request).model_names()}
 
 
 @router.post(
@@ -28,7 +27,6 @@ async def list_models(request: Request) -> dict[str, list[str]]:
     openapi_extra=request_body_schema(V1PredictRequest),
 )
 async def predict(model_name: str, request: Request) -> JSONResponse:
-    plane: DataPlane = request.app.state.dataplane
     payload = _parse_json(await request.body())
     instances = payload.get("instances", payload.get("inputs"))
     if instances is None:
@@ -36,7 +34,7 @@ async def predict(model_name: str, request: Request) -> JSONResponse:
     parameters = payload.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object", param="parameters")
-    result = await plane.infer_texts(model_name, instances, parameters)
+    result = await plane(request).infer_texts(model_name, instances, parameters)
     request.state.prompt_tokens = result.token_count
     # A response object, not a dict: FastAPI would run a returned dict through
     # jsonable_encoder, one Python call per number (an embedding has hundreds).

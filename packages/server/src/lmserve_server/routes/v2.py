@@ -10,20 +10,15 @@ from pydantic import ValidationError
 from lmserve_core.errors import InvalidInput
 from lmserve_core.v2_codec import HEADER_LENGTH, decode_inputs, encode_response, split_binary_body
 from lmserve_protocols.v2 import V2InferRequest
-from lmserve_server.dataplane import DataPlane, v2_outputs
+from lmserve_server.routes import plane
 from lmserve_server.routes.schema import request_body_schema
 
 router = APIRouter(tags=["v2"])
 
 
-def _plane(request: Request) -> DataPlane:
-    plane: DataPlane = request.app.state.dataplane
-    return plane
-
-
 @router.get("/v2")
 async def server_metadata(request: Request) -> dict[str, Any]:
-    return _plane(request).server_metadata()
+    return plane(request).server_metadata()
 
 
 @router.get("/v2/models/{model_name}")
@@ -31,7 +26,7 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 async def model_metadata(
     model_name: str, request: Request, model_version: str | None = None
 ) -> dict[str, Any]:
-    return _plane(request).model_metadata(model_name)
+    return plane(request).model_metadata(model_name)
 
 
 @router.post("/v2/models/{model_name}/infer", openapi_extra=request_body_schema(V2InferRequest))
@@ -40,7 +35,6 @@ async def model_metadata(
     openapi_extra=request_body_schema(V2InferRequest),
 )
 async def infer(model_name: str, request: Request, model_version: str | None = None) -> Response:
-    plane = _plane(request)
     payload, binary = split_binary_body(await request.body(), request.headers.get(HEADER_LENGTH))
     try:
         infer_request = V2InferRequest.model_validate(payload)
@@ -50,19 +44,11 @@ async def infer(model_name: str, request: Request, model_version: str | None = N
         raise InvalidInput(f"invalid V2 request at {where or 'body'}: {first['msg']}") from None
     inputs = decode_inputs(infer_request.inputs, binary)
     params = infer_request.parameters or {}
-    result = await plane.infer_v2(model_name, inputs, params)
+    requested = [o.name for o in infer_request.outputs or []]
+    result = await plane(request).infer_v2(model_name, inputs, params, requested)
     request.state.prompt_tokens = result.token_count
-
-    outputs = v2_outputs(result)
+    outputs = result.outputs
     binary_names = _binary_outputs(infer_request, [name for name, _, _ in outputs])
-    if infer_request.outputs:
-        wanted = {o.name for o in infer_request.outputs}
-        unknown = wanted - {name for name, _, _ in outputs}
-        if unknown:
-            raise InvalidInput(
-                f"unknown requested output(s): {', '.join(sorted(unknown))}", param="outputs"
-            )
-        outputs = [o for o in outputs if o[0] in wanted]
     body, header_length = encode_response(
         outputs, model_name=model_name, request_id=infer_request.id, binary_outputs=binary_names
     )
