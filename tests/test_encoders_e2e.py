@@ -1,4 +1,4 @@
-"""End to end: real server processes, real trained tiny models, real HTTP (SPEC §3-§4)."""
+"""End to end: real server processes, real trained tiny models, real HTTP (docs/behaviour.md §3-§4)."""
 
 from __future__ import annotations
 

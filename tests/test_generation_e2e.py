@@ -1,4 +1,4 @@
-"""OpenAI completions and chat on the Hugging Face backend, through the official SDK (SPEC §5)."""
+"""OpenAI completions and chat on the Hugging Face backend, through the official SDK (docs/behaviour.md §5)."""
 
 from __future__ import annotations
 
@@ -214,6 +214,26 @@ def test_disconnect_aborts_generation(smol: ServerProcess) -> None:
         model="model", messages=FRANCE, temperature=0, max_tokens=20
     )
     assert "Paris" in r.choices[0].message.content
+
+
+def test_a_client_that_leaves_is_499_not_503(smol: ServerProcess) -> None:
+    body = {"model": "model", "prompt": "Tell me a very long story.", "max_tokens": 3000,
+            "ignore_eos": True, "temperature": 0}  # fmt: skip
+    route = 'route="/openai/v1/completions"'
+    with pytest.raises(httpx.TimeoutException):  # the client gives up mid-generation
+        httpx.post(smol.url + "/openai/v1/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 20
+    while True:
+        page = httpx.get(smol.url + "/metrics", timeout=10).text
+        left = re.search(
+            rf'^lmserve_requests_total\{{[^}}]*{route}[^}}]*status="499"\}} ', page, re.M
+        )
+        if left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert left, "the abandoned request was not counted as 499"
+    assert not re.search(rf'^lmserve_requests_total\{{[^}}]*{route}[^}}]*status="503"', page, re.M)
+    assert re.search(r"POST /openai/v1/completions 499", smol.log())
 
 
 # --- bad input --------------------------------------------------------------------------

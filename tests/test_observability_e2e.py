@@ -1,4 +1,4 @@
-"""Request logs, x-request-id and Prometheus metrics on real servers (issue 8, SPEC §8)."""
+"""Request logs, x-request-id and Prometheus metrics on real servers (issue 8, docs/behaviour.md §8)."""
 
 from __future__ import annotations
 

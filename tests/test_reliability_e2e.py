@@ -1,4 +1,4 @@
-"""Overload, abandoned streams, graceful shutdown and API keys against real servers (SPEC §8).
+"""Overload, abandoned streams, graceful shutdown and API keys against real servers (docs/behaviour.md §8).
 
 Real models (tiny Llama and the built-in SmolLM2 on the Hugging Face backend, a tiny embedding
 BERT), real clients (the openai SDK, tritonclient over HTTP and gRPC, raw httpx streams).

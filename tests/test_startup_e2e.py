@@ -1,4 +1,4 @@
-"""Startup errors name the flag and exit non-zero; both flag spellings work (SPEC §1)."""
+"""Startup errors name the flag and exit non-zero; both flag spellings work (docs/behaviour.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Transformer mode (SPEC §6): lmserve tokenizes, a real Triton server runs the model.
+"""Transformer mode (docs/behaviour.md §6): lmserve tokenizes, a real Triton server runs the model.
 
 ``lmserve export`` writes one repository with a model per encoder task; pytriton's bundled
 ``tritonserver`` serves it (``_support/triton.py``); lmserve in transformer mode, over both

@@ -1,4 +1,4 @@
-"""A real Triton server on the CPU serves the repository ``lmserve export`` wrote (SPEC §6).
+"""A real Triton server on the CPU serves the repository ``lmserve export`` wrote (docs/behaviour.md §6).
 
 Triton is pytriton's bundled ``tritonserver`` with a python-based ``onnxruntime`` backend (see
 ``_support/triton.py``); it is queried with the official ``tritonclient`` http and grpc

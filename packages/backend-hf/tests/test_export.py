@@ -1,4 +1,4 @@
-"""``export_onnx``: the tiny trained encoders as Triton model repositories (SPEC §6)."""
+"""``export_onnx``: the tiny trained encoders as Triton model repositories (docs/behaviour.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The encoder tasks' outputs (SPEC §4) with a fake tokenizer and designed logits."""
+"""The encoder tasks' outputs (docs/behaviour.md §4) with a fake tokenizer and designed logits."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from lmserve_core.errors import BackendError, InvalidInput
+from lmserve_core.errors import BackendError, InvalidInput, ModelNotReady
 from lmserve_core.generation.params import GenerationRequest, TokenEvent, TokenLogprob
 from lmserve_core.generation.prepare import (
     GenerationLimits,
@@ -867,7 +867,7 @@ def chat_choices(chunks: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]
 
 
 def check_chat_stream(chunks: list[dict[str, Any]], n: int) -> dict[int, str]:
-    """SPEC §5 chunk rules; returns each choice's streamed content."""
+    """docs/behaviour.md §5 chunk rules; returns each choice's streamed content."""
     by_index = chat_choices(chunks)
     assert sorted(by_index) == list(range(n))
     texts = {}
@@ -1003,32 +1003,45 @@ def test_stream_max_tokens_zero() -> None:
     assert backend.records == []
 
 
-def test_stream_backend_error_becomes_an_error_payload() -> None:
+def stream_until_error(
+    service: OpenAIGenerationService, prep: Prepared
+) -> tuple[list[dict[str, Any]], BaseException]:
+    """The payloads a stream yielded before it raised, and what it raised."""
+    received: list[str] = []
+
+    async def collect() -> BaseException:
+        try:
+            async for line in service.stream(prep):
+                received.append(line)
+        except Exception as exc:  # the server maps it (lmserve_server.errors)
+            return exc
+        raise AssertionError(f"the stream ended without an error: {received}")
+
+    error = asyncio.run(collect())
+    assert "[DONE]" not in received
+    return [json.loads(line) for line in received], error
+
+
+def test_stream_backend_error_propagates_after_what_was_streamed() -> None:
     service, backend = make("Hello world", fail_after=3)
-    lines = stream(service, service.prepare_chat(chat(stream=True)))
-    chunks = payloads(lines)
-    error = chunks[-1]["error"]
-    assert error["message"] == "the engine died"
-    assert error["type"] == "BackendError" and error["code"] == 500
+    chunks, error = stream_until_error(service, service.prepare_chat(chat(stream=True)))
+    assert isinstance(error, BackendError) and error.message == "the engine died"
     # What was generated before the failure was streamed, without a finish_reason.
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "Hel"
-    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hel"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
     assert backend.records[0].closed
 
 
-def test_stream_unexpected_error_is_an_internal_error_without_details() -> None:
+def test_stream_unexpected_error_propagates_as_it_is() -> None:
     service, _ = make("Hello", fail_after=1, failure=RuntimeError("secret detail"))
-    chunks = payloads(stream(service, service.prepare_completion(cmpl(stream=True))))
-    error = chunks[-1]["error"]
-    assert error["type"] == "internal_server_error" and error["code"] == 500
-    assert "secret" not in error["message"]
+    _, error = stream_until_error(service, service.prepare_completion(cmpl(stream=True)))
+    assert isinstance(error, RuntimeError)
 
 
 def test_stream_backend_abort_is_model_not_ready() -> None:
     service, _ = make("Hi", final_reason="abort")
-    chunks = payloads(stream(service, service.prepare_chat(chat(stream=True))))
-    error = chunks[-1]["error"]
-    assert error["type"] == "ModelNotReady" and error["code"] == 503
+    _, error = stream_until_error(service, service.prepare_chat(chat(stream=True)))
+    assert isinstance(error, ModelNotReady)
 
 
 def test_stream_missing_finish_reason_is_a_backend_error() -> None:
@@ -1039,8 +1052,8 @@ def test_stream_missing_finish_reason_is_a_backend_error() -> None:
     tok = FakeByteTokenizer()
     backend = Truncated(tok)
     service = OpenAIGenerationService(backend=backend, tokenizer=tok, facts=FACTS)
-    chunks = payloads(stream(service, service.prepare_chat(chat(stream=True))))
-    assert chunks[-1]["error"]["type"] == "BackendError"
+    _, error = stream_until_error(service, service.prepare_chat(chat(stream=True)))
+    assert isinstance(error, BackendError) and "without a finish reason" in error.message
 
 
 def test_stream_cancelled_consumer_aborts_every_choice() -> None:

@@ -1,4 +1,4 @@
-"""lmserve_core.settings: ServeSettings validation and the dtype rules of SPEC §1."""
+"""lmserve_core.settings: ServeSettings validation and the dtype rules of docs/behaviour.md §1."""
 
 from __future__ import annotations
 

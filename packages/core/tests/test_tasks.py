@@ -1,4 +1,4 @@
-"""lmserve_core.tasks: task spellings and inference from config.architectures (SPEC §1, §2)."""
+"""lmserve_core.tasks: task spellings and inference from config.architectures (docs/behaviour.md §1, §2)."""
 
 from __future__ import annotations
 

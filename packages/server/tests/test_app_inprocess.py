@@ -8,6 +8,7 @@ same behaviours run against real servers in tests/test_reliability_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,17 @@ import pytest
 
 from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
-from lmserve_core.errors import BackendError, ModelNotReady, PredictorError
+from lmserve_core.errors import (
+    BackendError,
+    ClientDisconnected,
+    InputTooLong,
+    InvalidInput,
+    LmserveError,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PredictorError,
+)
 from lmserve_core.model_files import ModelSource
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
@@ -198,6 +209,41 @@ def test_grpc_maps_predictor_errors_to_unavailable() -> None:
 
     assert status_code(PredictorError("x")) is grpc.StatusCode.UNAVAILABLE
     assert status_code(BackendError("x")) is grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize(
+    ("error", "http", "kind", "grpc_code"),
+    [
+        (InvalidInput("x", param="n"), 400, "invalid_request_error", "INVALID_ARGUMENT"),
+        (InputTooLong("x"), 400, "invalid_request_error", "INVALID_ARGUMENT"),
+        (ModelNotFound("x"), 404, "not_found_error", "NOT_FOUND"),
+        (Overloaded("x"), 429, "rate_limit_error", "RESOURCE_EXHAUSTED"),
+        (ClientDisconnected("x"), 499, "client_closed_request", "CANCELLED"),
+        (ModelNotReady("x"), 503, "service_unavailable", "UNAVAILABLE"),
+        (PredictorError("x"), 502, "bad_gateway", "UNAVAILABLE"),
+        (BackendError("x"), 500, "internal_server_error", "INTERNAL"),
+    ],
+)
+def test_one_status_table_for_http_grpc_and_streams(
+    error: LmserveError, http: int, kind: str, grpc_code: str
+) -> None:
+    import grpc
+
+    from lmserve_server.errors import status_of, stream_error_event
+    from lmserve_server.grpc_service import status_code
+
+    assert (status_of(error).http, status_of(error).kind) == (http, kind)
+    assert status_code(error) is grpc.StatusCode[grpc_code]
+    event = json.loads(stream_error_event(error))["error"]
+    assert event == {"message": "x", "type": kind, "param": error.param, "code": http}
+
+
+def test_an_unexpected_error_mid_stream_is_a_500_event_without_details() -> None:
+    from lmserve_server.errors import stream_error_event
+
+    event = json.loads(stream_error_event(RuntimeError("secret detail")))["error"]
+    assert event["code"] == 500 and event["type"] == "internal_server_error"
+    assert "secret" not in event["message"] and "RuntimeError" in event["message"]
 
 
 # --- reliability and security -------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``lmserve export``: an encoder model as a Triton model repository (SPEC §6).
+"""``lmserve export``: an encoder model as a Triton model repository (docs/behaviour.md §6).
 
 ``export_onnx`` is the ``lmserve.exporters`` entry point named ``onnx``. It writes::
 
@@ -111,7 +111,7 @@ class ExportReport:
 
     def describe_tensors(self) -> list[str]:
         """What ``lmserve export`` prints: the tensors Triton will see, as written to
-        config.pbtxt (SPEC §6), for a Triton operator to check."""
+        config.pbtxt (docs/behaviour.md §6), for a Triton operator to check."""
         model = self.config_path.parent.name
         return [
             f'Triton model "{model}" (max_batch_size {self.max_batch_size}): shapes as Triton\'s '
@@ -131,7 +131,7 @@ def export_onnx(
     opset: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
-    """Export ``model_dir`` for ``task`` to ``output/model_name`` and check it (SPEC §6)."""
+    """Export ``model_dir`` for ``task`` to ``output/model_name`` and check it (docs/behaviour.md §6)."""
     started = time.perf_counter()
     steps = _Steps(progress or (lambda _msg: None))
     model_dir, output = Path(model_dir), Path(output)
@@ -225,7 +225,7 @@ def render_config_pbtxt(
     inputs = token_inputs(input_names)
     output = _output_tensor(output_name, output_dims)
     return (
-        "# Written by `lmserve export` (SPEC §6).\n"
+        "# Written by `lmserve export` (docs/behaviour.md §6).\n"
         f"name: {_quote(model_name)}\n"
         'platform: "onnxruntime_onnx"\n'
         f"max_batch_size: {max_batch_size}\n"

@@ -1,4 +1,4 @@
-"""Convert a built-in GGUF model (SPEC §7) once to a safetensors folder, then reuse it."""
+"""Convert a built-in GGUF model (docs/behaviour.md §7) once to a safetensors folder, then reuse it."""
 
 from __future__ import annotations
 

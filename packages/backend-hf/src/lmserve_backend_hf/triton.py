@@ -1,4 +1,4 @@
-"""Transformer mode (SPEC §6): tokenize here, run the model on a Triton server.
+"""Transformer mode (docs/behaviour.md §6): tokenize here, run the model on a Triton server.
 
 ``lmserve serve --predictor_host HOST:PORT --predictor_protocol v2|grpc-v2
 --tensor_input_names input_ids,attention_mask`` loads the tokenizer and the model's JSON files

@@ -1,4 +1,4 @@
-"""The tensor contract between lmserve and a Triton model (SPEC §6), in one vocabulary.
+"""The tensor contract between lmserve and a Triton model (docs/behaviour.md §6), in one vocabulary.
 
 ``lmserve export`` prints it after writing ``config.pbtxt``; transformer mode shows it in
 ``GET /v2/models/{name}`` (``parameters.predictor_inputs`` / ``predictor_outputs``) and checks

@@ -96,7 +96,7 @@ def build_engine_args(
     if settings.dtype != "auto":
         args.dtype = {"half": "float16", "float": "float32"}.get(settings.dtype, settings.dtype)
     elif on_cpu:
-        args.dtype = "float32"  # SPEC §1: auto is float32 on CPU, on both backends
+        args.dtype = "float32"  # docs/behaviour.md §1: auto is float32 on CPU, on both backends
     if runner is not None:
         args.runner = runner
     given = {a.split("=", 1)[0].replace("_", "-") for a in settings.engine_args}

@@ -41,7 +41,7 @@ class VLLMPoolingEncoder:
     async def _encode(self, row: list[int]) -> np.ndarray:
         from vllm import PoolingParams
 
-        # Raw logits for classification: lmserve applies softmax/argmax itself (SPEC §4).
+        # Raw logits for classification: lmserve applies softmax/argmax itself (docs/behaviour.md §4).
         params = PoolingParams(
             task=self.task, use_activation=False if self.task == "classify" else None
         )

@@ -1,4 +1,4 @@
-"""Models that ship as data inside PyPI packages and resolve with no network (SPEC §7)."""
+"""Models that ship as data inside PyPI packages and resolve with no network (docs/behaviour.md §7)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ LmserveError
 │   └── InputTooLong      more tokens than the model accepts (with truncation off)
 ├── ModelNotFound         no model of that name is served
 ├── ModelNotReady         the model is loading, failed, or the server is draining
+├── ClientDisconnected    the client left before its answer was ready
 ├── Overloaded            the queue is full; retry later
 ├── BackendError          the model itself failed while serving a valid request
 │   └── PredictorError    the remote predictor (Triton) failed or could not be reached
@@ -38,6 +39,10 @@ class ModelNotFound(LmserveError):
 
 class ModelNotReady(LmserveError):
     """The model exists but cannot serve now (loading, unhealthy, shutting down)."""
+
+
+class ClientDisconnected(LmserveError):
+    """The client closed its connection; the work for it was abandoned (not a server fault)."""
 
 
 class Overloaded(LmserveError):

@@ -414,7 +414,7 @@ class ServeSettings(BaseModel):
 
 
 def canonical_dtype(dtype: str, *, on_gpu: bool, task: Task) -> str:
-    """Resolve ``--dtype`` to float16 / bfloat16 / float32 (SPEC §1)."""
+    """Resolve ``--dtype`` to float16 / bfloat16 / float32 (docs/behaviour.md §1)."""
     normal = {"half": "float16", "float": "float32"}.get(dtype, dtype)
     if normal != "auto":
         return normal

@@ -69,7 +69,7 @@ _ARCHITECTURE_SUFFIXES: tuple[tuple[str, Task], ...] = (
 
 
 def infer_task(architectures: Sequence[str] | None, *, is_sentence_transformer: bool) -> Task:
-    """Infer the task from ``config.architectures`` (SPEC §2); a pure string table.
+    """Infer the task from ``config.architectures`` (docs/behaviour.md §2); a pure string table.
 
     A sentence-transformers directory (``modules.json``) is an embedding model whatever
     its architecture says, since its pooling config is what makes it one.

@@ -1,13 +1,16 @@
-"""The one place where lmserve_core errors become HTTP statuses and protocol bodies.
+"""The one place where lmserve_core errors become HTTP and gRPC statuses and protocol bodies.
 
 KServe V1/V2 routes answer ``{"error": "message"}``; OpenAI routes answer
-``{"error": {"message", "type", "param", "code"}}``. Client errors are never 500.
+``{"error": {"message", "type", "param", "code"}}``, and so does an error event in a stream that
+already started. The gRPC service reads its status codes from the same table (by name: the HTTP
+app does not import grpc). Client errors are never 500.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +21,7 @@ from starlette.types import Scope, Send
 
 from lmserve_core.errors import (
     BackendError,
+    ClientDisconnected,
     ConfigurationError,
     InvalidInput,
     LmserveError,
@@ -29,23 +33,51 @@ from lmserve_core.errors import (
 
 logger = logging.getLogger(__name__)
 
-_STATUS: tuple[tuple[type[LmserveError], int, str], ...] = (
-    (InvalidInput, 400, "invalid_request_error"),
-    (ModelNotFound, 404, "not_found_error"),
-    (Overloaded, 429, "rate_limit_error"),
-    (ModelNotReady, 503, "service_unavailable"),
-    # Before BackendError, its parent: the predictor (Triton) failed, not lmserve.
-    (PredictorError, 502, "bad_gateway"),
-    (BackendError, 500, "internal_server_error"),
-    (ConfigurationError, 500, "internal_server_error"),
+
+@dataclass(frozen=True)
+class Status:
+    """How one kind of error reaches a client."""
+
+    http: int
+    kind: str  # the OpenAI error ``type``
+    grpc: str  # a ``grpc.StatusCode`` name
+
+
+_INTERNAL = Status(500, "internal_server_error", "INTERNAL")
+# Most specific first.
+_STATUS: tuple[tuple[type[LmserveError], Status], ...] = (
+    (InvalidInput, Status(400, "invalid_request_error", "INVALID_ARGUMENT")),
+    (ModelNotFound, Status(404, "not_found_error", "NOT_FOUND")),
+    (Overloaded, Status(429, "rate_limit_error", "RESOURCE_EXHAUSTED")),
+    # nginx's "client closed request": the client left; nothing failed on this side.
+    (ClientDisconnected, Status(499, "client_closed_request", "CANCELLED")),
+    (ModelNotReady, Status(503, "service_unavailable", "UNAVAILABLE")),
+    # Before BackendError, its parent: the predictor (Triton) failed, not lmserve. gRPC has
+    # no "bad gateway": UNAVAILABLE is what grpc-gateway maps 502 to.
+    (PredictorError, Status(502, "bad_gateway", "UNAVAILABLE")),
+    (BackendError, _INTERNAL),
+    (ConfigurationError, _INTERNAL),
 )
 
 
-def status_of(exc: LmserveError) -> tuple[int, str]:
-    for cls, status, kind in _STATUS:
+def status_of(exc: LmserveError) -> Status:
+    for cls, status in _STATUS:
         if isinstance(exc, cls):
-            return status, kind
-    return 500, "internal_server_error"
+            return status
+    return _INTERNAL
+
+
+def stream_error_event(exc: Exception) -> str:
+    """The ``data:`` payload that ends a stream whose status line was already sent."""
+    if isinstance(exc, LmserveError):
+        status, message, param = status_of(exc), exc.message, exc.param
+    else:
+        logger.error("generation failed mid-stream", exc_info=exc)
+        status, message, param = _INTERNAL, f"generation failed: {type(exc).__name__}", None
+    if status.http >= 500:
+        logger.error("stream ended with an error: %s", message)
+    body = {"message": message, "type": status.kind, "param": param, "code": status.http}
+    return json.dumps({"error": body})
 
 
 def route_path(scope: Scope) -> str:
@@ -107,14 +139,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LmserveError)
     async def _lmserve(request: Request, exc: LmserveError) -> JSONResponse:
-        status, kind = status_of(exc)
+        status = status_of(exc)
         headers = None
         if isinstance(exc, Overloaded):
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-        if status >= 500:
+        if status.http >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
         return error_response(
-            request, status, exc.message, kind=kind, param=exc.param, headers=headers
+            request, status.http, exc.message, kind=status.kind, param=exc.param, headers=headers
         )
 
     @app.exception_handler(RequestValidationError)

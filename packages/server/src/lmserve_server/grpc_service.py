@@ -14,15 +14,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from lmserve_core.errors import (
-    BackendError,
-    InvalidInput,
-    LmserveError,
-    ModelNotFound,
-    ModelNotReady,
-    Overloaded,
-    PredictorError,
-)
+from lmserve_core.errors import InvalidInput, LmserveError, Overloaded
 from lmserve_core.v2_codec import (
     NUMPY_DTYPES,
     DecodedTensor,
@@ -33,20 +25,11 @@ from lmserve_core.v2_codec import (
 from lmserve_protocols.grpc import grpc_predict_v2_pb2 as pb
 from lmserve_protocols.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from lmserve_server.dataplane import DataPlane, server_version
+from lmserve_server.errors import status_of
 from lmserve_server.security import OPEN_GRPC_METHODS, ApiKey
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_CODES: tuple[tuple[type[LmserveError], grpc.StatusCode], ...] = (
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
-    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
-    # gRPC has no "bad gateway": UNAVAILABLE is what grpc-gateway maps 502 to.
-    (PredictorError, grpc.StatusCode.UNAVAILABLE),
-    (BackendError, grpc.StatusCode.INTERNAL),
-)
 
 # InferTensorContents field per datatype.
 _CONTENT_FIELD = {
@@ -58,10 +41,8 @@ _CONTENT_FIELD = {
 
 
 def status_code(exc: LmserveError) -> grpc.StatusCode:
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    """The gRPC code of ``exc``, from the server's one status table."""
+    return grpc.StatusCode[status_of(exc).grpc]
 
 
 def _param_value(p: pb.InferParameter) -> Any:

@@ -1,4 +1,4 @@
-"""Request body limit: 413 before the body is parsed (SPEC §8)."""
+"""Request body limit: 413 before the body is parsed (docs/behaviour.md §8)."""
 
 from __future__ import annotations
 

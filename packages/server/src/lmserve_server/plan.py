@@ -70,7 +70,7 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
 
 
 def choose_predictor(settings: ServeSettings, task: Task) -> tuple[str, str, None]:
-    """Transformer mode (SPEC §6): the model runs on the Triton server at --predictor_host."""
+    """Transformer mode (docs/behaviour.md §6): the model runs on the Triton server at --predictor_host."""
     if task.is_generative:
         raise ConfigurationError(
             f"--predictor_host serves encoder tasks (Triton runs their forward pass); "
@@ -95,7 +95,7 @@ def choose_predictor(settings: ServeSettings, task: Task) -> tuple[str, str, Non
 
 
 def choose_backend(requested: Backend, task: Task) -> tuple[str, str, str | None]:
-    """(backend, why, fallback) per SPEC §2."""
+    """(backend, why, fallback) per docs/behaviour.md §2."""
     if requested is Backend.vllm:
         return "vllm", "--backend vllm was asked for", None
     if requested is Backend.huggingface:

@@ -149,7 +149,7 @@ def _check_common(
 def _max_tokens(
     requested: int | None, prompt_len: int, facts: ModelFacts, *, default_rest: bool
 ) -> int:
-    """The limit of SPEC §5: prompt + max_tokens must fit the context."""
+    """The limit of docs/behaviour.md §5: prompt + max_tokens must fit the context."""
     limit = facts.max_model_len
     if facts.is_encoder_decoder:
         if prompt_len > limit:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from lmserve_core.errors import BackendError, LmserveError, ModelNotReady
+from lmserve_core.errors import BackendError, ModelNotReady
 from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
 from lmserve_core.generation.detokenizer import IncrementalDetokenizer
 from lmserve_core.generation.params import GenerationRequest, TokenLogprob
@@ -30,8 +29,6 @@ from lmserve_core.generation.prepare import (
 )
 from lmserve_core.generation.stop import StopStringMatcher
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
-
-logger = logging.getLogger(__name__)
 
 
 class GenerationObserver(Protocol):
@@ -242,7 +239,11 @@ class OpenAIGenerationService:
         self, prep: Prepared, on_usage: Callable[[dict[str, int]], None] | None = None
     ) -> AsyncIterator[str]:
         """JSON payloads of the SSE ``data:`` lines, ending with ``[DONE]``. ``on_usage`` gets
-        the token counts once the last choice has finished."""
+        the token counts once the last choice has finished.
+
+        An error after the first payload propagates (the chunks before it were yielded): the
+        server turns it into an error event through its one status table.
+        """
         total = 0
         counts: dict[int, int] = {}
         deltas = self._merged(prep)
@@ -283,13 +284,6 @@ class OpenAIGenerationService:
                     "id": prep.request_id, "object": self._chunk_object(prep), "created": prep.created,
                     "model": prep.model, "choices": [], "usage": usage,
                 })  # fmt: skip
-        except LmserveError as exc:
-            yield json.dumps({"error": {"message": exc.message, "type": type(exc).__name__, "param": exc.param,
-                                        "code": 500 if isinstance(exc, BackendError) else 503}})  # fmt: skip
-        except Exception as exc:
-            logger.exception("generation failed mid-stream")
-            yield json.dumps({"error": {"message": f"generation failed: {type(exc).__name__}",
-                                        "type": "internal_server_error", "param": None, "code": 500}})  # fmt: skip
         finally:
             # A consumer that closes this stream early (client gone) aborts every choice
             # now; ``async for`` alone leaves the inner generator to the garbage collector.

@@ -13,9 +13,10 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.types import Receive, Scope, Send
 
 from lmserve_core.admission import Ticket
-from lmserve_core.errors import ModelNotReady
+from lmserve_core.errors import ClientDisconnected
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
 from lmserve_server.dataplane import AdmittedGeneration
+from lmserve_server.errors import stream_error_event
 from lmserve_server.routes import plane
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
@@ -72,6 +73,10 @@ async def _sse(payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:
     try:
         async for payload in payloads:
             yield format_sse_event(data_str=payload)
+    except Exception as exc:
+        # The status line went out with the first chunk: the error is the last event.
+        yield format_sse_event(data_str=stream_error_event(exc))
+        yield format_sse_event(data_str="[DONE]")
     finally:
         # Close the inner stream now (not at garbage collection): that aborts generation.
         await payloads.aclose()  # type: ignore[attr-defined]
@@ -93,7 +98,7 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
         return await task
     except asyncio.CancelledError:
         if watcher.done():
-            raise ModelNotReady("client disconnected") from None
+            raise ClientDisconnected("the client disconnected") from None
         raise
     finally:
         watcher.cancel()
