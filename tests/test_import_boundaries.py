@@ -65,3 +65,66 @@ def test_every_package_is_typed_and_versioned() -> None:
         (module_dir,) = [p for p in (pkg_dir / "src").iterdir() if p.is_dir()]
         assert (module_dir / "py.typed").is_file(), module_dir
         assert (pkg_dir / "tests").is_dir(), pkg_dir
+
+
+PACKAGES = [
+    "lmserve_protocols",
+    "lmserve_core",
+    "lmserve_backend_hf",
+    "lmserve_backend_vllm",
+    "lmserve_server",
+]
+
+
+def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or through others (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in sorted(edges[module]):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_import_cycles_are_found() -> None:
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_package_has_an_import_cycle(package: str) -> None:
+    """Imports inside functions count too: a module pair that needs a lazy import to load is
+    still a cycle in the design (only TYPE_CHECKING imports are left out)."""
+    import grimp
+
+    graph = grimp.build_graph(package, exclude_type_checking_imports=True)
+    edges = {
+        module: set(graph.find_modules_directly_imported_by(module)) & graph.modules - {module}
+        for module in graph.modules
+    }
+    assert import_cycles(edges) == []

@@ -62,7 +62,6 @@ def test_disable_lower_case_stops_lowercasing(path_fn) -> None:
 
 def test_loader_facts_and_service_answers() -> None:
     loaded = load(model_path("sentiment"), Task.sequence_classification)
-    assert loaded.backend_name == "huggingface"
     assert loaded.info.id2label == {0: "NEGATIVE", 1: "POSITIVE"}
     assert loaded.info.max_length == 64
     assert loaded.details["dtype"] == "float32"

@@ -95,13 +95,37 @@ def test_results_match_items() -> None:
     assert sorted(n for batch in recorder.batches for n in batch) == sorted(map(str, range(20)))
 
 
+class SizeRecorder:
+    """A ServingObserver keeping the batch sizes and queue times it is told."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self.waits: list[float] = []
+
+    def batch(self, instances: int) -> None:
+        self.sizes.append(instances)
+
+    def queue_time(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def decode_step(self, sequences: int) -> None:
+        raise AssertionError("an encoder batcher decodes nothing")
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
+
+    def tokens(self, prompt: int, generated: int) -> None: ...
+
+
 def test_requests_arriving_during_a_batch_are_merged_into_the_next() -> None:
     recorder = Recorder(block=[0])
     sizes: list[int] = []
 
     async def main() -> list[Any]:
-        batcher: DynamicBatcher[Item, Any] = DynamicBatcher(recorder, max_batch_size=32)
-        batcher.on_batch = sizes.append
+        batcher: DynamicBatcher[Item, Any] = DynamicBatcher(
+            recorder, max_batch_size=32, observer=SizeRecorder(sizes)
+        )
         await batcher.start()
         try:
             first = asyncio.ensure_future(batcher.submit(Item("first")))

@@ -234,7 +234,6 @@ def make(
     script: Script = "Hello",
     *,
     chat_template: str | None = TEMPLATE,
-    server_template: str | None = None,
     trust: bool = False,
     default_sampling: dict[str, float] | None = None,
     limits: GenerationLimits | None = None,
@@ -246,7 +245,7 @@ def make(
     facts = ModelFacts(backend.max_model_len, backend.vocab_size, backend.is_encoder_decoder,
                        default_sampling or {})  # fmt: skip
     service = OpenAIGenerationService(
-        backend=backend, tokenizer=tok, facts=facts, limits=limits, chat_template=server_template,
+        backend=backend, tokenizer=tok, facts=facts, limits=limits,
         trust_request_chat_template=trust, observer=observer,
     )  # fmt: skip
     return service, backend
@@ -298,9 +297,10 @@ def prep_chat(
     server_template: str | None = None,
     trust: bool = False,
 ) -> Prepared:
-    return prepare_chat(
-        req, tok, facts, LIMITS, server_template=server_template, trust_request_template=trust
-    )
+    """``server_template``: what --chat_template puts in the tokenizer (a fresh fake one)."""
+    if server_template is not None:
+        tok = FakeByteTokenizer(server_template)
+    return prepare_chat(req, tok, facts, LIMITS, trust_request_template=trust)
 
 
 @pytest.mark.parametrize(
@@ -514,8 +514,7 @@ def test_prepare_chat_template_choice() -> None:
     tok = FakeByteTokenizer()
     prep_chat(chat(), tok)
     assert tok.template_calls[-1]["template"] == TEMPLATE  # the tokenizer's
-    prep = prep_chat(chat(), tok, server_template="[{role}] {content}|")
-    assert tok.template_calls[-1]["template"] == "[{role}] {content}|"  # --chat_template wins
+    prep = prep_chat(chat(), tok, server_template="[{role}] {content}|")  # --chat_template's
     assert prep.prompts[0].text == "[user] Hi|<|assistant|>"
     # A per-request template only when trusted, and then it wins over both.
     with pytest.raises(InvalidInput):

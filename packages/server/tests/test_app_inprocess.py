@@ -36,6 +36,7 @@ from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import Encoding
 from lmserve_server import plan as plan_module
 from lmserve_server.app import create_app
+from lmserve_server.metrics import Metrics
 from lmserve_server.model_host import ModelHost
 from lmserve_server.plan import ServingPlan
 
@@ -98,7 +99,7 @@ def make(
         if load_gate is not None:
             assert load_gate.wait(10)
         return LoadedEncoder(backend, WordTokenizer(), ModelInfo(id2label={0: "NEG", 1: "POS"}, max_length=16),
-                             EncoderOptions(), "fake")  # fmt: skip
+                             EncoderOptions())  # fmt: skip
 
     monkeypatch.setattr(plan_module, "load_backend_factory", lambda name: factory)
     monkeypatch.setattr("lmserve_server.model_host.load_backend_factory", lambda name: factory)
@@ -106,8 +107,9 @@ def make(
     plan = ServingPlan(
         ModelSource(Path("."), "fake"), {}, Task.sequence_classification, "fake", "test"
     )
-    host = ModelHost(settings, plan)
-    return host, create_app(settings, host)
+    metrics = Metrics()
+    host = ModelHost(settings, plan, observer=metrics)
+    return host, create_app(settings, host, metrics)
 
 
 def test_ready_is_503_while_loading_then_200(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,7 +85,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
         if state["fail"]:
             raise BackendError("weights are corrupt")
         info = ModelInfo(id2label={0: "NEG", 1: "POS"}, max_length=16)
-        return LoadedEncoder(state["backend"], WordTokenizer(), info, EncoderOptions(), "fake")  # type: ignore[arg-type]
+        return LoadedEncoder(state["backend"], WordTokenizer(), info, EncoderOptions())  # type: ignore[arg-type]
 
     def plan(settings: ServeSettings) -> ServingPlan:
         return ServingPlan(

@@ -30,6 +30,7 @@ import torch
 from lmserve_backend_hf.sampler import RowState, prompt_logprobs, sample
 from lmserve_core.errors import BackendError, ModelNotReady
 from lmserve_core.generation.params import GenerationRequest, TokenEvent
+from lmserve_core.observer import ServingObserver
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class HFGenerationEngine:
         vocab_size: int,
         max_num_seqs: int = 32,
         max_prefill_tokens: int = 8192,
+        observer: ServingObserver | None = None,
     ) -> None:
         self.model = model
         self.device = device
@@ -87,7 +89,6 @@ class HFGenerationEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self._is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
         self._waiting: queue.Queue[_Sequence | None] = queue.Queue()
-        self._by_id: dict[str, _Sequence] = {}
         self._groups: list[_Group] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -95,10 +96,10 @@ class HFGenerationEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._base_generator = torch.Generator(device=device)
         self._base_generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        # Observability: decode steps run, the largest batch seen, and a hook per step.
+        # Observability: decode steps run, the largest batch seen, and the metrics hooks.
         self.steps = 0
         self.max_step_size = 0
-        self.on_step: Callable[[int], None] | None = None
+        self._observer = observer
 
     # --- GenerativeBackend ----------------------------------------------------------
     @property
@@ -137,11 +138,6 @@ class HFGenerationEngine:
         if self._thread is not None and not self._thread.is_alive() and not self._stopping.is_set():
             raise BackendError("the generation engine thread is not running")
 
-    async def abort(self, request_id: str) -> None:
-        seq = self._by_id.get(request_id)
-        if seq is not None:
-            seq.aborted = True  # the model thread drops it before the next step
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         self.check_health()
         if self._stopping.is_set() or self._loop is None:
@@ -153,7 +149,6 @@ class HFGenerationEngine:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         seq = _Sequence(request, emit, self._row_state(request), self.eos_token_ids)
-        self._by_id[request.request_id] = seq
         self._waiting.put(seq)
         try:
             while True:
@@ -165,8 +160,7 @@ class HFGenerationEngine:
                     return
         finally:
             # Early close (stop string, disconnect, cancel): abort within one step.
-            seq.aborted = True
-            self._by_id.pop(request.request_id, None)
+            seq.aborted = True  # the model thread drops it before the next step
 
     # --- model thread ----------------------------------------------------------------
     def _row_state(self, request: GenerationRequest) -> RowState:
@@ -357,8 +351,8 @@ class HFGenerationEngine:
                 seq.length += 1
             self.steps += 1
             self.max_step_size = max(self.max_step_size, len(group.seqs))
-            if self.on_step:
-                self.on_step(len(group.seqs))
+            if self._observer is not None:
+                self._observer.decode_step(len(group.seqs))
             self._emit_sampled(group.seqs, out.logits[:, -1, :].float(), None)
 
     def _emit_sampled(

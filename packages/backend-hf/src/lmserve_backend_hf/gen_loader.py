@@ -67,6 +67,7 @@ def load_generator(request: LoadRequest) -> LoadedGenerator:
     engine = HFGenerationEngine(
         model, device=device, eos_token_ids=tokenizer.eos_token_ids, pad_token_id=int(pad),
         max_model_len=context, vocab_size=vocab, max_num_seqs=settings.max_num_seqs,
+        observer=request.observer,
     )  # fmt: skip
     facts = ModelFacts(max_model_len=context, vocab_size=vocab, is_encoder_decoder=engine.is_encoder_decoder,
                        default_sampling=sampling_defaults(gen_config))  # fmt: skip
@@ -79,7 +80,7 @@ def load_generator(request: LoadRequest) -> LoadedGenerator:
         "round-robin (encoder-decoder)" if engine.is_encoder_decoder else "shared forward passes"
     )
     return LoadedGenerator(
-        backend=engine, tokenizer=tokenizer, facts=facts, backend_name="huggingface",
+        backend=engine, tokenizer=tokenizer, facts=facts,
         details={"device": str(device), "dtype": dtype_name, "torch_threads": threads,
                  "architecture": (config.get("architectures") or ["?"])[0], "max_model_len": context,
                  "continuous_batching": batching},

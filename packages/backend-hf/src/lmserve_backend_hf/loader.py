@@ -106,7 +106,6 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
         tokenizer=parts.tokenizer,
         info=parts.info,
         options=parts.options,
-        backend_name="huggingface",
         details={"device": str(device), "dtype": dtype_name, "torch_threads": threads,
                  "architecture": (config.get("architectures") or ["?"])[0]},
     )  # fmt: skip

@@ -137,7 +137,6 @@ def load_onnx_encoder(request: LoadRequest) -> LoadedEncoder:
         tokenizer=parts.tokenizer,
         info=info,
         options=parts.options,
-        backend_name="onnx",
         details={
             "onnx": str(onnx_path),
             "providers": providers,

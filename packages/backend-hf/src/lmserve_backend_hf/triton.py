@@ -360,7 +360,6 @@ def load_triton_encoder(request: LoadRequest) -> LoadedEncoder:
         tokenizer=parts.tokenizer,
         info=info,
         options=parts.options,
-        backend_name="triton",
         details={
             "predictor": url,
             "predictor_protocol": settings.predictor_protocol.value,

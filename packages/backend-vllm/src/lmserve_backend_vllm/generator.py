@@ -48,7 +48,6 @@ class VLLMGenerator:
         self.eos_token_ids = eos_token_ids
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
-        self.on_step = None  # vLLM reports its own scheduler stats
 
     @property
     def max_model_len(self) -> int:
@@ -79,9 +78,6 @@ class VLLMGenerator:
 
     def num_unfinished(self) -> int:
         return int(self.engine.get_num_unfinished_requests())
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
 
     def _sampling(self, request: GenerationRequest) -> Any:
         from vllm import SamplingParams

@@ -106,7 +106,7 @@ def load(request: LoadRequest) -> LoadedModel:
     )  # fmt: skip
     facts = ModelFacts(max_model_len=context, vocab_size=vocab, is_encoder_decoder=False,
                        default_sampling=sampling_defaults(gen_config))  # fmt: skip
-    return LoadedGenerator(generator, tokenizer, facts, "vllm", details)
+    return LoadedGenerator(generator, tokenizer, facts, details)
 
 
 def _pooling(
@@ -137,7 +137,7 @@ def _pooling(
         return_offsets_mapping=settings.return_offsets_mapping,
     )
     backend = VLLMPoolingEncoder(engine, loop, task=POOLING_TASKS[task], node_watch=node_watch)
-    return LoadedEncoder(backend, HFTokenizer(raw_tok), info, options, "vllm", details)
+    return LoadedEncoder(backend, HFTokenizer(raw_tok), info, options, details)
 
 
 def _vllm_version() -> str:

@@ -16,6 +16,7 @@ from lmserve_core.encoder.service import EncoderBackend
 from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
 from lmserve_core.generation.prepare import ModelFacts
 from lmserve_core.model_files import ModelSource
+from lmserve_core.observer import ServingObserver
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import TextTokenizer
@@ -31,6 +32,8 @@ class LoadRequest:
     config: dict[str, Any]
     # The server's event loop, for backends whose engine lives on it (vLLM pooling).
     loop: asyncio.AbstractEventLoop | None = None
+    # Metrics hooks the backend reports to (decoding steps), if it has any to report.
+    observer: ServingObserver | None = None
 
 
 @dataclass
@@ -41,7 +44,6 @@ class LoadedEncoder:
     tokenizer: TextTokenizer
     info: ModelInfo
     options: EncoderOptions
-    backend_name: str
     details: dict[str, Any] = field(default_factory=dict)  # shown in V2 metadata
     # A remote predictor wants few distinct shapes (Triton merges equal ones) and several
     # batches on the wire; an in-process model wants neither.
@@ -56,7 +58,6 @@ class LoadedGenerator:
     backend: GenerativeBackend
     tokenizer: GenerationTokenizer
     facts: ModelFacts
-    backend_name: str
     details: dict[str, Any] = field(default_factory=dict)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from lmserve_core.errors import BackendError, LmserveError, ModelNotReady
+from lmserve_core.observer import ServingObserver
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         name: str = "model",
         concurrency: int = 1,
         max_batch_tokens: int | None = None,
+        observer: ServingObserver | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -79,8 +81,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         # Taken off the queue but not yet run (did not fit the last batch), oldest first.
         self._waiting: list[_Pending[ItemT, ResultT]] = []
         self.batches_run = 0
-        self.on_batch: Callable[[int], None] | None = None  # metrics hook: instances per batch
-        self.on_queue_time: Callable[[float], None] | None = None  # metrics hook: s waited
+        self._observer = observer
 
     async def start(self) -> None:
         if self._task is None:
@@ -171,12 +172,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def _run_and_deliver(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
         size = sum(p.item.size for p in batch)
-        if self.on_batch:
-            self.on_batch(size)
-        if self.on_queue_time:
+        if self._observer is not None:
+            self._observer.batch(size)
             now = time.perf_counter()
             for pending in batch:
-                self.on_queue_time(now - pending.enqueued)
+                self._observer.queue_time(now - pending.enqueued)
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(

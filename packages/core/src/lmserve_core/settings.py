@@ -37,7 +37,9 @@ class PredictorProtocol(StrEnum):
 DTYPE_CHOICES = ("auto", "float16", "half", "bfloat16", "float32", "float")
 
 
-def _flag(description: str, *, aliases: tuple[str, ...] = (), group: str = "model") -> Any:
+def flag(description: str, *, aliases: tuple[str, ...] = (), group: str = "model") -> Any:
+    """``Field`` metadata that makes a settings field a command-line flag: its help text, other
+    names and the help group it is listed under (``lmserve_server.flags`` reads it)."""
     return {
         "description": description,
         "json_schema_extra": {"aliases": list(aliases), "group": group},
@@ -51,12 +53,12 @@ class ServeSettings(BaseModel):
 
     # --- which model -------------------------------------------------------------
     model_name: Annotated[
-        str, Field(min_length=1, **_flag("Name used in URLs and in the OpenAI 'model' field."))
+        str, Field(min_length=1, **flag("Name used in URLs and in the OpenAI 'model' field."))
     ] = "model"
     model_dir: Annotated[
         str | None,
         Field(
-            **_flag(
+            **flag(
                 "Local directory of a saved Hugging Face model (config.json, weights, tokenizer)."
             )
         ),
@@ -64,7 +66,7 @@ class ServeSettings(BaseModel):
     model_id: Annotated[
         str | None,
         Field(
-            **_flag(
+            **flag(
                 "Hugging Face model id, or a built-in name (smollm2-135m-instruct, all-minilm-l6-v2). "
                 "Wins over --model_dir. "
                 "With HF_HUB_OFFLINE=1 only the local cache is used."
@@ -73,15 +75,15 @@ class ServeSettings(BaseModel):
     ] = None
     model_revision: Annotated[
         str | None,
-        Field(**_flag("Revision (branch, tag or commit) of the model weights on the hub.")),
+        Field(**flag("Revision (branch, tag or commit) of the model weights on the hub.")),
     ] = None
     tokenizer_revision: Annotated[
-        str | None, Field(**_flag("Revision of the tokenizer on the hub."))
+        str | None, Field(**flag("Revision of the tokenizer on the hub."))
     ] = None
     task: Annotated[
         Task | None,
         Field(
-            **_flag(
+            **flag(
                 "Task to serve: text_generation, text2text_generation, fill_mask, token_classification, "
                 "sequence_classification, text_embedding (pipeline spellings such as "
                 "text-classification also work). Default: inferred from the model architecture."
@@ -91,7 +93,7 @@ class ServeSettings(BaseModel):
     backend: Annotated[
         Backend,
         Field(
-            **_flag(
+            **flag(
                 "auto: vLLM for generative tasks when it supports the model, else Hugging Face; "
                 "huggingface; vllm; onnx (encoders: exported once to ONNX, cached, run by ONNX "
                 "Runtime in-process)."
@@ -101,14 +103,14 @@ class ServeSettings(BaseModel):
     dtype: Annotated[
         str,
         Field(
-            **_flag(
+            **flag(
                 "Weights dtype: auto (float16 on GPU, float32 on CPU; encoders float32), "
                 "float16/half, bfloat16, float32/float."
             )
         ),
     ] = "auto"
     trust_remote_code: Annotated[
-        bool, Field(**_flag("Allow custom model and tokenizer code from the model repository."))
+        bool, Field(**flag("Allow custom model and tokenizer code from the model repository."))
     ] = False
 
     # --- tokenization ------------------------------------------------------------
@@ -116,7 +118,7 @@ class ServeSettings(BaseModel):
         int | None,
         Field(
             gt=0,
-            **_flag(
+            **flag(
                 "Tokenizer max length and context limit. Default: from the model config.",
                 aliases=("max_model_len",),
                 group="tokenizer",
@@ -126,7 +128,7 @@ class ServeSettings(BaseModel):
     disable_lower_case: Annotated[
         bool,
         Field(
-            **_flag(
+            **flag(
                 "Force lower-casing off. Default: the tokenizer's own setting (never forced on).",
                 group="tokenizer",
             )
@@ -135,21 +137,21 @@ class ServeSettings(BaseModel):
     disable_special_tokens: Annotated[
         bool,
         Field(
-            **_flag(
+            **flag(
                 "Encode encoder inputs without special tokens ([CLS], [SEP], ...).",
                 group="tokenizer",
             )
         ),
     ] = False
     return_token_type_ids: Annotated[
-        bool, Field(**_flag("Pass token_type_ids to the model / predictor.", group="tokenizer"))
+        bool, Field(**flag("Pass token_type_ids to the model / predictor.", group="tokenizer"))
     ] = False
 
     # --- generation --------------------------------------------------------------
     chat_template: Annotated[
         str | None,
         Field(
-            **_flag(
+            **flag(
                 "Jinja chat template FILE to use instead of the tokenizer's.", group="generation"
             )
         ),
@@ -157,7 +159,7 @@ class ServeSettings(BaseModel):
     trust_request_chat_template: Annotated[
         bool,
         Field(
-            **_flag(
+            **flag(
                 "Allow a per-request 'chat_template' in chat completions (off: refused with 400).",
                 group="generation",
             )
@@ -167,18 +169,18 @@ class ServeSettings(BaseModel):
         int,
         Field(
             gt=0,
-            **_flag("Most sequences generated together (continuous batching).", group="generation"),
+            **flag("Most sequences generated together (continuous batching).", group="generation"),
         ),
     ] = 32
     max_n: Annotated[
-        int, Field(gt=0, **_flag("Largest 'n' (choices per request) accepted.", group="generation"))
+        int, Field(gt=0, **flag("Largest 'n' (choices per request) accepted.", group="generation"))
     ] = 16
 
     # --- outputs -----------------------------------------------------------------
     return_probabilities: Annotated[
         bool,
         Field(
-            **_flag(
+            **flag(
                 "Return softmax probabilities instead of the argmax for fill_mask, token and "
                 "sequence classification.",
                 group="outputs",
@@ -188,7 +190,7 @@ class ServeSettings(BaseModel):
     return_raw_logits: Annotated[
         bool,
         Field(
-            **_flag(
+            **flag(
                 "Return the model's raw logits (FP32) instead of post-processed predictions.",
                 group="outputs",
             )
@@ -197,7 +199,7 @@ class ServeSettings(BaseModel):
     return_offsets_mapping: Annotated[
         bool,
         Field(
-            **_flag(
+            **flag(
                 "token_classification: return each token's [start, end) character offsets "
                 "beside its prediction.",
                 group="outputs",
@@ -209,7 +211,7 @@ class ServeSettings(BaseModel):
     tensor_input_names: Annotated[
         str | None,
         Field(
-            **_flag(
+            **flag(
                 "Comma list of tokenizer outputs sent as V2 input tensors to a Triton predictor "
                 "(e.g. input_ids,attention_mask).",
                 group="predictor",
@@ -219,7 +221,7 @@ class ServeSettings(BaseModel):
     predictor_host: Annotated[
         str | None,
         Field(
-            **_flag(
+            **flag(
                 "HOST:PORT of a Triton server (HOST alone: port 80, as KServe passes it): "
                 "tokenize here, run the model there.",
                 group="predictor",
@@ -228,34 +230,32 @@ class ServeSettings(BaseModel):
     ] = None
     predictor_protocol: Annotated[
         PredictorProtocol,
-        Field(**_flag("Protocol to the predictor: v2 (REST) or grpc-v2.", group="predictor")),
+        Field(**flag("Protocol to the predictor: v2 (REST) or grpc-v2.", group="predictor")),
     ] = PredictorProtocol.v2
 
     # --- server ------------------------------------------------------------------
     host: Annotated[
-        str, Field(**_flag("Address to listen on (container images set 0.0.0.0).", group="server"))
+        str, Field(**flag("Address to listen on (container images set 0.0.0.0).", group="server"))
     ] = "127.0.0.1"
-    http_port: Annotated[int, Field(ge=0, le=65535, **_flag("HTTP port.", group="server"))] = 8080
+    http_port: Annotated[int, Field(ge=0, le=65535, **flag("HTTP port.", group="server"))] = 8080
     grpc_port: Annotated[
-        int, Field(ge=0, le=65535, **_flag("gRPC port (with --enable_grpc).", group="server"))
+        int, Field(ge=0, le=65535, **flag("gRPC port (with --enable_grpc).", group="server"))
     ] = 8081
     enable_grpc: Annotated[
-        bool, Field(**_flag("Also serve the Open Inference Protocol over gRPC.", group="server"))
+        bool, Field(**flag("Also serve the Open Inference Protocol over gRPC.", group="server"))
     ] = False
     max_batch_size: Annotated[
         int,
         Field(
             gt=0,
-            **_flag(
-                "Most instances one encoder forward pass takes from the queue.", group="server"
-            ),
+            **flag("Most instances one encoder forward pass takes from the queue.", group="server"),
         ),
     ] = 32
     max_batch_tokens: Annotated[
         int,
         Field(
             gt=0,
-            **_flag(
+            **flag(
                 "Most padded tokens (instances x longest input) one encoder forward pass takes; "
                 "bounds activation memory. A single larger request still runs, alone.",
                 group="server",
@@ -266,7 +266,7 @@ class ServeSettings(BaseModel):
         int,
         Field(
             gt=0,
-            **_flag(
+            **flag(
                 "Largest accepted request body; larger gets 413 before parsing.", group="server"
             ),
         ),
@@ -275,7 +275,7 @@ class ServeSettings(BaseModel):
         int,
         Field(
             ge=0,
-            **_flag(
+            **flag(
                 "Most requests a model holds waiting beyond those it is running (an encoder's "
                 "batches in flight, a generator's --max_num_seqs sequences). When full, new "
                 "requests get 429 with Retry-After (gRPC: RESOURCE_EXHAUSTED).",
@@ -287,7 +287,7 @@ class ServeSettings(BaseModel):
         int,
         Field(
             gt=0,
-            **_flag(
+            **flag(
                 "Most instances (texts, token lists) one encoder request may carry; more is a 400.",
                 group="server",
             ),
@@ -297,7 +297,7 @@ class ServeSettings(BaseModel):
         float,
         Field(
             ge=0,
-            **_flag(
+            **flag(
                 "vLLM with --distributed-executor-backend ray: seconds to wait for the Ray "
                 "cluster named by RAY_ADDRESS to offer the GPUs that --tensor-parallel-size x "
                 "--pipeline-parallel-size need (workers may still be joining), then fail.",
@@ -309,7 +309,7 @@ class ServeSettings(BaseModel):
         float,
         Field(
             ge=0,
-            **_flag(
+            **flag(
                 "Seconds that in-flight requests (streams too) get to finish after SIGTERM or "
                 "SIGINT; readiness and new requests answer 503 meanwhile. Then the server exits.",
                 group="server",
@@ -320,7 +320,7 @@ class ServeSettings(BaseModel):
         str | None,
         Field(
             repr=False,
-            **_flag(
+            **flag(
                 "Require 'Authorization: Bearer KEY' on every inference and metadata route "
                 "(HTTP and gRPC); health and metrics stay open.",
                 group="security",
@@ -330,7 +330,7 @@ class ServeSettings(BaseModel):
     allowed_origins: Annotated[
         str | None,
         Field(
-            **_flag(
+            **flag(
                 "Comma list of origins allowed by CORS ('*' for any). Default: CORS off.",
                 group="security",
             )
@@ -340,19 +340,19 @@ class ServeSettings(BaseModel):
         int | None,
         Field(
             gt=0,
-            **_flag(
+            **flag(
                 "torch intra-op threads for the model. Default: the number of CPU cores.",
                 group="server",
             ),
         ),
     ] = None
     log_level: Annotated[
-        str, Field(**_flag("Log level: debug, info, warning, error.", group="logging"))
+        str, Field(**flag("Log level: debug, info, warning, error.", group="logging"))
     ] = "info"
     log_format: Annotated[
         LogFormat,
         Field(
-            **_flag(
+            **flag(
                 "text: one readable line per event; json: one JSON object per line (for log "
                 "collectors), request fields as keys.",
                 group="logging",
@@ -362,7 +362,7 @@ class ServeSettings(BaseModel):
     log_requests: Annotated[
         bool,
         Field(
-            **_flag(
+            **flag(
                 "Also log each inference request's body (prompts, inputs; first 4 KiB) at INFO. "
                 "Off by default: prompts can be private.",
                 group="logging",
@@ -411,6 +411,49 @@ class ServeSettings(BaseModel):
         if not self.tensor_input_names:
             return []
         return [n.strip() for n in self.tensor_input_names.split(",") if n.strip()]
+
+
+class ExportSettings(BaseModel):
+    """Everything ``lmserve export`` can be told."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: Annotated[
+        str | None, Field(**flag("Local directory of a saved Hugging Face model.", group="export"))
+    ] = None
+    model_id: Annotated[
+        str | None,
+        Field(**flag("Hugging Face model id or built-in name (all-minilm-l6-v2); wins over "
+                     "--model_dir.", group="export")),
+    ] = None  # fmt: skip
+    task: Annotated[
+        str | None,
+        Field(**flag("sequence_classification, token_classification, fill_mask or "
+                     "text_embedding (pipeline spellings too); inferred from the architecture "
+                     "when absent.", group="export")),
+    ] = None  # fmt: skip
+    tensor_input_names: Annotated[
+        str,
+        Field(min_length=1, **flag("Comma list of tokenizer outputs that become the INT64 graph "
+                                   "inputs, in this order, e.g. input_ids,attention_mask "
+                                   "(required).", group="export")),
+    ]  # fmt: skip
+    output: Annotated[
+        str,
+        Field(min_length=1, **flag("Triton model repository to write into (required).",
+                                   group="export")),
+    ]  # fmt: skip
+    model_name: Annotated[
+        str, Field(min_length=1, **flag("Model folder and config name.", group="export"))
+    ] = "model"
+    max_batch_size: Annotated[
+        int, Field(gt=0, **flag("config.pbtxt max_batch_size.", group="export"))
+    ] = 32
+    opset: Annotated[
+        int | None,
+        Field(gt=0, **flag("ONNX opset (default: the exporter's own); below 18 uses the "
+                           "TorchScript exporter.", group="export")),
+    ] = None  # fmt: skip
 
 
 def canonical_dtype(dtype: str, *, on_gpu: bool, task: Task) -> str:

@@ -12,26 +12,24 @@ from lmserve_server.errors import install_error_handlers
 from lmserve_server.limits import BodyLimitMiddleware
 from lmserve_server.metrics import AdmissionCollector, Metrics
 from lmserve_server.model_host import ModelHost
-from lmserve_server.routes import generation, health, metrics, openai, v1, v2
+from lmserve_server.routes import generation, health, openai, v1, v2
+from lmserve_server.routes import metrics as metrics_route
 from lmserve_server.security import ApiKeyMiddleware
 
 
-def create_app(settings: ServeSettings, host: ModelHost) -> FastAPI:
+def create_app(settings: ServeSettings, host: ModelHost, metrics: Metrics) -> FastAPI:
+    """The app serving ``host``; ``metrics`` is the observer ``host`` was built with."""
     app = FastAPI(
         title="lmserve",
         version=server_version(),
         description="Hugging Face models over OpenAI, KServe V1 and Open Inference Protocol V2.",
     )
     app.state.settings = settings
-    app.state.metrics = Metrics()
-    app.state.metrics.registry.register(AdmissionCollector(host.gate))
-    app.state.dataplane = DataPlane(host, app.state.metrics)
-    host.batch_observer = app.state.metrics.batch_size.observe
-    host.generation_observer = app.state.metrics
-    host.step_observer = app.state.metrics.decode_batch_size.observe
-    host.queue_observer = app.state.metrics.queue_time
+    app.state.metrics = metrics
+    metrics.registry.register(AdmissionCollector(host.gate))
+    app.state.dataplane = DataPlane(host, metrics)
     install_error_handlers(app)
-    for module in (health, v1, v2, openai, generation, metrics):
+    for module in (health, v1, v2, openai, generation, metrics_route):
         app.include_router(module.router)
     # add_middleware wraps: the last added runs first. Request order: CORS (answers
     # preflights) -> request id, metrics and access log (401s and 413s too) -> API key -> body limit (before

@@ -1,191 +1,28 @@
-"""The ``lmserve`` command line, generated from ServeSettings.
+"""The ``lmserve`` command line: ``serve``, ``serve-ray`` and ``export``.
 
-Every settings field is a flag in both spellings (``--model_name`` / ``--model-name``)
-with an ``LMSERVE_*`` environment twin; unknown flags exit 2 with usage.
+Every subcommand's flags come from a settings model through ``lmserve_server.flags`` (both
+spellings, ``LMSERVE_*`` environment twins); unknown flags exit 2 with usage.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import types
-import typing
 from collections.abc import Sequence
-from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
-
 from lmserve_core.errors import ConfigurationError
-from lmserve_core.settings import ServeSettings
-from lmserve_core.tasks import Task
+from lmserve_core.settings import ExportSettings
+from lmserve_server.flags import (
+    add_settings_arguments,
+    build_model,
+    build_settings,
+    check_engine_args,
+    engine_entry,
+    serve_parser,
+)
 
-ENV_PREFIX = "LMSERVE_"
-_GROUP_TITLES = {
-    "model": "model",
-    "tokenizer": "tokenization",
-    "generation": "generation (OpenAI completions and chat)",
-    "outputs": "outputs (encoder tasks)",
-    "predictor": "Triton predictor (transformer mode)",
-    "server": "server",
-    "security": "security",
-    "logging": "logging",
-    "scale-out": "scale-out (Ray)",
-}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _base_type(annotation: Any) -> Any:
-    """``int | None`` -> int; enums and plain types pass through."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return annotation
-
-
-def _spellings(name: str, field: FieldInfo) -> list[str]:
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    names = [name, *typing.cast(list[str], extra.get("aliases", []))]
-    flags: list[str] = []
-    for n in names:
-        for spelled in (f"--{n}", f"--{n.replace('_', '-')}"):
-            if spelled not in flags:
-                flags.append(spelled)
-    return flags
-
-
-def add_settings_arguments(
-    parser: argparse.ArgumentParser, model: type[BaseModel] = ServeSettings
-) -> None:
-    """A flag per field of ``model`` (ServeSettings, or serve-ray's ReplicaSettings)."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, field in model.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if extra.get("cli") is False:
-            continue
-        group_key = str(extra.get("group", "model"))
-        if group_key not in groups:
-            groups[group_key] = parser.add_argument_group(_GROUP_TITLES.get(group_key, group_key))
-        group = groups[group_key]
-        kind = _base_type(field.annotation)
-        default = field.default
-        shown = default.value if isinstance(default, Enum) else default
-        env = ENV_PREFIX + name.upper()
-        help_text = f"{field.description} [env {env}"
-        # `is`, not `in`: a default of 0 equals False yet is worth showing.
-        help_text += f"; default {shown}]" if shown is not None and shown is not False else "]"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if kind is bool:
-            group.add_argument(*_spellings(name, field), action="store_true", **kwargs)
-            continue
-        # Tasks take pipeline spellings too, so pydantic (not argparse) validates them.
-        if isinstance(kind, type) and issubclass(kind, Enum) and kind is not Task:
-            kwargs["choices"] = [m.value for m in kind]
-        kwargs["metavar"] = name.upper()
-        group.add_argument(*_spellings(name, field), **kwargs)
-
-
-def settings_from_env(
-    environ: os._Environ[str] | dict[str, str], model: type[BaseModel] = ServeSettings
-) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name, field in model.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if extra.get("cli") is False:
-            continue
-        raw = environ.get(ENV_PREFIX + name.upper())
-        if raw is None:
-            continue
-        if _base_type(field.annotation) is bool:
-            low = raw.strip().lower()
-            if low not in _TRUE | _FALSE:
-                raise ConfigurationError(
-                    f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean", param=name
-                )
-            values[name] = low in _TRUE
-        else:
-            values[name] = raw
-    return values
-
-
-def build_settings(
-    parser: argparse.ArgumentParser,
-    namespace: argparse.Namespace,
-    environ: Any = None,
-    engine_args: Sequence[str] = (),
-) -> ServeSettings:
-    """Environment first, command line over it; errors name the flag and exit 2."""
-    return build_model(parser, namespace, ServeSettings, environ,
-                       extra={"engine_args": tuple(engine_args)})  # fmt: skip
-
-
-M = typing.TypeVar("M", bound=BaseModel)
-
-
-def build_model(
-    parser: argparse.ArgumentParser,
-    namespace: argparse.Namespace,
-    model: type[M],
-    environ: Any = None,
-    extra: dict[str, Any] | None = None,
-) -> M:
-    """``model`` from its ``LMSERVE_*`` variables and, over them, the flags given."""
-    try:
-        values = settings_from_env(os.environ if environ is None else environ, model)
-    except ConfigurationError as exc:
-        parser.error(exc.message)
-    values.update({k: v for k, v in vars(namespace).items() if k in model.model_fields})
-    values.update(extra or {})
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        messages = []
-        for err in exc.errors():
-            flag = "--" + ".".join(str(p) for p in err["loc"])
-            messages.append(f"{flag}: {err['msg']}")
-        parser.error("; ".join(messages))
-    except ConfigurationError as exc:
-        parser.error(exc.message)
-
-
-def serve_parser(prog: str = "lmserve serve") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Serve a Hugging Face model over OpenAI, KServe V1 and Open Inference "
-        "Protocol V2. With no model flag, serves the built-in smollm2-135m-instruct.",
-        epilog="Every `vllm serve` engine flag (--tensor-parallel-size, --enforce-eager, "
-        "--kv-cache-memory-bytes, ...) is accepted too and reaches the vLLM engine; "
-        "`lmserve serve --help-engine` lists them with vLLM's own descriptions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--help-engine", action="store_true", default=argparse.SUPPRESS,
-                        help="list the vLLM engine flags and exit")  # fmt: skip
-    add_settings_arguments(parser)
-    return parser
-
-
-def _engine_entry(group: str) -> Any:
-    import importlib.metadata
-
-    for ep in importlib.metadata.entry_points(group=group):
-        return ep.load()
-    return None
-
-
-def check_engine_args(parser: argparse.ArgumentParser, leftovers: list[str]) -> list[str]:
-    """Flags lmserve does not know go to the backend that does (vLLM); what neither knows is
-    reported with lmserve's own usage."""
-    if not leftovers:
-        return []
-    check = _engine_entry("lmserve.engine_args")
-    unknown: list[str] = leftovers if check is None else check(leftovers)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return leftovers
+__all__ = ["build_settings", "check_engine_args", "export_parser", "main", "serve_parser"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -225,7 +62,7 @@ def serve_main(argv: Sequence[str], prog: str = "lmserve serve") -> None:
     parser = serve_parser(prog)
     namespace, leftovers = parser.parse_known_args(list(argv))
     if getattr(namespace, "help_engine", False):
-        helper = _engine_entry("lmserve.engine_help")
+        helper = engine_entry("lmserve.engine_help")
         print(helper() if helper else "no engine backend (vLLM) is installed")
         raise SystemExit(0)
     engine_args = check_engine_args(parser, leftovers)
@@ -278,35 +115,14 @@ def export_parser(prog: str = "lmserve export") -> argparse.ArgumentParser:
         "when they differ by more than 1e-4.",
         allow_abbrev=False,
     )
-
-    def add(name: str, *, help: str, default: Any = None, required: bool = False,
-            **kwargs: Any) -> None:  # fmt: skip
-        """Both spellings, and the same ``LMSERVE_*`` environment twin as ``serve``'s flag."""
-        flags = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))
-        env = ENV_PREFIX + name.upper()
-        from_env = os.environ.get(env)
-        shown = f"; default {default}" if default is not None else ""
-        parser.add_argument(
-            *flags, dest=name, help=f"{help} [env {env}{shown}]",
-            default=kwargs.get("type", str)(from_env) if from_env else default,
-            required=required and not from_env, **kwargs,
-        )  # fmt: skip
-
-    add("model_dir", metavar="DIR", help="local directory of a saved Hugging Face model")
-    add("model_id", metavar="ID",
-        help="Hugging Face model id or built-in name (all-minilm-l6-v2); wins over --model_dir")  # fmt: skip
-    add("task", metavar="TASK",
-        help="sequence_classification, token_classification, fill_mask or text_embedding "
-        "(pipeline spellings too); inferred from the architecture when absent")  # fmt: skip
-    add("tensor_input_names", metavar="NAMES", required=True,
-        help="comma list of tokenizer outputs that become the INT64 graph inputs, in this "
-        "order, e.g. input_ids,attention_mask")  # fmt: skip
-    add("output", metavar="REPO", required=True, help="Triton model repository to write into")
-    add("model_name", metavar="NAME", default="model", help="model folder and config name")
-    add("max_batch_size", metavar="N", type=int, default=32, help="config.pbtxt max_batch_size")
-    add("opset", metavar="N", type=int,
-        help="ONNX opset (default: the exporter's own); below 18 uses the TorchScript exporter")  # fmt: skip
+    add_settings_arguments(parser, ExportSettings)
     return parser
+
+
+def export_settings(argv: Sequence[str], prog: str = "lmserve export") -> ExportSettings:
+    """``lmserve export``'s flags over their ``LMSERVE_*`` twins (exit 2 naming a bad one)."""
+    parser = export_parser(prog)
+    return build_model(parser, parser.parse_args(list(argv)), ExportSettings)
 
 
 def _exporter(name: str) -> Any:
@@ -328,7 +144,7 @@ def export_main(argv: Sequence[str], prog: str = "lmserve export") -> None:
     from lmserve_core.tasks import infer_task, parse_task
 
     parser = export_parser(prog)
-    ns = parser.parse_args(list(argv))
+    ns = build_model(parser, parser.parse_args(list(argv)), ExportSettings)
     export_onnx = _exporter("onnx")
     if export_onnx is None:
         parser.error("no ONNX exporter is installed (it comes with lmserve-backend-hf)")

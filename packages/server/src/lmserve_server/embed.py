@@ -40,6 +40,7 @@ from fastapi import FastAPI
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
 from lmserve_server.app import create_app
+from lmserve_server.metrics import Metrics
 from lmserve_server.model_host import ModelHost, ModelState
 from lmserve_server.plan import plan_serving
 
@@ -174,5 +175,6 @@ def build(settings: ServeSettings | None = None, /, **fields: Any) -> LmserveApp
         plan.source.display_name, settings.model_name, plan.task.value, plan.backend,
         plan.backend_reason,
     )  # fmt: skip
-    host = ModelHost(settings, plan)
-    return LmserveApp(settings, host, create_app(settings, host))
+    metrics = Metrics()
+    host = ModelHost(settings, plan, observer=metrics)
+    return LmserveApp(settings, host, create_app(settings, host, metrics))

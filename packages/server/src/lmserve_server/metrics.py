@@ -65,7 +65,13 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
 
-    # GenerationObserver (lmserve_core.generation.service)
+    # ServingObserver (lmserve_core.observer)
+    def batch(self, instances: int) -> None:
+        self.batch_size.observe(instances)
+
+    def decode_step(self, sequences: int) -> None:
+        self.decode_batch_size.observe(sequences)
+
     def first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)
 

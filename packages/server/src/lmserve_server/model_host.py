@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from enum import StrEnum
 
 from lmserve_core.admission import AdmissionGate
@@ -13,7 +12,8 @@ from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadRequest
 from lmserve_core.encoder import EncoderService
 from lmserve_core.errors import InvalidInput, LmserveError, ModelNotFound, ModelNotReady
 from lmserve_core.generation.prepare import GenerationLimits
-from lmserve_core.generation.service import GenerationObserver, OpenAIGenerationService
+from lmserve_core.generation.service import OpenAIGenerationService
+from lmserve_core.observer import ServingObserver
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
 from lmserve_server.plan import ServingPlan, load_backend_factory, load_converter
@@ -29,7 +29,10 @@ class ModelState(StrEnum):
 
 
 class ModelHost:
-    def __init__(self, settings: ServeSettings, plan: ServingPlan) -> None:
+    def __init__(
+        self, settings: ServeSettings, plan: ServingPlan, observer: ServingObserver | None = None
+    ) -> None:
+        """``observer`` gets the metrics hooks of everything this host loads."""
         self.settings = settings
         self.plan = plan
         self.name = settings.model_name
@@ -47,11 +50,7 @@ class ModelHost:
         # ``require``/``require_generator``, so 404 and 503 come before 429.
         running = settings.max_num_seqs if plan.task.is_generative else settings.max_batch_size
         self.gate = AdmissionGate(running_slots=running, max_queued=settings.max_queued_requests)
-        # Set by the app: metrics hooks.
-        self.batch_observer: Callable[[int], None] | None = None
-        self.generation_observer: GenerationObserver | None = None
-        self.step_observer: Callable[[int], None] | None = None
-        self.queue_observer: Callable[[float], None] | None = None
+        self.observer = observer
 
     @property
     def task(self) -> Task:
@@ -81,7 +80,12 @@ class ModelHost:
                 await asyncio.to_thread(converter, source.builtin)
                 config = source.config()  # the real one, now that it exists
             request = LoadRequest(
-                self.settings, source, self.plan.task, config, asyncio.get_running_loop()
+                self.settings,
+                source,
+                self.plan.task,
+                config,
+                asyncio.get_running_loop(),
+                observer=self.observer,
             )
             loaded = await self._load_with_fallback(request)
             if isinstance(loaded, LoadedGenerator):
@@ -91,10 +95,8 @@ class ModelHost:
                     facts=loaded.facts,
                     limits=GenerationLimits(max_n=self.settings.max_n),
                     trust_request_chat_template=self.settings.trust_request_chat_template,
-                    observer=self.generation_observer,
+                    observer=self.observer,
                 )
-                if hasattr(loaded.backend, "on_step"):
-                    loaded.backend.on_step = self.step_observer
                 await loaded.backend.start()
             else:
                 service = EncoderService(
@@ -108,10 +110,9 @@ class ModelHost:
                     bucket_lengths=loaded.bucket_lengths,
                     concurrency=loaded.concurrent_batches,
                     max_instances=self.settings.max_instances_per_request,
+                    observer=self.observer,
                 )
                 self.gate.running_slots = self.settings.max_batch_size * loaded.concurrent_batches
-                service.batcher.on_batch = self.batch_observer
-                service.batcher.on_queue_time = self.queue_observer
                 await service.start()
                 self.service = service
         except LmserveError as exc:

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmserve_core.errors import ConfigurationError
-from lmserve_core.settings import ServeSettings
+from lmserve_core.settings import ServeSettings, flag
 from lmserve_server.model_host import ModelHost, ModelState
 
 logger = logging.getLogger("lmserve.ray")
@@ -41,8 +41,8 @@ class ProxyLocation(StrEnum):
     HeadOnly = "HeadOnly"
 
 
-def _flag(description: str) -> Any:
-    return {"description": description, "json_schema_extra": {"group": "ray serve replicas"}}
+def _replica_flag(description: str) -> Any:
+    return flag(description, group="ray serve replicas")
 
 
 class ReplicaSettings(BaseModel):
@@ -52,57 +52,61 @@ class ReplicaSettings(BaseModel):
 
     ray_address: Annotated[
         str | None,
-        Field(**_flag(
+        Field(**_replica_flag(
             "Ray cluster to deploy on (host:port of its head). Default: RAY_ADDRESS, else a "
             "single-node Ray started for this command and stopped with it."
         )),
     ] = None  # fmt: skip
     min_replicas: Annotated[
-        int, Field(ge=1, **_flag("Replicas to run (the lower bound when autoscaling)."))
+        int, Field(ge=1, **_replica_flag("Replicas to run (the lower bound when autoscaling)."))
     ] = 1
     max_replicas: Annotated[
         int | None,
-        Field(ge=1, **_flag(
+        Field(ge=1, **_replica_flag(
             "Autoscale up to this many replicas on in-flight requests (default: no "
             "autoscaling, exactly --min_replicas)."
         )),
     ] = None  # fmt: skip
     target_ongoing_requests: Annotated[
         float,
-        Field(gt=0, **_flag(
+        Field(gt=0, **_replica_flag(
             "Autoscaling target: requests in flight per replica (queued ones included)."
         )),
     ] = 4  # fmt: skip
     max_ongoing_requests: Annotated[
         int | None,
-        Field(ge=1, **_flag(
+        Field(ge=1, **_replica_flag(
             "Most requests Ray Serve sends one replica at a time (default: what one lmserve "
             "admits, running plus --max_queued_requests; lmserve answers 429 beyond it)."
         )),
     ] = None  # fmt: skip
     upscale_delay_s: Annotated[
-        float, Field(ge=0, **_flag("Seconds the load must stay above target before a scale-up."))
+        float,
+        Field(ge=0, **_replica_flag("Seconds the load must stay above target before a scale-up.")),
     ] = 30
     downscale_delay_s: Annotated[
         float,
-        Field(ge=0, **_flag("Seconds the load must stay below target before a scale-down.")),
+        Field(
+            ge=0, **_replica_flag("Seconds the load must stay below target before a scale-down.")
+        ),
     ] = 600
     replica_num_cpus: Annotated[
-        float, Field(ge=0, **_flag("CPUs Ray reserves for each replica."))
+        float, Field(ge=0, **_replica_flag("CPUs Ray reserves for each replica."))
     ] = 1
     replica_num_gpus: Annotated[
-        float, Field(ge=0, **_flag("GPUs Ray reserves for each replica (1 for a vLLM replica)."))
+        float,
+        Field(ge=0, **_replica_flag("GPUs Ray reserves for each replica (1 for a vLLM replica).")),
     ] = 0
     proxy_location: Annotated[
         ProxyLocation,
-        Field(**_flag(
+        Field(**_replica_flag(
             "Where Ray Serve runs its HTTP proxy: EveryNode (each node with a replica; put a "
             "load balancer in front of them) or HeadOnly (one ingress on the head node)."
         )),
     ] = ProxyLocation.EveryNode  # fmt: skip
     max_replicas_per_node: Annotated[
         int | None,
-        Field(ge=1, **_flag("Spread replicas: at most this many on one Ray node.")),
+        Field(ge=1, **_replica_flag("Spread replicas: at most this many on one Ray node.")),
     ] = None
 
     @model_validator(mode="after")
@@ -188,14 +192,16 @@ class LmserveReplica:
 
         from lmserve_server.app import create_app
         from lmserve_server.logs import configure_logging
+        from lmserve_server.metrics import Metrics
         from lmserve_server.plan import plan_serving
 
         configure_logging(settings.log_level, settings.log_format)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
         plan = plan_serving(settings)
-        self.host = ModelHost(settings, plan)
-        self.lmserve_app = create_app(settings, self.host)
+        metrics = Metrics()
+        self.host = ModelHost(settings, plan, observer=metrics)
+        self.lmserve_app = create_app(settings, self.host, metrics)
         await self.host.load()
         logger.info("replica %s serves %r", self.replica_id, settings.model_name)
 
@@ -227,7 +233,7 @@ def build_app(args: Mapping[str, Any]) -> Any:
     lmserve_args="--model_dir /models/x --task fill_mask" min_replicas=2``, or the same import
     path and ``args`` in a Serve config file. ``lmserve_args`` are ``lmserve serve`` flags; the
     other keys are ReplicaSettings fields."""
-    from lmserve_server.cli import build_model, build_settings, check_engine_args, serve_parser
+    from lmserve_server.flags import build_model, build_settings, check_engine_args, serve_parser
 
     args = dict(args)
     parser = serve_parser("lmserve_server.ray_serve:build_app lmserve_args")

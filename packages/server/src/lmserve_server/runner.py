@@ -17,6 +17,7 @@ from lmserve_core.errors import ConfigurationError
 from lmserve_core.settings import ServeSettings
 from lmserve_server.app import create_app
 from lmserve_server.logs import configure_logging
+from lmserve_server.metrics import Metrics
 from lmserve_server.model_host import ModelHost, ModelState
 from lmserve_server.plan import plan_serving
 
@@ -92,8 +93,9 @@ def run(settings: ServeSettings) -> int:
         plan.source.display_name, settings.model_name, plan.task.value, plan.backend,
         plan.backend_reason,
     )  # fmt: skip
-    host = ModelHost(settings, plan)
-    app = create_app(settings, host)
+    metrics = Metrics()
+    host = ModelHost(settings, plan, observer=metrics)
+    app = create_app(settings, host, metrics)
     return asyncio.run(_serve(app, host, settings))
 
 

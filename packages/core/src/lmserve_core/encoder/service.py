@@ -24,6 +24,7 @@ from lmserve_core.encoder.sequence_classification import SequenceClassification
 from lmserve_core.encoder.text_embedding import TextEmbedding
 from lmserve_core.encoder.token_classification import TokenClassification
 from lmserve_core.errors import BackendError, InputTooLong, InvalidInput
+from lmserve_core.observer import ServingObserver
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import Encoding, TextTokenizer
 
@@ -103,11 +104,13 @@ class EncoderService:
         bucket_lengths: bool = False,
         concurrency: int = 1,
         max_instances: int | None = None,
+        observer: ServingObserver | None = None,
     ) -> None:
         """``max_batch_size`` / ``max_batch_tokens``: the batcher's limits (instances, padded
         tokens); ``max_instances``: most instances per request (more is a 400);
         ``bucket_lengths``: pad batches to ``length_bucket`` sizes, not to their
-        longest input; ``concurrency``: batches in flight at once (see ``DynamicBatcher``)."""
+        longest input; ``concurrency``: batches in flight at once (see ``DynamicBatcher``);
+        ``observer``: metrics hooks (batch sizes, queue time)."""
         if task not in ENCODER_TASKS:
             raise ValueError(f"{task} is not an encoder task")
         self.task = task
@@ -122,6 +125,7 @@ class EncoderService:
             max_batch_tokens=max_batch_tokens,
             name="encoder",
             concurrency=concurrency,
+            observer=observer,
         )
 
     @property

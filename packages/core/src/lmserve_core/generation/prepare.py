@@ -135,9 +135,7 @@ def _sampling(
     )
 
 
-def _check_common(
-    req: CompletionRequest | ChatCompletionRequest, model: str, limits: GenerationLimits
-) -> None:
+def _check_common(req: CompletionRequest | ChatCompletionRequest, limits: GenerationLimits) -> None:
     if req.n > limits.max_n:
         raise InvalidInput(f"n must be at most {limits.max_n}", param="n")
     if req.stream_options is not None and not req.stream:
@@ -188,7 +186,7 @@ def _new_id(prefix: str) -> str:
 def prepare_completion(
     req: CompletionRequest, tok: GenerationTokenizer, facts: ModelFacts, limits: GenerationLimits
 ) -> Prepared:
-    _check_common(req, req.model, limits)
+    _check_common(req, limits)
     if req.suffix is not None:
         raise InvalidInput("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -281,10 +279,9 @@ def prepare_chat(
     facts: ModelFacts,
     limits: GenerationLimits,
     *,
-    server_template: str | None,
     trust_request_template: bool,
 ) -> Prepared:
-    _check_common(req, req.model, limits)
+    _check_common(req, limits)
     if req.tools:
         raise InvalidInput("tools are not supported", param="tools")
     if req.response_format not in (None, {"type": "text"}):
@@ -303,7 +300,8 @@ def prepare_chat(
             "per-request chat_template is refused; start the server with "
             "--trust_request_chat_template to allow it", param="chat_template",
         )  # fmt: skip
-    template = req.chat_template or server_template or tok.chat_template
+    # The tokenizer's template is the model's, or --chat_template's (the loaders put it there).
+    template = req.chat_template or tok.chat_template
     if not template:
         raise InvalidInput(
             "this model has no chat template; use /completions or start lmserve with "

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from lmserve_core.errors import BackendError, ModelNotReady
 from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
@@ -28,19 +28,8 @@ from lmserve_core.generation.prepare import (
     prepare_completion,
 )
 from lmserve_core.generation.stop import StopStringMatcher
+from lmserve_core.observer import GenerationObserver
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
-
-
-class GenerationObserver(Protocol):
-    """Metrics hooks (time to first token, inter-token latency, token counters)."""
-
-    def first_token(self, seconds: float) -> None: ...
-
-    def queue_time(self, seconds: float) -> None: ...
-
-    def inter_token(self, seconds: float) -> None: ...
-
-    def tokens(self, prompt: int, generated: int) -> None: ...
 
 
 @dataclass
@@ -65,7 +54,6 @@ class OpenAIGenerationService:
         tokenizer: GenerationTokenizer,
         facts: ModelFacts,
         limits: GenerationLimits | None = None,
-        chat_template: str | None = None,
         trust_request_chat_template: bool = False,
         observer: GenerationObserver | None = None,
     ) -> None:
@@ -73,7 +61,6 @@ class OpenAIGenerationService:
         self.tokenizer = tokenizer
         self.facts = facts
         self.limits = limits or GenerationLimits()
-        self.chat_template = chat_template
         self.trust_request_chat_template = trust_request_chat_template
         self.observer = observer
 
@@ -84,7 +71,7 @@ class OpenAIGenerationService:
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         return prepare_chat(
             req, self.tokenizer, self.facts, self.limits,
-            server_template=self.chat_template, trust_request_template=self.trust_request_chat_template,
+            trust_request_template=self.trust_request_chat_template,
         )  # fmt: skip
 
     # --- one choice ---------------------------------------------------------------------

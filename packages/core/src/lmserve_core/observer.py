@@ -1,0 +1,34 @@
+"""The metrics hooks core and the backends call while serving, given at construction.
+
+Core keeps no Prometheus objects: the server's ``Metrics`` implements this protocol and is
+handed to the model host, which hands it to the services, the batcher and (through
+``LoadRequest``) the backend it loads.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class GenerationObserver(Protocol):
+    """What the OpenAI generation layer reports."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def queue_time(self, seconds: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
+
+    def tokens(self, prompt: int, generated: int) -> None: ...
+
+
+class ServingObserver(GenerationObserver, Protocol):
+    """Everything a served model reports: generation, encoder batches, decoding steps."""
+
+    def batch(self, instances: int) -> None:
+        """One encoder forward pass ran ``instances`` instances."""
+        ...
+
+    def decode_step(self, sequences: int) -> None:
+        """One generation forward pass advanced ``sequences`` sequences."""
+        ...
