@@ -255,7 +255,7 @@ def test_vllm_refuses_what_it_cannot_serve() -> None:
 @pytest.mark.parametrize(
     "flags,needle",
     [(["--no-such-engine-flag"], "unrecognized arguments"), (["--model", "x"], "--model_id"),
-     (["--served-model-name", "x"], "--model_name"), (["--tensor-parallel-size", "two"], "invalid")],
+     (["--revision", "x"], "--model_revision"), (["--tensor-parallel-size", "two"], "invalid")],
 )  # fmt: skip
 def test_engine_flags_are_checked_by_vllms_parser(flags: list[str], needle: str) -> None:
     r = run_cli(*flags, timeout=120)

@@ -64,6 +64,13 @@ def _isolate_kv_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
 
 
+def test_served_names_reach_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    _isolate_kv_env(monkeypatch)
+    settings = ServeSettings(served_model_name=["a", "b"])
+    args = build_engine_args(settings, "/models/x", on_cpu=True, runner=None)
+    assert args.served_model_name == ["a", "b"]
+
+
 def test_lmserve_owns_the_shared_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     _isolate_kv_env(monkeypatch)
     settings = ServeSettings(

@@ -136,6 +136,33 @@ def test_ready_is_503_while_loading_then_200(monkeypatch: pytest.MonkeyPatch) ->
     asyncio.run(scenario())
 
 
+def test_one_model_under_several_served_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = GatedBackend()
+    backend.release.set()
+    host, app = make(monkeypatch, backend, served_model_name=["sentiment", "classifier"])
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            await host.load()
+            assert (await c.get("/v1/models")).json() == {"models": ["sentiment", "classifier"]}
+            listed = (await c.get("/openai/v1/models")).json()["data"]
+            assert [card["id"] for card in listed] == ["sentiment", "classifier"]
+            for name in ("sentiment", "classifier"):
+                r = await c.post(f"/v1/models/{name}:predict", json={"instances": ["a"]})
+                assert r.status_code == 200, r.text
+                assert (await c.get(f"/v2/models/{name}")).json()["name"] == name
+                assert (await c.get(f"/v2/models/{name}/ready")).status_code == 200
+            # The default name is not served unless --model_name says so.
+            missing = await c.post("/v1/models/model:predict", json={"instances": ["a"]})
+            assert missing.status_code == 404 and "'sentiment', 'classifier'" in missing.text
+            metrics = (await c.get("/metrics")).text
+            assert 'lmserve_model_ready{model="sentiment"} 1.0' in metrics
+            await host.close()
+
+    asyncio.run(scenario())
+
+
 def test_health_answers_while_the_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = GatedBackend()
     host, app = make(monkeypatch, backend)

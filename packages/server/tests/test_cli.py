@@ -111,3 +111,27 @@ def test_export_rejects_a_bad_value_naming_the_flag(
     with pytest.raises(SystemExit) as exc:
         export_settings(["--output", "r", "--tensor_input_names", "a", "--max_batch_size", "0"])
     assert exc.value.code == 2 and "--max_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "names"),
+    [
+        ([], {}, ["model"]),
+        (["--served-model-name", "a", "b"], {}, ["a", "b"]),
+        (["--served_model_name", "a"], {}, ["a"]),
+        (["--model_name", "kserve", "--served-model-name", "a", "kserve"], {}, ["kserve", "a"]),
+        ([], {"LMSERVE_SERVED_MODEL_NAME": "x, y"}, ["x", "y"]),
+        (["--served-model-name", "z"], {"LMSERVE_SERVED_MODEL_NAME": "x y"}, ["z"]),
+    ],
+)
+def test_served_model_names(argv: list[str], env: dict[str, str], names: list[str]) -> None:
+    parser = serve_parser()
+    namespace, leftovers = parser.parse_known_args(argv)
+    assert leftovers == []  # lmserve's flag, not passed on to vLLM
+    assert build_settings(parser, namespace, environ=env).served_names == names
+
+
+def test_served_model_name_needs_a_name() -> None:
+    with pytest.raises(SystemExit) as exc:
+        serve_parser().parse_args(["--served-model-name"])
+    assert exc.value.code == 2

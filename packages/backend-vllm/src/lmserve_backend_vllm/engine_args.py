@@ -25,7 +25,6 @@ OWNED_BY_LMSERVE = {
     "--model": "--model_id / --model_dir",
     "--tokenizer": "--model_id / --model_dir",
     "--revision": "--model_revision",
-    "--served-model-name": "--model_name",
     "--no-trust-remote-code": "--trust_remote_code (off by default)",
 }
 
@@ -86,7 +85,7 @@ def build_engine_args(
     namespace.model = model_path
     namespace.tokenizer = model_path
     args = AsyncEngineArgs.from_cli_args(namespace)
-    args.served_model_name = [settings.model_name]
+    args.served_model_name = settings.served_names
     args.trust_remote_code = settings.trust_remote_code
     args.revision = None  # files are already local (resolved by lmserve)
     args.tokenizer_revision = None

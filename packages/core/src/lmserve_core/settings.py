@@ -53,8 +53,21 @@ class ServeSettings(BaseModel):
 
     # --- which model -------------------------------------------------------------
     model_name: Annotated[
-        str, Field(min_length=1, **flag("Name used in URLs and in the OpenAI 'model' field."))
-    ] = "model"
+        str,
+        Field(min_length=1, **flag(
+            "Name used in URLs and in the OpenAI 'model' field (KServe's single name; see "
+            "--served_model_name for several)."
+        )),
+    ] = "model"  # fmt: skip
+    served_model_name: Annotated[
+        list[str] | None,
+        Field(min_length=1, **flag(
+            "Serve the model under these names, as vLLM's --served-model-name A B: each one "
+            "works in URLs and the 'model' field, and the model lists are made of them (the "
+            "first is the name in logs and metrics). With --model_name set too, that name "
+            "comes first and the others are aliases."
+        )),
+    ] = None  # fmt: skip
     model_dir: Annotated[
         str | None,
         Field(
@@ -399,6 +412,23 @@ class ServeSettings(BaseModel):
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _check_served_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not name.strip() for name in value):
+            raise ValueError("names must not be empty")
+        return value
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name the model answers to, the primary one first."""
+        if not self.served_model_name:
+            return [self.model_name]
+        names = list(self.served_model_name)
+        if "model_name" in self.model_fields_set:  # said explicitly: KServe's name stays first
+            names.insert(0, self.model_name)
+        return list(dict.fromkeys(names))
 
     @property
     def allowed_origin_list(self) -> list[str]:

@@ -83,11 +83,12 @@ class DataPlane:
         return self._host.ready
 
     def model_names(self) -> list[str]:
-        return [self._host.name]
+        """Every served name (--model_name, --served_model_name), the primary one first."""
+        return list(self._host.names)
 
     def model_cards(self) -> list[tuple[str, int]]:
         """Each served name with its creation time (OpenAI's model list)."""
-        return [(self._host.name, self._host.created)]
+        return [(name, self._host.created) for name in self._host.names]
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "lmserve", "version": server_version(), "extensions": V2_EXTENSIONS}

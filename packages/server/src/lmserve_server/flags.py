@@ -84,6 +84,8 @@ def add_settings_arguments(
         if kind is bool:
             group.add_argument(*_spellings(name, field), action="store_true", **kwargs)
             continue
+        if typing.get_origin(kind) is list:  # vLLM's syntax: --served-model-name A B
+            kwargs["nargs"] = "+"
         # Tasks take pipeline spellings too, so pydantic (not argparse) validates them.
         if isinstance(kind, type) and issubclass(kind, Enum) and kind is not Task:
             kwargs["choices"] = [m.value for m in kind]
@@ -109,6 +111,8 @@ def settings_from_env(
                     f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean", param=name
                 )
             values[name] = low in _TRUE
+        elif typing.get_origin(_base_type(field.annotation)) is list:
+            values[name] = raw.replace(",", " ").split()  # "a b" or "a,b"
         else:
             values[name] = raw
     return values

@@ -35,7 +35,10 @@ class ModelHost:
         """``observer`` gets the metrics hooks of everything this host loads."""
         self.settings = settings
         self.plan = plan
-        self.name = settings.model_name
+        # The registry of served names (--model_name, --served_model_name): every one reaches
+        # this model; the first is the one logs and metrics use.
+        self.names = settings.served_names
+        self.name = self.names[0]
         self.backend_name = plan.backend
         self.backend_reason = plan.backend_reason
         self.state = ModelState.loading
@@ -174,10 +177,9 @@ class ModelHost:
             return 0
 
     def check_name(self, name: str) -> None:
-        if name != self.name:
-            raise ModelNotFound(
-                f"model {name!r} is not served here (try {self.name!r})", param="model"
-            )
+        if name not in self.names:
+            served = ", ".join(repr(n) for n in self.names)
+            raise ModelNotFound(f"model {name!r} is not served here (try {served})", param="model")
 
     def check_usable(self, name: str) -> None:
         self.check_name(name)
