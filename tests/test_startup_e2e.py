@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tritonclient.utils import InferenceServerException
 
-from _support.servers import start_server
+from _support.servers import free_port, start_server
 from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lmserve_server", "--http_port", "0", *args],
+        [sys.executable, "-m", "lmserve_server", "--http_port", "0", "--grpc_port", "0", *args],
         capture_output=True, text=True, timeout=timeout, env={"HF_HUB_OFFLINE": "1", **_env()},
     )  # fmt: skip
 
@@ -101,6 +103,39 @@ def test_env_twin_and_dash_spelling() -> None:
         assert set(r.json()["predictions"][0]) == {"0", "1"}
     finally:
         assert server.stop() == 0
+
+
+def _grpc_live(port: int) -> bool:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
+        return bool(client.is_server_live())
+
+
+def test_grpc_is_on_by_default_and_off_with_enable_grpc_false() -> None:
+    on_port, off_port = free_port(), free_port()
+    on = start_server(["--model_dir", str(model_path("sentiment")), "--grpc_port", str(on_port)])
+    off = start_server(["--model_dir", str(model_path("sentiment")), "--grpc_port", str(off_port),
+                        "--enable_grpc", "false"])  # fmt: skip
+    try:
+        assert _grpc_live(on_port)  # nobody said --enable_grpc
+        assert "gRPC (Open Inference Protocol) listening on" in on.log()
+        with pytest.raises(InferenceServerException):
+            _grpc_live(off_port)
+        assert "gRPC (Open Inference Protocol) listening" not in off.log()
+    finally:
+        assert on.stop() == 0 and off.stop() == 0
+
+
+def test_a_grpc_port_in_use_is_a_startup_error_naming_the_flag() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("--model_dir", str(model_path("sentiment")), "--grpc_port", str(port))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in r.stderr and "--grpc_port" in r.stderr
+    assert "--enable_grpc false" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,7 @@ def test_a_model_other_than_tritons_stops_startup(triton: TritonServer) -> None:
         [sys.executable, "-m", "lmserve_server", "--model_dir", str(model_path("ner")),
          "--model_name", "sentiment", "--predictor_host", triton.grpc_url,
          "--predictor_protocol", "grpc-v2", "--tensor_input_names", TENSORS,
-         "--http_port", str(free_port())],
+         "--http_port", str(free_port()), "--grpc_port", "0"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode != 0
@@ -274,7 +274,7 @@ def test_unknown_tensor_name_fails_startup_naming_the_flag() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "lmserve_server", *serve_args("sentiment"),
          "--predictor_host", f"127.0.0.1:{free_port()}", "--http_port", str(free_port()),
-         "--tensor_input_names", "input_ids,pixel_values"],
+         "--grpc_port", "0", "--tensor_input_names", "input_ids,pixel_values"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode != 0

@@ -218,7 +218,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         for k, v in os.environ.items()
         if not k.startswith("LMSERVE_") and k != "VLLM_CPU_KVCACHE_SPACE"
     }
-    return subprocess.run([sys.executable, "-m", "lmserve_server", "--http_port", "0", *args],
+    return subprocess.run([sys.executable, "-m", "lmserve_server", "--http_port", "0", "--grpc_port", "0", *args],
                           capture_output=True, text=True, timeout=timeout, env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
 
 

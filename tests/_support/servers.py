@@ -57,8 +57,9 @@ def start_server(
     # vLLM CPU lets VLLM_CPU_KVCACHE_SPACE override --kv-cache-memory-bytes: tests pass the flag.
     inherited = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     full_env = {**inherited, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    # gRPC is on by default (as KServe): each server gets its own free port; args may override.
     cmd = [sys.executable, "-m", "lmserve_server", "--host", "127.0.0.1", "--http_port", str(port),
-           "--torch_threads", "1", *args]  # fmt: skip
+           "--grpc_port", str(free_port()), "--torch_threads", "1", *args]  # fmt: skip
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, args)

@@ -18,7 +18,7 @@ def test_defaults() -> None:
     assert s.dtype == "auto"
     assert s.host == "127.0.0.1"
     assert (s.http_port, s.grpc_port) == (8080, 8081)
-    assert s.enable_grpc is False
+    assert s.enable_grpc is True  # as KServe's model server
     assert s.predictor_protocol is PredictorProtocol.v2
     assert s.max_request_body_bytes == 16 * 1024 * 1024
     assert s.return_probabilities is False

@@ -252,11 +252,15 @@ class ServeSettings(BaseModel):
     ] = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65535, **flag("HTTP port.", group="server"))] = 8080
     grpc_port: Annotated[
-        int, Field(ge=0, le=65535, **flag("gRPC port (with --enable_grpc).", group="server"))
+        int, Field(ge=0, le=65535, **flag("gRPC port (see --enable_grpc).", group="server"))
     ] = 8081
     enable_grpc: Annotated[
-        bool, Field(**flag("Also serve the Open Inference Protocol over gRPC.", group="server"))
-    ] = False
+        bool,
+        Field(**flag(
+            "Serve the Open Inference Protocol over gRPC on --grpc_port too: on by default, as "
+            "KServe's model server; --enable_grpc false turns it off.", group="server"
+        )),
+    ] = True  # fmt: skip
     max_batch_size: Annotated[
         int,
         Field(

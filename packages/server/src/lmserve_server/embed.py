@@ -107,7 +107,9 @@ class LmserveApp:
                 "this LmserveApp was started already; build() another one to serve again"
             )
         self._used = True
-        if self.settings.enable_grpc:
+        if self.settings.enable_grpc and "enable_grpc" in self.settings.model_fields_set:
+            # Only when asked: an app mounted in the user's opens no second port by itself
+            # (``lmserve serve`` serves gRPC by default, as KServe).
             from lmserve_server.grpc_service import start_grpc_server
 
             s = self.settings
@@ -159,8 +161,9 @@ def build(settings: ServeSettings | None = None, /, **fields: Any) -> LmserveApp
     ``settings`` are the ``lmserve serve`` flags as a :class:`ServeSettings`; keyword
     ``fields`` build one (``build(model_dir="...", task="fill_mask")``) or override those of
     ``settings``. ``host``, ``http_port`` and the logging settings are your server's business
-    and are not used here; ``enable_grpc`` starts lmserve's gRPC listener on ``grpc_port``
-    with the lifespan.
+    and are not used here; ``enable_grpc=True``, given explicitly, starts lmserve's gRPC
+    listener on ``grpc_port`` with the lifespan (unlike ``lmserve serve``, an app mounted in
+    yours opens no second port by default).
 
     Raises :class:`lmserve_core.errors.ConfigurationError` (a missing model directory, an
     unknown task, a backend that is not installed, ...) before anything is loaded.

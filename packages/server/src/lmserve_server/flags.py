@@ -60,6 +60,13 @@ def _spellings(name: str, field: FieldInfo) -> list[str]:
     return flags
 
 
+def _boolean(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low not in _TRUE | _FALSE:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a boolean (true or false)")
+    return low in _TRUE
+
+
 def add_settings_arguments(
     parser: argparse.ArgumentParser, model: type[BaseModel] = ServeSettings
 ) -> None:
@@ -82,7 +89,9 @@ def add_settings_arguments(
         help_text += f"; default {shown}]" if shown is not None and shown is not False else "]"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
-            group.add_argument(*_spellings(name, field), action="store_true", **kwargs)
+            # `--flag` alone says true; `--flag false` (KServe's `--enable_grpc false`) false.
+            group.add_argument(*_spellings(name, field), nargs="?", const=True, type=_boolean,
+                               metavar="true|false", **kwargs)  # fmt: skip
             continue
         if typing.get_origin(kind) is list:  # vLLM's syntax: --served-model-name A B
             kwargs["nargs"] = "+"

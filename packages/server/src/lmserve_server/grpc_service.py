@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from lmserve_core.errors import InvalidInput, LmserveError, Overloaded
+from lmserve_core.errors import ConfigurationError, InvalidInput, LmserveError, Overloaded
 from lmserve_core.v2_codec import (
     NUMPY_DTYPES,
     DecodedTensor,
@@ -211,13 +211,23 @@ async def start_grpc_server(
     plane: DataPlane, host: str, port: int, *, max_message_bytes: int, api_key: str | None = None
 ) -> grpc.aio.Server:
     options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]  # fmt: skip
+               ("grpc.max_send_message_length", max_message_bytes),
+               # gRPC shares a port with SO_REUSEPORT by default: a second server on the same
+               # port would take half the calls instead of failing to start.
+               ("grpc.so_reuseport", 0)]  # fmt: skip
     interceptors = [ApiKeyInterceptor(api_key)] if api_key is not None else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)  # type: ignore[no-untyped-call]
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+        raise ConfigurationError(
+            f"cannot listen for gRPC on {host}:{port} (is the port in use?): choose another "
+            "--grpc_port, or turn gRPC off with --enable_grpc false",
+            param="grpc_port",
+        )
     await server.start()
     logger.info("gRPC (Open Inference Protocol) listening on %s:%d", host, bound)
     return server

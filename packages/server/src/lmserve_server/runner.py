@@ -125,15 +125,19 @@ async def _serve(app: FastAPI, host: ModelHost, settings: ServeSettings) -> int:
             logger.exception("model failed to load")
             server.should_exit = True
 
-    loader = asyncio.create_task(load())
     grpc_server = None
-    if settings.enable_grpc:
+    if settings.enable_grpc:  # before loading: a port in use fails at once, naming the flag
         from lmserve_server.grpc_service import start_grpc_server
 
-        grpc_server = await start_grpc_server(
-            app.state.dataplane, settings.host, settings.grpc_port,
-            max_message_bytes=settings.max_request_body_bytes, api_key=settings.api_key,
-        )  # fmt: skip
+        try:
+            grpc_server = await start_grpc_server(
+                app.state.dataplane, settings.host, settings.grpc_port,
+                max_message_bytes=settings.max_request_body_bytes, api_key=settings.api_key,
+            )  # fmt: skip
+        except ConfigurationError as exc:
+            print(f"lmserve: error: {exc.message}", file=sys.stderr)
+            return 2
+    loader = asyncio.create_task(load())
     try:
         await server.serve()
     finally:
