@@ -59,7 +59,7 @@ import logging, os, sys
 logging.basicConfig(level=logging.INFO)
 os.environ["LMSERVE_CACHE_DIR"] = {str(CACHE_DIR)!r}
 from lmserve_core.settings import ServeSettings
-from lmserve_server.plan import plan_serving, load_backend_factory
+from lmserve_core.plan import plan_serving, load_backend_factory
 from lmserve_core.backend import LoadRequest
 import numpy as np
 settings = ServeSettings(model_dir={str(model_path("sentiment"))!r}, backend="onnx")

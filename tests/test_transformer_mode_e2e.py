@@ -255,7 +255,7 @@ def test_transformer_mode_never_imports_torch() -> None:
     code = f"""
 import sys
 from lmserve_core.settings import ServeSettings
-from lmserve_server.plan import plan_serving, load_backend_factory
+from lmserve_core.plan import plan_serving, load_backend_factory
 from lmserve_core.backend import LoadRequest
 settings = ServeSettings(model_dir={str(model_path("ner"))!r}, model_name="ner",
                          predictor_host="127.0.0.1:{free_port()}", tensor_input_names={TENSORS!r})

@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from lmserve_core import plan as plan_module
 from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
 from lmserve_core.errors import (
@@ -31,14 +32,13 @@ from lmserve_core.errors import (
     PredictorError,
 )
 from lmserve_core.model_files import ModelSource
+from lmserve_core.model_host import ModelHost
+from lmserve_core.plan import ServingPlan
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import Encoding
-from lmserve_server import plan as plan_module
 from lmserve_server.app import create_app
 from lmserve_server.metrics import Metrics
-from lmserve_server.model_host import ModelHost
-from lmserve_server.plan import ServingPlan
 
 
 class WordTokenizer:
@@ -102,7 +102,7 @@ def make(
                              EncoderOptions())  # fmt: skip
 
     monkeypatch.setattr(plan_module, "load_backend_factory", lambda name: factory)
-    monkeypatch.setattr("lmserve_server.model_host.load_backend_factory", lambda name: factory)
+    monkeypatch.setattr("lmserve_core.model_host.load_backend_factory", lambda name: factory)
     settings = ServeSettings(**settings_kwargs)  # type: ignore[arg-type]
     plan = ServingPlan(
         ModelSource(Path("."), "fake"), {}, Task.sequence_classification, "fake", "test"

@@ -27,12 +27,12 @@ from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
 from lmserve_core.errors import BackendError, ConfigurationError
 from lmserve_core.model_files import ModelSource
+from lmserve_core.model_host import ModelState
+from lmserve_core.plan import ServingPlan
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import Encoding
 from lmserve_server import LmserveApp, build
-from lmserve_server.model_host import ModelState
-from lmserve_server.plan import ServingPlan
 
 
 class WordTokenizer:
@@ -92,8 +92,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
             ModelSource(Path("."), "fake"), {}, Task.sequence_classification, "fake", "test"
         )
 
-    monkeypatch.setattr("lmserve_server.embed.plan_serving", plan)
-    monkeypatch.setattr("lmserve_server.model_host.load_backend_factory", lambda name: factory)
+    monkeypatch.setattr("lmserve_core.model_host.plan_serving", plan)
+    monkeypatch.setattr("lmserve_core.model_host.load_backend_factory", lambda name: factory)
     return state
 
 

@@ -9,6 +9,7 @@ plain blocking functions. torch and transformers are imported by ``load_model``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
@@ -16,13 +17,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from lmserve_core.backend import LoadedGenerator, LoadRequest
 from lmserve_core.encoder import EncoderResult, EncoderService
-from lmserve_core.generation.prepare import GenerationLimits
 from lmserve_core.generation.service import OpenAIGenerationService
-from lmserve_core.model_files import is_sentence_transformer, resolve_model_source
+from lmserve_core.model_host import ModelHost
 from lmserve_core.settings import Backend, ServeSettings
-from lmserve_core.tasks import Task, infer_task
+from lmserve_core.tasks import Task
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
 
 T = TypeVar("T")
@@ -50,18 +49,17 @@ class _LoopThread:
 
 
 class _Model:
-    def __init__(self, name: str, task: Task, loop: _LoopThread) -> None:
-        self.name = name
-        self.task = task
+    def __init__(self, host: ModelHost, loop: _LoopThread) -> None:
+        self.host = host
+        self.name = host.name
+        self.task = host.task
         self._loop = loop
 
-    async def _stop(self) -> None:
-        raise NotImplementedError
-
     def close(self) -> None:
-        """Stop the model and its event loop (idempotent)."""
+        """Drain and stop the model (as ``lmserve serve`` on SIGTERM), then its event loop.
+        Idempotent."""
         if not self._loop.loop.is_closed():
-            self._loop.run(self._stop())
+            self._loop.run(self.host.drain(self.host.settings.shutdown_timeout))
             self._loop.close()
 
     def __enter__(self: T) -> T:
@@ -79,12 +77,13 @@ class _Model:
 class EncoderModel(_Model):
     """An encoder (sequence or token classification, fill-mask, embeddings) in this process.
 
-    Requests from several threads are merged into batches by core's ``DynamicBatcher``.
+    Requests from several threads are merged into batches by core's ``DynamicBatcher``, with
+    the server's batching settings (``max_batch_size``, ``max_batch_tokens``, ...).
     """
 
-    def __init__(self, service: EncoderService, name: str, loop: _LoopThread) -> None:
-        super().__init__(name, service.task, loop)
-        self.service = service
+    @property
+    def service(self) -> EncoderService:
+        return self.host.require(self.name)
 
     def predict(
         self, instances: Sequence[str], parameters: Mapping[str, Any] | None = None
@@ -98,40 +97,36 @@ class EncoderModel(_Model):
         """Both result shapes: V1 ``predictions`` and V2 ``outputs`` (numpy tensors)."""
         return self._loop.run(self.service.infer(list(instances), parameters))
 
-    async def _stop(self) -> None:
-        await self.service.stop()
-
 
 class GeneratorModel(_Model):
     """A generative model (decoder-only or encoder-decoder) in this process; requests from
     several threads share the continuous-batching engine."""
 
-    def __init__(self, service: OpenAIGenerationService, name: str, task: Task, loop: _LoopThread):
-        super().__init__(name, task, loop)
-        self.service = service
+    @property
+    def service(self) -> OpenAIGenerationService:
+        return self.host.require_generator(self.name)
 
     def complete(self, prompt: str | list[str], **fields: Any) -> dict[str, Any]:
         """An OpenAI completion response body; ``fields`` are the request's other fields
         (``max_tokens``, ``temperature``, ``stop``, ``seed``, ``n``, ``logprobs``, ...)."""
+        service = self.service
         request = CompletionRequest(model=self.name, prompt=prompt, **fields)
-        prepared = self.service.prepare_completion(request)
-        return self._loop.run(self.service.complete(prepared))
+        prepared = service.prepare_completion(request)
+        return self._loop.run(service.complete(prepared))
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **fields: Any) -> dict[str, Any]:
         """An OpenAI chat completion response body, the model's chat template applied."""
+        service = self.service
         request = ChatCompletionRequest.model_validate(
             {"model": self.name, "messages": list(messages), **fields}
         )
-        prepared = self.service.prepare_chat(request)
-        return self._loop.run(self.service.complete(prepared))
+        prepared = service.prepare_chat(request)
+        return self._loop.run(service.complete(prepared))
 
     def generate(self, prompt: str, **fields: Any) -> str:
         """The text that continues ``prompt`` (the first choice of :meth:`complete`)."""
         text: str = self.complete(prompt, **fields)["choices"][0]["text"]
         return text
-
-    async def _stop(self) -> None:
-        await self.service.backend.stop()
 
 
 def load_model(
@@ -145,7 +140,9 @@ def load_model(
 
     ``task`` is inferred from the model's architecture unless given. ``settings`` are
     :class:`lmserve_core.ServeSettings` fields, as the ``lmserve serve`` flags of the same
-    names (``dtype``, ``max_length``, ``max_batch_size``, ``return_probabilities``, ...).
+    names (``dtype``, ``max_length``, ``max_batch_size``, ``return_probabilities``, ...). The
+    model goes through the server's own lifecycle (``lmserve_core.model_host.ModelHost``):
+    the same source and task resolution, loading, batching settings and draining on close.
     """
     values = dict(settings)
     if model is not None:
@@ -154,45 +151,15 @@ def load_model(
     if task is not None:
         values["task"] = task
     values["backend"] = Backend.huggingface
-    resolved = ServeSettings(**values)
-    source = resolve_model_source(
-        model_id=resolved.model_id, model_dir=resolved.model_dir, revision=resolved.model_revision
-    )
-    if source.needs_conversion and source.builtin is not None:
-        from lmserve_backend_hf import convert_builtin
-
-        convert_builtin(source.builtin)
-    config = source.config()
-    chosen = resolved.task or infer_task(
-        config.get("architectures"), is_sentence_transformer=is_sentence_transformer(source.path)
-    )
-    from lmserve_backend_hf import create_backend
-
+    host = ModelHost.from_settings(ServeSettings(**values))
     loop = _LoopThread()
     try:
-        loaded = create_backend(LoadRequest(resolved, source, chosen, config, loop.loop))
-        if isinstance(loaded, LoadedGenerator):
-            service = OpenAIGenerationService(
-                backend=loaded.backend,
-                tokenizer=loaded.tokenizer,
-                facts=loaded.facts,
-                limits=GenerationLimits(max_n=resolved.max_n),
-                trust_request_chat_template=resolved.trust_request_chat_template,
-            )
-            loop.run(loaded.backend.start())
-            return GeneratorModel(service, resolved.model_name, chosen, loop)
-        encoder = EncoderService(
-            task=chosen,
-            tokenizer=loaded.tokenizer,
-            backend=loaded.backend,
-            info=loaded.info,
-            options=loaded.options,
-            max_batch_size=resolved.max_batch_size,
-            max_batch_tokens=resolved.max_batch_tokens,
-            max_instances=resolved.max_instances_per_request,
-        )
-        loop.run(encoder.start())
-        return EncoderModel(encoder, resolved.model_name, loop)
+        loop.run(host.load())
     except BaseException:
+        with contextlib.suppress(Exception):
+            loop.run(host.close())
         loop.close()
         raise
+    if host.task.is_generative:
+        return GeneratorModel(host, loop)
+    return EncoderModel(host, loop)

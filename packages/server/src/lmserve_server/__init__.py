@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 from lmserve_core.lazy import lazy_getattr
 
 if TYPE_CHECKING:
+    from lmserve_core.model_host import ModelHost, ModelState
     from lmserve_core.settings import Backend, ServeSettings
     from lmserve_core.tasks import Task
     from lmserve_server.app import create_app
     from lmserve_server.embed import LmserveApp, build
-    from lmserve_server.model_host import ModelHost, ModelState
 
 __all__ = [
     "Backend",
@@ -48,8 +48,8 @@ _WHERE = {
     "create_app": "lmserve_server.app",
     "LmserveApp": "lmserve_server.embed",
     "build": "lmserve_server.embed",
-    "ModelHost": "lmserve_server.model_host",
-    "ModelState": "lmserve_server.model_host",
+    "ModelHost": "lmserve_core.model_host",
+    "ModelState": "lmserve_core.model_host",
 }
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from lmserve_core.model_host import ModelHost
 from lmserve_core.settings import ServeSettings
 from lmserve_server.access import AccessMiddleware
 from lmserve_server.dataplane import DataPlane, server_version
 from lmserve_server.errors import install_error_handlers
 from lmserve_server.limits import BodyLimitMiddleware
 from lmserve_server.metrics import AdmissionCollector, Metrics
-from lmserve_server.model_host import ModelHost
 from lmserve_server.routes import generation, health, openai, v1, v2
 from lmserve_server.routes import metrics as metrics_route
 from lmserve_server.security import ApiKeyMiddleware

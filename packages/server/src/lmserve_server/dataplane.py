@@ -19,11 +19,11 @@ from lmserve_core.encoder import EncoderResult, EncoderService, RequestParams
 from lmserve_core.errors import InvalidInput
 from lmserve_core.generation.prepare import Prepared
 from lmserve_core.generation.service import OpenAIGenerationService
+from lmserve_core.model_host import ModelHost
 from lmserve_core.tasks import Task
 from lmserve_core.v2_codec import DecodedTensor, tensor_to_texts
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from lmserve_server.metrics import Metrics
-from lmserve_server.model_host import ModelHost
 
 V2_EXTENSIONS = ["binary_tensor_data"]
 

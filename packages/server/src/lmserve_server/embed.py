@@ -37,12 +37,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from lmserve_core.model_host import ModelHost, ModelState
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
 from lmserve_server.app import create_app
 from lmserve_server.metrics import Metrics
-from lmserve_server.model_host import ModelHost, ModelState
-from lmserve_server.plan import plan_serving
 
 logger = logging.getLogger("lmserve")
 
@@ -140,8 +139,7 @@ class LmserveApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loader
         if self.host.state is ModelState.ready:
-            self.host.start_draining()
-            await self.host.gate.wait_idle(self.settings.shutdown_timeout)
+            await self.host.drain(self.settings.shutdown_timeout)
         if self._grpc is not None:
             grpc, self._grpc = self._grpc, None
             await grpc.stop(grace=5)
@@ -172,12 +170,11 @@ def build(settings: ServeSettings | None = None, /, **fields: Any) -> LmserveApp
         settings = ServeSettings(**fields)
     elif fields:
         settings = ServeSettings(**{**settings.model_dump(exclude_unset=True), **fields})
-    plan = plan_serving(settings)
+    metrics = Metrics()
+    host = ModelHost.from_settings(settings, observer=metrics)
+    plan = host.plan
     logger.info(
         "embedding %s as %r: task %s, backend %s (%s)",
-        plan.source.display_name, settings.model_name, plan.task.value, plan.backend,
-        plan.backend_reason,
+        plan.source.display_name, host.name, plan.task.value, plan.backend, plan.backend_reason,
     )  # fmt: skip
-    metrics = Metrics()
-    host = ModelHost(settings, plan, observer=metrics)
     return LmserveApp(settings, host, create_app(settings, host, metrics))

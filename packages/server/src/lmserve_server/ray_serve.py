@@ -27,8 +27,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmserve_core.errors import ConfigurationError
+from lmserve_core.model_host import ModelHost, ModelState
 from lmserve_core.settings import ServeSettings, flag
-from lmserve_server.model_host import ModelHost, ModelState
 
 logger = logging.getLogger("lmserve.ray")
 
@@ -193,14 +193,12 @@ class LmserveReplica:
         from lmserve_server.app import create_app
         from lmserve_server.logs import configure_logging
         from lmserve_server.metrics import Metrics
-        from lmserve_server.plan import plan_serving
 
         configure_logging(settings.log_level, settings.log_format)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
-        plan = plan_serving(settings)
         metrics = Metrics()
-        self.host = ModelHost(settings, plan, observer=metrics)
+        self.host = ModelHost.from_settings(settings, observer=metrics)
         self.lmserve_app = create_app(settings, self.host, metrics)
         await self.host.load()
         logger.info("replica %s serves %r", self.replica_id, settings.model_name)
@@ -213,7 +211,8 @@ class LmserveReplica:
             raise RuntimeError(f"lmserve replica {self.replica_id}: the model backend is unhealthy")
 
     async def __del__(self) -> None:
-        await self.host.close()
+        # Ray Serve waited (graceful_shutdown_timeout_s) for the requests it routed here.
+        await self.host.drain(self.host.settings.shutdown_timeout)
 
 
 def build_application(settings: ServeSettings, replicas: ReplicaSettings) -> Any:

@@ -14,12 +14,11 @@ import uvicorn
 from fastapi import FastAPI
 
 from lmserve_core.errors import ConfigurationError
+from lmserve_core.model_host import ModelHost, ModelState
 from lmserve_core.settings import ServeSettings
 from lmserve_server.app import create_app
 from lmserve_server.logs import configure_logging
 from lmserve_server.metrics import Metrics
-from lmserve_server.model_host import ModelHost, ModelState
-from lmserve_server.plan import plan_serving
 
 logger = logging.getLogger("lmserve")
 
@@ -57,19 +56,7 @@ class _Shutdown:
         self.task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        gate = self.host.gate
-        self.host.start_draining()
-        logger.info(
-            "stopping: readiness is 503 and new requests get 503; %d request(s) in flight get "
-            "up to %.0f s (--shutdown_timeout) to finish", gate.requests, self.timeout,
-        )  # fmt: skip
-        if not await gate.wait_idle(self.timeout):
-            logger.warning(
-                "%d request(s) still in flight after %.0f s: aborting them", gate.requests,
-                self.timeout,
-            )  # fmt: skip
-            await self.host.close()  # aborted streams end with an error event, not a cut
-            await gate.wait_idle(2)  # let those last bytes reach their clients
+        await self.host.drain(self.timeout)  # the listeners stay open meanwhile
         self.server.should_exit = True
 
 
@@ -83,18 +70,17 @@ def run(settings: ServeSettings) -> int:
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("SAFETENSORS_FAST_GPU", "1")
+    metrics = Metrics()
     try:
-        plan = plan_serving(settings)
+        host = ModelHost.from_settings(settings, observer=metrics)
     except ConfigurationError as exc:
         print(f"lmserve: error: {exc.message}", file=sys.stderr)
         return 2
+    plan = host.plan
     logger.info(
         "serving %s as %r: task %s, backend %s (%s)",
-        plan.source.display_name, settings.model_name, plan.task.value, plan.backend,
-        plan.backend_reason,
+        plan.source.display_name, host.name, plan.task.value, plan.backend, plan.backend_reason,
     )  # fmt: skip
-    metrics = Metrics()
-    host = ModelHost(settings, plan, observer=metrics)
     app = create_app(settings, host, metrics)
     return asyncio.run(_serve(app, host, settings))
 

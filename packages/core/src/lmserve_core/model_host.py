@@ -1,4 +1,12 @@
-"""One served model's lifecycle: loading -> ready (or failed) -> draining."""
+"""One served model's lifecycle, the same for ``lmserve serve``, ``lmserve_server.build()``, a
+Ray Serve replica and ``lmserve_backend_hf.load_model``:
+
+resolve the source and task (``ModelHost.from_settings``: ``plan_serving``, cheap, before any port
+opens) -> ``load`` (loading -> ready, or failed) -> ``drain`` (readiness and new requests 503,
+in-flight requests get up to a timeout, what is left is aborted) -> ``close`` (the backend stops).
+
+The host is also the registry of served names and holds the admission gate.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +22,9 @@ from lmserve_core.errors import InvalidInput, LmserveError, ModelNotFound, Model
 from lmserve_core.generation.prepare import GenerationLimits
 from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.observer import ServingObserver
+from lmserve_core.plan import ServingPlan, load_backend_factory, load_converter, plan_serving
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
-from lmserve_server.plan import ServingPlan, load_backend_factory, load_converter
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,13 @@ class ModelHost:
         running = settings.max_num_seqs if plan.task.is_generative else settings.max_batch_size
         self.gate = AdmissionGate(running_slots=running, max_queued=settings.max_queued_requests)
         self.observer = observer
+
+    @classmethod
+    def from_settings(
+        cls, settings: ServeSettings, observer: ServingObserver | None = None
+    ) -> ModelHost:
+        """Resolve the model's files, task and backend (ConfigurationError names the flag)."""
+        return cls(settings, plan_serving(settings), observer)
 
     @property
     def task(self) -> Task:
@@ -156,6 +171,29 @@ class ModelHost:
         self.state = ModelState.failed
         self.error = message
         logger.error("model %r failed to load: %s", self.name, message)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests, give those in flight up to ``timeout`` s, abort what is left
+        (streams end with an error event their clients can read), then close the model.
+        True when everything in flight finished in time."""
+        gate = self.gate
+        self.start_draining()
+        if gate.requests:
+            logger.info(
+                "stopping: readiness is 503 and new requests get 503; %d request(s) in flight "
+                "get up to %.0f s (--shutdown_timeout) to finish", gate.requests, timeout,
+            )  # fmt: skip
+        else:
+            logger.info("stopping: readiness is 503 and new requests get 503; nothing in flight")
+        finished = await gate.wait_idle(timeout)
+        if not finished:
+            logger.warning(
+                "%d request(s) still in flight after %.0f s: aborting them", gate.requests, timeout
+            )
+            await self.close()  # aborted streams end with an error event, not a cut
+            await gate.wait_idle(2)  # let those last bytes reach their clients
+        await self.close()
+        return finished
 
     async def close(self) -> None:
         """Stop the backend; in-flight requests fail with 503. Idempotent."""

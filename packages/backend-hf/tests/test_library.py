@@ -1,0 +1,55 @@
+"""``load_model``: the server's own model lifecycle from plain Python (tiny trained models)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from _support.tiny_model_checks import CHAT_ANSWERS, RAW_COMPLETIONS, SENTIMENT
+from _support.tiny_models import model_path
+from lmserve_backend_hf import load_model
+from lmserve_core.errors import ModelNotReady
+from lmserve_core.model_host import ModelState
+
+pytestmark = pytest.mark.slow
+
+
+def test_an_encoder_predicts_with_the_servers_batching_settings() -> None:
+    texts = list(SENTIMENT)
+    with load_model(model_path("sentiment"), max_batch_size=2, torch_threads=1) as model:
+        assert model.task.value == "sequence_classification"
+        assert model.host.state is ModelState.ready
+        assert model.host.gate.running_slots == 2  # max_batch_size reached the serving path
+        expected = [1 if label == "POSITIVE" else 0 for label in SENTIMENT.values()]
+        assert model.predict(texts) == expected
+        (labels,) = model.predict(["I love this"], {"output": "labels"})
+        assert labels[0]["label"] == "POSITIVE"
+        # Several threads at once: merged by the dynamic batcher, each gets its own answer.
+        answers: dict[int, list[object]] = {}
+
+        def ask(i: int) -> None:
+            answers[i] = model.predict([texts[i % len(texts)]])
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [answers[i] for i in range(8)] == [[expected[i % len(texts)]] for i in range(8)]
+        host = model.host
+    # Closing drained and stopped the model, as lmserve serve does on SIGTERM.
+    assert host.state is ModelState.draining
+    with pytest.raises(ModelNotReady):
+        host.require(host.name)
+
+
+def test_a_generator_completes_and_chats_greedily() -> None:
+    prompt, answer = next(iter(RAW_COMPLETIONS.items()))
+    question = next(iter(CHAT_ANSWERS))
+    with load_model(model_path("llama"), torch_threads=1) as model:
+        assert model.task.value == "text_generation"
+        assert model.generate(prompt, max_tokens=8, temperature=0) == answer
+        reply = model.chat([{"role": "user", "content": question}], max_tokens=8, temperature=0)
+        assert reply["choices"][0]["message"]["content"] == CHAT_ANSWERS[question]
+        assert reply["choices"][0]["finish_reason"] == "stop"
