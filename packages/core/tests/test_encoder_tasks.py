@@ -615,3 +615,38 @@ def test_output_metadata_matches_the_outputs() -> None:
     ]
     assert _meta(Task.text_embedding, info) == [("output-0", "FP32", [-1, 384])]
     assert _meta(Task.text_embedding) == [("output-0", "FP32", [-1, -1])]
+
+
+def test_each_protocol_shape_is_built_on_first_use_only() -> None:
+    built: list[str] = []
+
+    def predictions() -> list[Any]:
+        built.append("v1")
+        return [1]
+
+    def outputs() -> list[Any]:
+        built.append("v2")
+        return []
+
+    result = EncoderResult(predictions, outputs)
+    assert built == []
+    assert result.predictions == [1] and result.predictions == [1]
+    assert built == ["v1"]  # once, and V2 never
+    assert result.outputs == [] and built == ["v1", "v2"]
+
+
+def test_a_v1_labels_request_never_json_encodes_v2_tensors(
+    make_service: Any, infer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmserve_core.encoder.sequence_classification as seq
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("V2 BYTES built for a V1 request")
+
+    monkeypatch.setattr(seq, "json_bytes_tensor", refuse)
+    service, _ = make_service(Task.sequence_classification, seq_logits)
+    result = infer(service, ["the cat sat", "a dog"], {"output": "labels"})
+    assert [len(row) for row in result.predictions] == [1, 1]  # top-1 label each
+    assert all(isinstance(row[0]["label"], str) for row in result.predictions)
+    with pytest.raises(AssertionError, match="V2 BYTES"):
+        _ = result.outputs

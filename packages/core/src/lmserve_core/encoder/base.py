@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -111,13 +111,39 @@ class OutputTensor:
         return list(self.data.shape)
 
 
-@dataclass(frozen=True)
 class EncoderResult:
-    """What a task returns for one request, in both protocol shapes."""
+    """What a task returns for one request, in the shape each protocol asks for.
 
-    predictions: list[Any]  # V1 `predictions`, one per instance
-    outputs: list[OutputTensor]  # V2 outputs
-    token_count: int = 0
+    ``predictions`` (V1, one per instance) and ``outputs`` (V2 tensors, also what OpenAI
+    embeddings read) are each given as a value or as a function that builds it; a function
+    runs on first use only, so a request pays for its own protocol's shape alone (a V1 request
+    never JSON-encodes V2 BYTES tensors, a V2 or embeddings request never turns vectors into
+    Python lists).
+    """
+
+    __slots__ = ("_outputs", "_predictions", "token_count")
+
+    def __init__(
+        self,
+        predictions: list[Any] | Callable[[], list[Any]],
+        outputs: list[OutputTensor] | Callable[[], list[OutputTensor]],
+        token_count: int = 0,
+    ) -> None:
+        self._predictions = predictions
+        self._outputs = outputs
+        self.token_count = token_count  # input tokens, set by the service
+
+    @property
+    def predictions(self) -> list[Any]:
+        if callable(self._predictions):
+            self._predictions = self._predictions()
+        return self._predictions
+
+    @property
+    def outputs(self) -> list[OutputTensor]:
+        if callable(self._outputs):
+            self._outputs = self._outputs()
+        return self._outputs
 
 
 @dataclass(frozen=True)
@@ -174,9 +200,7 @@ def json_bytes_tensor(
 
 def raw_logits_result(outputs: FloatArray) -> EncoderResult:
     data = outputs.astype(np.float32)
-    return EncoderResult(
-        predictions=data.tolist(), outputs=[OutputTensor("output-0", "FP32", data)]
-    )
+    return EncoderResult(data.tolist, [OutputTensor("output-0", "FP32", data)])
 
 
 def round4(value: float) -> float:

@@ -68,7 +68,7 @@ class FillMask(EncoderTask):
                 best = logits[positions].argmax(axis=-1)
                 rows.append(ctx.tokenizer.decode([int(t) for t in best]))
         if request.params.labels or ctx.options.return_probabilities:
-            return EncoderResult(rows, [json_bytes_tensor("output-0", rows)])
+            return EncoderResult(rows, lambda: [json_bytes_tensor("output-0", rows)])
         strings = np.empty(len(rows), dtype=object)
         strings[:] = rows
         return EncoderResult(rows, [OutputTensor("output-0", "BYTES", strings)])

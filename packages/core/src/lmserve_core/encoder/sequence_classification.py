@@ -34,9 +34,9 @@ class SequenceClassification(EncoderTask):
         if ctx.options.return_probabilities:
             probs = softmax(outputs)
             rows = [{str(i): round4(p) for i, p in enumerate(row)} for row in probs]
-            return EncoderResult(rows, [json_bytes_tensor("output-0", rows)])
+            return EncoderResult(rows, lambda: [json_bytes_tensor("output-0", rows)])
         idx = outputs.argmax(axis=-1).astype(np.int64)
-        return EncoderResult(idx.tolist(), [OutputTensor("output-0", "INT64", idx)])
+        return EncoderResult(idx.tolist, [OutputTensor("output-0", "INT64", idx)])
 
     def _labels(
         self, outputs: FloatArray, request: EncodedRequest, ctx: TaskContext
@@ -52,7 +52,7 @@ class SequenceClassification(EncoderTask):
                 [{"label": ctx.info.id2label.get(int(i), f"LABEL_{int(i)}"), "score": float(row[i])}
                  for i in order]
             )  # fmt: skip
-        return EncoderResult(rows, [json_bytes_tensor("output-0", rows)])
+        return EncoderResult(rows, lambda: [json_bytes_tensor("output-0", rows)])
 
     def output_metadata(self, ctx: TaskContext) -> list[tuple[str, str, list[int]]]:
         if ctx.options.return_raw_logits:

@@ -157,9 +157,8 @@ class EncoderService:
             request = await asyncio.to_thread(self.encode, checked, params)
         outputs = await self.batcher.submit(request)
         result = self.handler.postprocess(outputs, request, self.context)
-        return EncoderResult(
-            result.predictions, result.outputs, sum(len(e) for e in request.encodings)
-        )
+        result.token_count = sum(len(e) for e in request.encodings)
+        return result
 
     def encode(self, texts: list[str], params: RequestParams) -> EncodedRequest:
         max_length = self.info.max_length

@@ -63,11 +63,11 @@ class TextEmbedding(EncoderTask):
     ) -> EncoderResult:
         if outputs.ndim == 2:  # already pooled by the backend (vLLM's pooling runner)
             vectors = l2_normalize(outputs.astype(np.float32))
-            return EncoderResult(vectors.tolist(), [OutputTensor("output-0", "FP32", vectors)])
+            return EncoderResult(vectors.tolist, [OutputTensor("output-0", "FP32", vectors)])
         pooled = pool(outputs.astype(np.float32), attention_mask(request, outputs.shape[1]),
                       ctx.info.pooling.mode)  # fmt: skip
         vectors = l2_normalize(pooled)
-        return EncoderResult(vectors.tolist(), [OutputTensor("output-0", "FP32", vectors)])
+        return EncoderResult(vectors.tolist, [OutputTensor("output-0", "FP32", vectors)])
 
     def output_metadata(self, ctx: TaskContext) -> list[tuple[str, str, list[int]]]:
         return [("output-0", "FP32", [-1, ctx.info.hidden_size or -1])]

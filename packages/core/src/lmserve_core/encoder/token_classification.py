@@ -51,11 +51,12 @@ class TokenClassification(EncoderTask):
                 [{str(k): round4(p) for k, p in enumerate(tok)} for tok in inst] for inst in probs
             ]
             flat = [cell for row in rows for cell in row]
-            result = EncoderResult(rows, [json_bytes_tensor("output-0", flat, probs.shape[:2])])
+            shape = probs.shape[:2]
+            result = EncoderResult(rows, lambda: [json_bytes_tensor("output-0", flat, shape)])
         else:
             ids = outputs.argmax(axis=-1).astype(np.int64)  # [N, L]
             result = EncoderResult(
-                [[row.tolist()] for row in ids],
+                lambda: [[row.tolist()] for row in ids],
                 [OutputTensor("output-0", "INT64", ids[:, None, :])],
             )
         if ctx.options.return_offsets_mapping:
@@ -82,7 +83,7 @@ class TokenClassification(EncoderTask):
             else:
                 pieces = _word_pieces(text, enc, scores, ctx, strategy)
             rows.append(_group(pieces, text))
-        return EncoderResult(rows, [json_bytes_tensor("output-0", rows)])
+        return EncoderResult(rows, lambda: [json_bytes_tensor("output-0", rows)])
 
     def output_metadata(self, ctx: TaskContext) -> list[tuple[str, str, list[int]]]:
         if ctx.options.return_raw_logits:
@@ -101,12 +102,12 @@ def _with_offsets(result: EncoderResult, request: EncodedRequest, length: int) -
     for i, enc in enumerate(request.encodings):
         if enc.offsets:
             offsets[i, : len(enc)] = np.asarray(enc.offsets, dtype=np.int64)
-    predictions = [
-        {"predictions": pred, "offset_mapping": offsets[i].tolist()}
-        for i, pred in enumerate(result.predictions)
-    ]
     return EncoderResult(
-        predictions, [*result.outputs, OutputTensor("offset_mapping", "INT64", offsets)]
+        lambda: [
+            {"predictions": pred, "offset_mapping": offsets[i].tolist()}
+            for i, pred in enumerate(result.predictions)
+        ],
+        lambda: [*result.outputs, OutputTensor("offset_mapping", "INT64", offsets)],
     )
 
 
