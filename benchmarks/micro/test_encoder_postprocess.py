@@ -5,6 +5,10 @@ Inputs are realistic in shape: PROMPTS tokenized by the model's tokenizer.json (
 ``EncodedRequest``), a random float32 last hidden state [N, L, 384] for text_embedding (L the
 request's longest text, as the service trims it) and random [N, 2] logits for
 sequence_classification.
+
+Each case times what one protocol's request pays: the task's post-processing and then the shape
+that protocol reads (``predictions`` for KServe V1, ``outputs`` for V2 and OpenAI embeddings);
+a result builds each shape on first use only.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def _context(tokenizer: Any, model_path: Path, options: EncoderOptions) -> TaskC
     return TaskContext(tokenizer=tokenizer, info=info, options=options)
 
 
+def _shape(result: Any, protocol: str) -> Any:
+    return result.predictions if protocol == "v1" else result.outputs
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
 @pytest.mark.parametrize("n", [1, 32])
 def test_text_embedding_postprocess(
     benchmark: Any,
@@ -63,16 +72,19 @@ def test_text_embedding_postprocess(
     make_request: Callable[[int, RequestParams], EncodedRequest],
     record_rate: Callable[..., None],
     n: int,
+    protocol: str,
 ) -> None:
     handler = ENCODER_TASKS[Task.text_embedding]
     request = make_request(n, RequestParams())
     ctx = _context(rust_tokenizer, model_path, EncoderOptions())
     hidden = np.random.default_rng(0).standard_normal((n, request.seq_len, HIDDEN), np.float32)
-    result = benchmark(handler.postprocess, hidden, request, ctx)
+    benchmark(lambda: _shape(handler.postprocess(hidden, request, ctx), protocol))
+    result = handler.postprocess(hidden, request, ctx)
     assert result.outputs[0].data.shape == (n, HIDDEN)
     record_rate(benchmark, n, seq_len=request.seq_len)
 
 
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
 @pytest.mark.parametrize("mode", ["argmax", "labels", "probabilities"])
 def test_sequence_classification_postprocess(
     benchmark: Any,
@@ -81,6 +93,7 @@ def test_sequence_classification_postprocess(
     make_request: Callable[[int, RequestParams], EncodedRequest],
     record_rate: Callable[..., None],
     mode: str,
+    protocol: str,
 ) -> None:
     n = 32
     handler = ENCODER_TASKS[Task.sequence_classification]
@@ -90,6 +103,7 @@ def test_sequence_classification_postprocess(
     options = EncoderOptions(return_probabilities=mode == "probabilities")
     ctx = _context(rust_tokenizer, model_path, options)
     logits = np.random.default_rng(0).standard_normal((n, len(LABELS)), np.float32)
-    result = benchmark(handler.postprocess, logits, request, ctx)
-    assert len(result.predictions) == n
+    benchmark(lambda: _shape(handler.postprocess(logits, request, ctx), protocol))
+    result = handler.postprocess(logits, request, ctx)
+    assert len(result.predictions) == n and len(result.outputs[0].data) == n
     record_rate(benchmark, n)
