@@ -324,7 +324,7 @@ def test_metadata_health_and_listing(ner: ServerProcess) -> None:
         assert c.get("/v2/models/model/ready").json() == {"name": "model", "ready": True}
         assert c.get("/v1/models/model").json() == {"name": "model", "ready": True}
         assert c.get("/v1/models").json() == {"models": ["model"]}
-        assert c.get("/v2").json()["extensions"] == ["binary_tensor_data", "model_repository"]
+        assert c.get("/v2").json()["extensions"] == ["binary_tensor_data"]  # what is implemented
         meta = c.get("/v2/models/model").json()
         assert meta["inputs"] == [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}]
         assert meta["outputs"] == [{"name": "output-0", "datatype": "INT64", "shape": [-1, 1, -1]}]
