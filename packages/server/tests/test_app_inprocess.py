@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -200,6 +201,40 @@ def test_openapi_schema_lists_routes(monkeypatch: pytest.MonkeyPatch) -> None:
         assert route in paths
     body = paths["/v2/models/{model_name}/infer"]["post"]["requestBody"]
     assert "inputs" in body["content"]["application/json"]["schema"]["properties"]
+
+
+def test_openapi_documents_every_route_with_its_response_schema(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, app = make(monkeypatch, GatedBackend())
+    schema = app.openapi()
+    components = schema["components"]["schemas"]
+    undocumented = []
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            if path in ("/", "/metrics"):  # {"status": "alive"}; the Prometheus text format
+                continue
+            ok = operation["responses"].get("200", {}).get("content", {})
+            ref = ok.get("application/json", {}).get("schema", {}).get("$ref")
+            if ref is None or ref.rsplit("/", 1)[-1] not in components:
+                undocumented.append(f"{method.upper()} {path}")
+    assert undocumented == []
+    chat = schema["paths"]["/openai/v1/chat/completions"]["post"]["responses"]
+    assert chat["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ChatCompletionResponse"
+    )
+    assert chat["200"]["content"]["text/event-stream"]["schema"]["$ref"].endswith(
+        "/ChatCompletionChunk"
+    )
+    assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/OpenAIErrorResponse"
+    )
+    predict = schema["paths"]["/v1/models/{model_name}:predict"]["post"]["responses"]
+    assert predict["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/V2Error")
+    # Every reference resolves (the stream chunks and the models they use were added).
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(schema)))
+    assert refs <= set(components), refs - set(components)
+    assert {"ChatCompletionChunk", "CompletionChunk", "ChatDelta"} <= set(components)
 
 
 class DownPredictor(GatedBackend):

@@ -87,8 +87,22 @@ class V2ServerMetadata(BaseModel):
 
 
 class V2ReadyResponse(BaseModel):
+    """``GET /v2/models/{name}/ready``."""
+
     name: str
     ready: bool
+
+
+class V2ServerReady(BaseModel):
+    """``GET /v2/health/ready``."""
+
+    ready: bool
+
+
+class V2LiveResponse(BaseModel):
+    """``GET /v2/health/live``."""
+
+    live: bool
 
 
 class V2Error(BaseModel):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from lmserve_core.model_host import ModelHost
 from lmserve_core.settings import ServeSettings
+from lmserve_protocols.openai import ChatCompletionChunk, CompletionChunk
 from lmserve_server.access import AccessMiddleware
 from lmserve_server.dataplane import DataPlane, server_version
 from lmserve_server.errors import install_error_handlers
@@ -14,7 +17,28 @@ from lmserve_server.limits import BodyLimitMiddleware
 from lmserve_server.metrics import AdmissionCollector, Metrics
 from lmserve_server.routes import generation, health, openai, v1, v2
 from lmserve_server.routes import metrics as metrics_route
+from lmserve_server.routes.schema import add_stream_schemas
 from lmserve_server.security import ApiKeyMiddleware
+
+
+def _document_stream_chunks(app: FastAPI) -> None:
+    """/openapi.json also carries the stream chunk schemas the generation routes point to,
+    and not FastAPI's 422: lmserve answers a request that fails validation with 400."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build_schema()
+            add_stream_schemas(schema, (CompletionChunk, ChatCompletionChunk))
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: ServeSettings, host: ModelHost, metrics: Metrics) -> FastAPI:
@@ -29,6 +53,7 @@ def create_app(settings: ServeSettings, host: ModelHost, metrics: Metrics) -> Fa
     metrics.registry.register(AdmissionCollector(host.gate))
     app.state.dataplane = DataPlane(host, metrics)
     install_error_handlers(app)
+    _document_stream_chunks(app)
     for module in (health, v1, v2, openai, generation, metrics_route):
         app.include_router(module.router)
     # add_middleware wraps: the last added runs first. Request order: CORS (answers

@@ -14,22 +14,35 @@ from starlette.types import Receive, Scope, Send
 
 from lmserve_core.admission import Ticket
 from lmserve_core.errors import ClientDisconnected
-from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
+from lmserve_protocols.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+)
 from lmserve_server.dataplane import AdmittedGeneration
 from lmserve_server.errors import stream_error_event
 from lmserve_server.routes import plane
+from lmserve_server.routes.schema import responses
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
 T = TypeVar("T")
 
 
-@router.post("/completions")
+@router.post(
+    "/completions", responses=responses(CompletionResponse, openai=True, stream=CompletionChunk)
+)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     request.state.model = body.model
     return await _respond(plane(request).admit_completion(body), request)
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    responses=responses(ChatCompletionResponse, openai=True, stream=ChatCompletionChunk),
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     request.state.model = body.model
     return await _respond(plane(request).admit_chat(body), request)

@@ -16,17 +16,18 @@ from lmserve_protocols.openai import (
     ModelList,
 )
 from lmserve_server.routes import plane
+from lmserve_server.routes.schema import responses
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
 
 
-@router.get("/models")
+@router.get("/models", responses=responses(ModelList, openai=True, errors=()))
 async def list_models(request: Request) -> ModelList:
     cards = plane(request).model_cards()
     return ModelList(data=[ModelCard(id=name, created=created) for name, created in cards])
 
 
-@router.post("/embeddings", response_model=EmbeddingResponse)
+@router.post("/embeddings", responses=responses(EmbeddingResponse, openai=True))
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     request.state.model = body.model
     result = await plane(request).embed(body)

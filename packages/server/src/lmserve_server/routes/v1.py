@@ -9,14 +9,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from lmserve_core.errors import InvalidInput
-from lmserve_protocols.v1 import V1PredictRequest
+from lmserve_protocols.v1 import V1ModelList, V1PredictRequest, V1PredictResponse
 from lmserve_server.routes import plane
-from lmserve_server.routes.schema import request_body_schema
+from lmserve_server.routes.schema import request_body_schema, responses
 
 router = APIRouter(tags=["v1"])
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=responses(V1ModelList, errors=()))
 async def list_models(request: Request) -> dict[str, list[str]]:
     return {"models": plane(request).model_names()}
 
@@ -25,6 +25,7 @@ async def list_models(request: Request) -> dict[str, list[str]]:
     "/v1/models/{model_name}:predict",
     # The body is parsed by hand for precise errors; the schema is declared for clients.
     openapi_extra=request_body_schema(V1PredictRequest),
+    responses=responses(V1PredictResponse),
 )
 async def predict(model_name: str, request: Request) -> JSONResponse:
     payload = _parse_json(await request.body())

@@ -9,30 +9,38 @@ from pydantic import ValidationError
 
 from lmserve_core.errors import InvalidInput
 from lmserve_core.v2_codec import HEADER_LENGTH, decode_inputs, encode_response, split_binary_body
-from lmserve_protocols.v2 import V2InferRequest
+from lmserve_protocols.v2 import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
 from lmserve_server.routes import plane
-from lmserve_server.routes.schema import request_body_schema
+from lmserve_server.routes.schema import request_body_schema, responses
 
 router = APIRouter(tags=["v2"])
 
 
-@router.get("/v2")
+@router.get("/v2", responses=responses(V2ServerMetadata, errors=()))
 async def server_metadata(request: Request) -> dict[str, Any]:
     return plane(request).server_metadata()
 
 
-@router.get("/v2/models/{model_name}")
-@router.get("/v2/models/{model_name}/versions/{model_version}")
+@router.get("/v2/models/{model_name}", responses=responses(V2ModelMetadata, errors=(404, 503)))
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}",
+    responses=responses(V2ModelMetadata, errors=(404, 503)),
+)
 async def model_metadata(
     model_name: str, request: Request, model_version: str | None = None
 ) -> dict[str, Any]:
     return plane(request).model_metadata(model_name)
 
 
-@router.post("/v2/models/{model_name}/infer", openapi_extra=request_body_schema(V2InferRequest))
+@router.post(
+    "/v2/models/{model_name}/infer",
+    openapi_extra=request_body_schema(V2InferRequest),
+    responses=responses(V2InferResponse),
+)
 @router.post(
     "/v2/models/{model_name}/versions/{model_version}/infer",
     openapi_extra=request_body_schema(V2InferRequest),
+    responses=responses(V2InferResponse),
 )
 async def infer(model_name: str, request: Request, model_version: str | None = None) -> Response:
     payload, binary = split_binary_body(await request.body(), request.headers.get(HEADER_LENGTH))
