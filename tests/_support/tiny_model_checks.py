@@ -211,12 +211,9 @@ def _tags(words: str, tags: Sequence[str]) -> Behaviour:
         # "simple" aggregation groups exactly these).
         if [w for w in word_ids if w is not None] != list(range(len(words.split()))):
             return f"words split into pieces: {loaded.tokenizer.tokenize(words)}"
-        got = [
-            id2label[int(row.argmax())]
-            for row, w in zip(logits, word_ids, strict=True)
-            if w is not None
-        ]
-        leads = [_lead(row) for row, w in zip(logits, word_ids, strict=True) if w is not None]
+        rows = [row for row, w in zip(logits, word_ids, strict=True) if w is not None]
+        got = [id2label[int(row.argmax())] for row in rows]
+        leads = [_lead(row) for row in rows]
         if got != list(tags) or min(leads) < MARGIN:
             return f"{got} (smallest lead {min(leads):.2f})"
         return None

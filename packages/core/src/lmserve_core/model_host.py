@@ -190,9 +190,9 @@ class ModelHost:
             logger.warning(
                 "%d request(s) still in flight after %.0f s: aborting them", gate.requests, timeout
             )
-            await self.close()  # aborted streams end with an error event, not a cut
+        await self.close()  # what is left ends with an error event, not a cut
+        if not finished:
             await gate.wait_idle(2)  # let those last bytes reach their clients
-        await self.close()
         return finished
 
     async def close(self) -> None:

@@ -21,7 +21,7 @@ from lmserve_server.routes.schema import add_stream_schemas
 from lmserve_server.security import ApiKeyMiddleware
 
 
-def _document_stream_chunks(app: FastAPI) -> None:
+def _finish_openapi_schema(app: FastAPI) -> None:
     """/openapi.json also carries the stream chunk schemas the generation routes point to,
     and not FastAPI's 422: lmserve answers a request that fails validation with 400."""
     build_schema = app.openapi
@@ -53,7 +53,7 @@ def create_app(settings: ServeSettings, host: ModelHost, metrics: Metrics) -> Fa
     metrics.registry.register(AdmissionCollector(host.gate))
     app.state.dataplane = DataPlane(host, metrics)
     install_error_handlers(app)
-    _document_stream_chunks(app)
+    _finish_openapi_schema(app)
     for module in (health, v1, v2, openai, generation, metrics_route):
         app.include_router(module.router)
     # add_middleware wraps: the last added runs first. Request order: CORS (answers

@@ -6,7 +6,7 @@ Name checks, admission and token metrics happen here, once per request, for ever
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -135,10 +135,13 @@ class DataPlane:
     async def _infer_texts(
         self, service: EncoderService, texts: Sequence[Any], parameters: Mapping[str, Any] | None
     ) -> EncoderResult:
+        texts = list(texts) if isinstance(texts, list | tuple) else texts
+        return await self._admitted(lambda: service.infer(texts, parameters))
+
+    async def _admitted(self, infer: Callable[[], Awaitable[EncoderResult]]) -> EncoderResult:
+        """Every encoder request: one admission slot while it runs, its tokens counted."""
         with self._host.gate.admit():
-            result = await service.infer(
-                list(texts) if isinstance(texts, list | tuple) else texts, parameters
-            )
+            result = await infer()
         self.metrics.input_tokens.inc(result.token_count)
         return result
 
@@ -184,11 +187,10 @@ class DataPlane:
         texts, token_rows = _split_embedding_input(body.input)
         if texts is not None:
             return await self._infer_texts(service, texts, None)
-        with self._host.gate.admit():
-            encoded = service.encode_token_ids(token_rows or [], RequestParams())
-            result = await service.infer_encoded(encoded)
-        self.metrics.input_tokens.inc(result.token_count)
-        return result
+        rows = token_rows or []
+        return await self._admitted(
+            lambda: service.infer_encoded(service.encode_token_ids(rows, RequestParams()))
+        )
 
     # --- generation ------------------------------------------------------------------
     def admit_completion(self, body: CompletionRequest) -> AdmittedGeneration:

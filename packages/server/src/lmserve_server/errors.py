@@ -71,11 +71,11 @@ def stream_error_event(exc: Exception) -> str:
     """The ``data:`` payload that ends a stream whose status line was already sent."""
     if isinstance(exc, LmserveError):
         status, message, param = status_of(exc), exc.message, exc.param
-    else:
+        if status.http >= 500:
+            logger.error("stream ended with an error: %s", message)
+    else:  # a bug: the traceback goes to the log, not to the client
         logger.error("generation failed mid-stream", exc_info=exc)
         status, message, param = _INTERNAL, f"generation failed: {type(exc).__name__}", None
-    if status.http >= 500:
-        logger.error("stream ended with an error: %s", message)
     body = {"message": message, "type": status.kind, "param": param, "code": status.http}
     return json.dumps({"error": body})
 

@@ -113,14 +113,15 @@ def settings_from_env(
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue
-        if _base_type(field.annotation) is bool:
-            low = raw.strip().lower()
-            if low not in _TRUE | _FALSE:
+        kind = _base_type(field.annotation)
+        if kind is bool:
+            try:
+                values[name] = _boolean(raw)
+            except argparse.ArgumentTypeError:
                 raise ConfigurationError(
                     f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean", param=name
-                )
-            values[name] = low in _TRUE
-        elif typing.get_origin(_base_type(field.annotation)) is list:
+                ) from None
+        elif typing.get_origin(kind) is list:
             values[name] = raw.replace(",", " ").split()  # "a b" or "a,b"
         else:
             values[name] = raw
