@@ -23,7 +23,7 @@ from lmserve_protocols.openai import (
     ModelList,
     OpenAIErrorResponse,
 )
-from lmserve_protocols.v1 import V1ModelList, V1ModelStatus, V1PredictResponse
+from lmserve_protocols.v1 import ServerLiveness, V1ModelList, V1ModelStatus, V1PredictResponse
 from lmserve_protocols.v2 import (
     V2Error,
     V2InferResponse,
@@ -62,6 +62,7 @@ def schema_names(server: ServerProcess, path: str, method: str) -> dict[str, str
 def test_kserve_routes_answer_as_documented(server_pool: Pool) -> None:
     server = server_pool("--model_dir", str(model_path("sentiment")))
     with server.client() as c:
+        valid(ServerLiveness, c.get("/"))
         valid(V2LiveResponse, c.get("/v2/health/live"))
         valid(V2ServerReady, c.get("/v2/health/ready"))
         valid(V2ReadyResponse, c.get("/v2/models/model/ready"))
@@ -120,6 +121,10 @@ def test_generation_answers_and_chunks_as_documented(server_pool: Pool) -> None:
         parsed = [ChatCompletionChunk.model_validate(chunk) for chunk in chunks]
         assert parsed[0].choices[0].delta.role == "assistant"
         assert parsed[-1].usage is not None and parsed[-1].choices == []
+        # vLLM's wire shape: a delta carries only what it adds, usage only the last chunk.
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert all(set(c["choices"][0]["delta"]) <= {"content"} for c in chunks[1:-1])
+        assert all("usage" not in chunk for chunk in chunks[:-1])
         text_chunks = events(c.post("/openai/v1/completions", json={**completion, "stream": True}))
         assert all(CompletionChunk.model_validate(chunk) for chunk in text_chunks)
         error = c.post("/openai/v1/chat/completions", json={**chat, "temperature": 7})

@@ -51,5 +51,5 @@ def test_a_generator_completes_and_chats_greedily() -> None:
         assert model.task.value == "text_generation"
         assert model.generate(prompt, max_tokens=8, temperature=0) == answer
         reply = model.chat([{"role": "user", "content": question}], max_tokens=8, temperature=0)
-        assert reply["choices"][0]["message"]["content"] == CHAT_ANSWERS[question]
-        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert reply.choices[0].message.content == CHAT_ANSWERS[question]
+        assert reply.choices[0].finish_reason == "stop"

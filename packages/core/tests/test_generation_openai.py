@@ -262,20 +262,22 @@ def chat(**kw: Any) -> ChatCompletionRequest:
 
 
 def complete(service: OpenAIGenerationService, prep: Prepared) -> dict[str, Any]:
-    return asyncio.run(service.complete(prep))
+    """The response as its client reads it: the model's JSON, parsed."""
+    body: dict[str, Any] = json.loads(asyncio.run(service.complete(prep)).model_dump_json())
+    return body
 
 
 def stream(service: OpenAIGenerationService, prep: Prepared) -> list[str]:
+    """Each chunk's JSON, as the server puts it in a ``data:`` event."""
+
     async def collect() -> list[str]:
-        return [s async for s in service.stream(prep)]
+        return [chunk.model_dump_json() async for chunk in service.stream(prep)]
 
     return asyncio.run(collect())
 
 
 def payloads(lines: list[str]) -> list[dict[str, Any]]:
-    assert lines[-1] == "[DONE]"
-    assert "[DONE]" not in lines[:-1]
-    return [json.loads(line) for line in lines[:-1]]
+    return [json.loads(line) for line in lines]
 
 
 # --- prepare: validation --------------------------------------------------------------
@@ -1010,14 +1012,13 @@ def stream_until_error(
 
     async def collect() -> BaseException:
         try:
-            async for line in service.stream(prep):
-                received.append(line)
+            async for chunk in service.stream(prep):
+                received.append(chunk.model_dump_json())
         except Exception as exc:  # the server maps it (lmserve_server.errors)
             return exc
         raise AssertionError(f"the stream ended without an error: {received}")
 
     error = asyncio.run(collect())
-    assert "[DONE]" not in received
     return [json.loads(line) for line in received], error
 
 
@@ -1058,12 +1059,12 @@ def test_stream_missing_finish_reason_is_a_backend_error() -> None:
 def test_stream_cancelled_consumer_aborts_every_choice() -> None:
     service, backend = make("a long answer that never ends", hang_after=2)
     prep = service.prepare_chat(chat(n=3, stream=True))
-    received: list[str] = []
+    received: list[object] = []
 
     async def main() -> None:
         async def consume() -> None:
-            async for line in service.stream(prep):
-                received.append(line)
+            async for chunk in service.stream(prep):
+                received.append(chunk)
 
         task = asyncio.create_task(consume())
         for _ in range(1000):
@@ -1080,7 +1081,6 @@ def test_stream_cancelled_consumer_aborts_every_choice() -> None:
         assert all(r.aborted for r in backend.records)
 
     asyncio.run(main())
-    assert "[DONE]" not in received
     assert len(received) >= 3  # the role chunks at least
 
 

@@ -22,7 +22,12 @@ from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.model_host import ModelHost
 from lmserve_core.settings import Backend, ServeSettings
 from lmserve_core.tasks import Task
-from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
+from lmserve_protocols.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+)
 
 T = TypeVar("T")
 
@@ -106,27 +111,30 @@ class GeneratorModel(_Model):
     def service(self) -> OpenAIGenerationService:
         return self.host.require_generator(self.name)
 
-    def complete(self, prompt: str | list[str], **fields: Any) -> dict[str, Any]:
-        """An OpenAI completion response body; ``fields`` are the request's other fields
+    def complete(self, prompt: str | list[str], **fields: Any) -> CompletionResponse:
+        """An OpenAI completion response; ``fields`` are the request's other fields
         (``max_tokens``, ``temperature``, ``stop``, ``seed``, ``n``, ``logprobs``, ...)."""
         service = self.service
         request = CompletionRequest(model=self.name, prompt=prompt, **fields)
         prepared = service.prepare_completion(request)
-        return self._loop.run(service.complete(prepared))
+        response = self._loop.run(service.complete(prepared))
+        assert isinstance(response, CompletionResponse)
+        return response
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], **fields: Any) -> dict[str, Any]:
-        """An OpenAI chat completion response body, the model's chat template applied."""
+    def chat(self, messages: Sequence[Mapping[str, Any]], **fields: Any) -> ChatCompletionResponse:
+        """An OpenAI chat completion response, the model's chat template applied."""
         service = self.service
         request = ChatCompletionRequest.model_validate(
             {"model": self.name, "messages": list(messages), **fields}
         )
         prepared = service.prepare_chat(request)
-        return self._loop.run(service.complete(prepared))
+        response = self._loop.run(service.complete(prepared))
+        assert isinstance(response, ChatCompletionResponse)
+        return response
 
     def generate(self, prompt: str, **fields: Any) -> str:
         """The text that continues ``prompt`` (the first choice of :meth:`complete`)."""
-        text: str = self.complete(prompt, **fields)["choices"][0]["text"]
-        return text
+        return self.complete(prompt, **fields).choices[0].text
 
 
 def load_model(

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from lmserve_core.errors import InvalidInput
+from lmserve_protocols.v2 import V2InferResponse, V2ResponseOutput
+from lmserve_protocols.wire import json_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -242,24 +244,26 @@ def encode_response(
     binary_outputs: set[str] | None,
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
-    """Serialise a V2 response. Returns (body, JSON header length or None when all JSON)."""
+    """Serialise a V2 response (a :class:`V2InferResponse`, then the binary outputs' bytes).
+    Returns (body, JSON header length or None when all JSON)."""
     binary_outputs = binary_outputs or set()
     header_outputs, blobs = [], []
     for name, datatype, data in outputs:
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(data.shape)}
+        shape = list(data.shape)
         if name in binary_outputs:
             blob = encode_binary(datatype, data)
-            entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+            output = V2ResponseOutput(name=name, datatype=datatype, shape=shape,
+                                      parameters={"binary_data_size": len(blob)})  # fmt: skip
         else:
-            entry["data"] = json_data(datatype, data)
-        header_outputs.append(entry)
-    header: dict[str, Any] = {"model_name": model_name, "outputs": header_outputs}
-    if request_id is not None:
-        header["id"] = request_id
-    if parameters:
-        header["parameters"] = parameters
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            output = V2ResponseOutput(
+                name=name, datatype=datatype, shape=shape, data=json_data(datatype, data)
+            )
+        header_outputs.append(output)
+    response = V2InferResponse(
+        model_name=model_name, id=request_id, parameters=parameters or None, outputs=header_outputs
+    )
+    head = json_bytes(response)
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)

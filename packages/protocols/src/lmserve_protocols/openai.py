@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmserve_protocols.wire import omitted_when_none
+
 
 class OpenAIErrorDetail(BaseModel):
     message: str
@@ -190,14 +192,15 @@ class CompletionResponse(BaseModel):
 
 
 class CompletionChunk(BaseModel):
-    """One server-sent event of a streamed completion (``choices`` empty in the usage chunk)."""
+    """One server-sent event of a streamed completion (``choices`` empty in the usage chunk,
+    the only one that carries ``usage``)."""
 
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
+    usage: UsageInfo | None = omitted_when_none()
 
 
 class ChatResponseMessage(BaseModel):
@@ -226,8 +229,8 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     """What a chunk adds to one choice: the role in the first, text after, ``{}`` at the end."""
 
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    role: Literal["assistant"] | None = omitted_when_none()
+    content: str | None = omitted_when_none()
 
 
 class ChatCompletionStreamChoice(BaseModel):
@@ -238,11 +241,12 @@ class ChatCompletionStreamChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
-    """One server-sent event of a streamed chat completion."""
+    """One server-sent event of a streamed chat completion (``choices`` empty in the usage
+    chunk, the only one that carries ``usage``)."""
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChatCompletionStreamChoice]
-    usage: UsageInfo | None = None
+    usage: UsageInfo | None = omitted_when_none()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,3 +30,9 @@ class V1ModelStatus(BaseModel):
 
 class V1ModelList(BaseModel):
     models: list[str]
+
+
+class ServerLiveness(BaseModel):
+    """``GET /``: KServe's liveness answer."""
+
+    status: Literal["alive"] = "alive"

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmserve_protocols.wire import omitted_when_none
+
 V2Datatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
     "FP16", "FP32", "FP64", "BYTES", "BF16",
@@ -44,22 +46,23 @@ class V2InferRequest(BaseModel):
 
 
 class V2ResponseOutput(BaseModel):
-    """One output tensor of an inference response."""
+    """One output tensor of an inference response: ``data`` in JSON, or
+    ``parameters.binary_data_size`` bytes after the JSON (the binary tensor extension)."""
 
     name: str
     shape: list[int]
     datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = omitted_when_none()
+    data: list[Any] | None = omitted_when_none()
 
 
 class V2InferResponse(BaseModel):
     """The answer to ``/v2/models/{name}/infer``: the output tensors."""
 
     model_name: str
-    model_version: str | None = None
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
+    model_version: str | None = omitted_when_none()
+    id: str | None = omitted_when_none()
+    parameters: dict[str, Any] | None = omitted_when_none()
     outputs: list[V2ResponseOutput]
 
 
@@ -106,4 +109,6 @@ class V2LiveResponse(BaseModel):
 
 
 class V2Error(BaseModel):
+    """The error body of every KServe route, V1 and V2: ``{"error": "message"}``."""
+
     error: str

@@ -22,7 +22,17 @@ from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.model_host import ModelHost
 from lmserve_core.tasks import Task
 from lmserve_core.v2_codec import DecodedTensor, tensor_to_texts
-from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from lmserve_protocols.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    UsageInfo,
+)
+from lmserve_protocols.v2 import V2ModelMetadata, V2ServerMetadata, V2TensorMetadata
 from lmserve_server.metrics import Metrics
 
 V2_EXTENSIONS = ["binary_tensor_data"]
@@ -51,10 +61,12 @@ class AdmittedGeneration:
     def streaming(self) -> bool:
         return self.prepared.stream
 
-    async def complete(self) -> dict[str, Any]:
+    async def complete(self) -> CompletionResponse | ChatCompletionResponse:
         return await self.service.complete(self.prepared)
 
-    def stream(self, on_usage: Callable[[dict[str, int]], None]) -> AsyncIterator[str]:
+    def stream(
+        self, on_usage: Callable[[UsageInfo], None]
+    ) -> AsyncIterator[CompletionChunk | ChatCompletionChunk]:
         return self.service.stream(self.prepared, on_usage=on_usage)
 
 
@@ -90,10 +102,10 @@ class DataPlane:
         """Each served name with its creation time (OpenAI's model list)."""
         return [(name, self._host.created) for name in self._host.names]
 
-    def server_metadata(self) -> dict[str, Any]:
-        return {"name": "lmserve", "version": server_version(), "extensions": V2_EXTENSIONS}
+    def server_metadata(self) -> V2ServerMetadata:
+        return V2ServerMetadata(name="lmserve", version=server_version(), extensions=V2_EXTENSIONS)
 
-    def model_metadata(self, name: str) -> dict[str, Any]:
+    def model_metadata(self, name: str) -> V2ModelMetadata:
         self._host.check_usable(name)
         plan = self._host.plan
         loaded = self._host.loaded
@@ -108,23 +120,22 @@ class DataPlane:
         if service is None:
             # Generative models speak OpenAI, not V2 tensors.
             parameters["routes"] = ["/openai/v1/completions", "/openai/v1/chat/completions"]
-            inputs: list[dict[str, Any]] = []
-            outputs: list[dict[str, Any]] = []
+            inputs: list[V2TensorMetadata] = []
+            outputs: list[V2TensorMetadata] = []
         else:
             parameters["max_length"] = service.info.max_length
-            inputs = [{"name": "input-0", "datatype": "BYTES", "shape": [-1]}]
+            inputs = [V2TensorMetadata(name="input-0", datatype="BYTES", shape=[-1])]
             outputs = [
-                {"name": n, "datatype": dt, "shape": shape}
+                V2TensorMetadata(name=n, datatype=dt, shape=shape)
                 for n, dt, shape in service.handler.output_metadata(service.context)
             ]
-        return {
-            "name": name,
-            "versions": [],
-            "platform": f"lmserve/{self._host.backend_name}",
-            "inputs": inputs,
-            "outputs": outputs,
-            "parameters": parameters,
-        }
+        return V2ModelMetadata(
+            name=name,
+            platform=f"lmserve/{self._host.backend_name}",
+            inputs=inputs,
+            outputs=outputs,
+            parameters=parameters,
+        )
 
     # --- encoder inference -----------------------------------------------------------
     async def infer_texts(

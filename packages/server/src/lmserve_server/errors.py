@@ -8,14 +8,11 @@ app does not import grpc). Client errors are never 500.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope, Send
 
@@ -30,6 +27,9 @@ from lmserve_core.errors import (
     Overloaded,
     PredictorError,
 )
+from lmserve_protocols.openai import OpenAIErrorDetail, OpenAIErrorResponse
+from lmserve_protocols.v2 import V2Error
+from lmserve_protocols.wire import json_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def stream_error_event(exc: Exception) -> str:
     else:  # a bug: the traceback goes to the log, not to the client
         logger.error("generation failed mid-stream", exc_info=exc)
         status, message, param = _INTERNAL, f"generation failed: {type(exc).__name__}", None
-    body = {"message": message, "type": status.kind, "param": param, "code": status.http}
-    return json.dumps({"error": body})
+    return _openai_error(message, status.kind, param, status.http).model_dump_json()
 
 
 def route_path(scope: Scope) -> str:
@@ -90,10 +89,18 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def error_body(path: str, status: int, message: str, kind: str, param: str | None = None) -> Any:
+def _openai_error(message: str, kind: str, param: str | None, status: int) -> OpenAIErrorResponse:
+    detail = OpenAIErrorDetail(message=message, type=kind, param=param, code=status)
+    return OpenAIErrorResponse(error=detail)
+
+
+def error_body(
+    path: str, status: int, message: str, kind: str, param: str | None = None
+) -> OpenAIErrorResponse | V2Error:
+    """The error body of the protocol that owns ``path``."""
     if path.startswith("/openai/"):
-        return {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return {"error": message}
+        return _openai_error(message, kind, param, status)
+    return V2Error(error=message)
 
 
 async def send_error(
@@ -106,7 +113,7 @@ async def send_error(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """The same error bodies from pure ASGI middleware (before any route runs)."""
-    raw = json.dumps(error_body(route_path(scope), status, message, kind)).encode()
+    raw = json_bytes(error_body(route_path(scope), status, message, kind))
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(raw)).encode()), *(headers or [])]})  # fmt: skip
@@ -121,9 +128,11 @@ def error_response(
     kind: str = "invalid_request_error",
     param: str | None = None,
     headers: dict[str, str] | None = None,
-) -> JSONResponse:
+) -> Response:
     body = error_body(route_path(request.scope), status, message, kind, param)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return Response(
+        json_bytes(body), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -138,7 +147,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LmserveError)
-    async def _lmserve(request: Request, exc: LmserveError) -> JSONResponse:
+    async def _lmserve(request: Request, exc: LmserveError) -> Response:
         status = status_of(exc)
         headers = None
         if isinstance(exc, Overloaded):
@@ -150,18 +159,18 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         message, param = _validation_message(exc)
         return error_response(request, 400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(request, exc.status_code, str(exc.detail), kind=kind,
                               headers=getattr(exc, "headers", None))  # fmt: skip
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(request, 500, f"internal error: {type(exc).__name__}",
                               kind="internal_server_error")  # fmt: skip

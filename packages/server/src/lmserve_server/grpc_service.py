@@ -24,7 +24,8 @@ from lmserve_core.v2_codec import (
 )
 from lmserve_protocols.grpc import grpc_predict_v2_pb2 as pb
 from lmserve_protocols.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-from lmserve_server.dataplane import DataPlane, server_version
+from lmserve_protocols.v2 import V2TensorMetadata
+from lmserve_server.dataplane import DataPlane
 from lmserve_server.errors import status_of
 from lmserve_server.security import OPEN_GRPC_METHODS, ApiKey
 
@@ -131,7 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerMetadataResponse:
         meta = self.plane.server_metadata()
         return pb.ServerMetadataResponse(
-            name=meta["name"], version=server_version(), extensions=meta["extensions"]
+            name=meta.name, version=meta.version, extensions=meta.extensions
         )
 
     async def ModelMetadata(
@@ -141,13 +142,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             meta = self.plane.model_metadata(request.name)
 
             def tensors(
-                items: list[dict[str, Any]],
+                items: list[V2TensorMetadata],
             ) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-                return [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"],
-                                                                shape=t["shape"]) for t in items]  # fmt: skip
+                return [pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                                shape=t.shape) for t in items]  # fmt: skip
 
-            return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
-                                            inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))  # fmt: skip
+            return pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform,
+                                            inputs=tensors(meta.inputs), outputs=tensors(meta.outputs))  # fmt: skip
 
         return await self._call(context, work)
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from lmserve_core.errors import BackendError, ModelNotReady
 from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
@@ -29,7 +27,23 @@ from lmserve_core.generation.prepare import (
 )
 from lmserve_core.generation.stop import StopStringMatcher
 from lmserve_core.observer import GenerationObserver
-from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
+from lmserve_protocols.openai import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    FinishReason,
+    TopLogprob,
+    UsageInfo,
+)
 
 
 @dataclass
@@ -37,7 +51,7 @@ class ChoiceDelta:
     index: int
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     generated_tokens: int = 0  # running count for this choice
 
@@ -169,12 +183,12 @@ class OpenAIGenerationService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- non-streaming ------------------------------------------------------------------
-    async def complete(self, prep: Prepared) -> dict[str, Any]:
+    async def complete(self, prep: Prepared) -> CompletionResponse | ChatCompletionResponse:
         indices = [i for i, _, _ in self._choices(prep)]
         texts: dict[int, list[str]] = {i: [] for i in indices}
         lps: dict[int, list[TokenLogprob]] = {i: [] for i in indices}
         prompt_lps: dict[int, tuple[TokenLogprob | None, ...]] = {}
-        finish: dict[int, str] = {}
+        finish: dict[int, FinishReason] = {}
         counts: dict[int, int] = {}
         async for d in self._merged(prep):
             texts[d.index].append(d.text)
@@ -186,69 +200,67 @@ class OpenAIGenerationService:
                 finish[d.index] = d.finish_reason
         usage = self._usage(prep, sum(counts.values()))
         self._observe(usage)
+        if prep.kind == "chat":
+            return ChatCompletionResponse(
+                id=prep.request_id, created=prep.created, model=prep.model, usage=usage,
+                choices=[
+                    ChatCompletionChoice(
+                        index=index,
+                        message=ChatResponseMessage(content="".join(texts[index])),
+                        logprobs=self._chat_logprobs(lps[index]) if prep.logprobs is not None else None,
+                        finish_reason=finish.get(index, "length"),
+                    )
+                    for index in indices
+                ],
+            )  # fmt: skip
         choices = []
         for index in indices:
             prompt = prep.prompts[index // prep.n]
-            text = "".join(texts[index])
-            if prep.kind == "chat":
-                choices.append({
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": self._chat_logprobs(lps[index]) if prep.logprobs is not None else None,
-                    "finish_reason": finish.get(index, "length"),
-                })  # fmt: skip
-            else:
-                logprobs = None
-                if prep.logprobs is not None:
-                    logprobs = self._completion_logprobs(
-                        lps[index],
-                        prompt if prep.echo else None,
-                        prompt_lps.get(index),
-                        prep.logprobs,
-                    )
-                choices.append({
-                    "index": index,
-                    "text": (prompt.text if prep.echo else "") + text,
-                    "logprobs": logprobs,
-                    "finish_reason": finish.get(index, "length"),
-                })  # fmt: skip
-        return {
-            "id": prep.request_id,
-            "object": "chat.completion" if prep.kind == "chat" else "text_completion",
-            "created": prep.created,
-            "model": prep.model,
-            "choices": choices,
-            "usage": usage,
-        }
+            logprobs = None
+            if prep.logprobs is not None:
+                logprobs = self._completion_logprobs(
+                    lps[index], prompt if prep.echo else None, prompt_lps.get(index), prep.logprobs
+                )
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=(prompt.text if prep.echo else "") + "".join(texts[index]),
+                    logprobs=logprobs,
+                    finish_reason=finish.get(index, "length"),
+                )
+            )
+        return CompletionResponse(
+            id=prep.request_id, created=prep.created, model=prep.model, choices=choices, usage=usage
+        )
 
     # --- streaming ----------------------------------------------------------------------
     async def stream(
-        self, prep: Prepared, on_usage: Callable[[dict[str, int]], None] | None = None
-    ) -> AsyncIterator[str]:
-        """JSON payloads of the SSE ``data:`` lines, ending with ``[DONE]``. ``on_usage`` gets
-        the token counts once the last choice has finished.
+        self, prep: Prepared, on_usage: Callable[[UsageInfo], None] | None = None
+    ) -> AsyncIterator[CompletionChunk | ChatCompletionChunk]:
+        """The stream's chunks, one per server-sent event (the server frames them and adds
+        the closing ``[DONE]``). ``on_usage`` gets the token counts once the last choice has
+        finished; with ``stream_options.include_usage`` a last chunk carries them too.
 
-        An error after the first payload propagates (the chunks before it were yielded): the
+        An error after the first chunk propagates (the chunks before it were yielded): the
         server turns it into an error event through its one status table.
         """
-        total = 0
         counts: dict[int, int] = {}
         deltas = self._merged(prep)
         try:
             if prep.kind == "chat":
                 for index, _, _ in self._choices(prep):
-                    yield self._chunk(prep, index, {"role": "assistant", "content": ""}, None, None)
+                    yield self._chat_chunk(prep, index, {"role": "assistant", "content": ""})
             echoed: set[int] = set()
             async for d in deltas:
                 counts[d.index] = d.generated_tokens
-                lp: Any = None
                 if prep.kind == "chat":
+                    chat_lp = None
                     if prep.logprobs is not None and d.logprobs:
-                        lp = self._chat_logprobs(d.logprobs)
-                    if not d.text and d.finish_reason is None and lp is None:
+                        chat_lp = self._chat_logprobs(d.logprobs)
+                    if not d.text and d.finish_reason is None and chat_lp is None:
                         continue
-                    body: Any = {"content": d.text} if d.text else {}
-                    yield self._chunk(prep, d.index, body, lp, d.finish_reason)
+                    delta = {"content": d.text} if d.text else {}
+                    yield self._chat_chunk(prep, d.index, delta, chat_lp, d.finish_reason)
                     continue
                 text = d.text
                 echo_prompt = None
@@ -256,71 +268,90 @@ class OpenAIGenerationService:
                     echoed.add(d.index)
                     echo_prompt = prep.prompts[d.index // prep.n]
                     text = echo_prompt.text + text
+                lp = None
                 if prep.logprobs is not None:
                     lp = self._completion_logprobs(
                         d.logprobs, echo_prompt, d.prompt_logprobs, prep.logprobs
                     )
-                yield self._chunk(prep, d.index, text, lp, d.finish_reason)
-            total = sum(counts.values())
-            usage = self._usage(prep, total)
+                yield self._completion_chunk(prep, d.index, text, lp, d.finish_reason)
+            usage = self._usage(prep, sum(counts.values()))
             self._observe(usage)
             if on_usage is not None:
                 on_usage(usage)
             if prep.include_usage:
-                yield json.dumps({
-                    "id": prep.request_id, "object": self._chunk_object(prep), "created": prep.created,
-                    "model": prep.model, "choices": [], "usage": usage,
-                })  # fmt: skip
+                chunk_type = ChatCompletionChunk if prep.kind == "chat" else CompletionChunk
+                yield chunk_type(id=prep.request_id, created=prep.created, model=prep.model,
+                                 choices=[], usage=usage)  # fmt: skip
         finally:
             # A consumer that closes this stream early (client gone) aborts every choice
             # now; ``async for`` alone leaves the inner generator to the garbage collector.
             await deltas.aclose()  # type: ignore[attr-defined]
-        yield "[DONE]"
 
     # --- formatting ---------------------------------------------------------------------
+    # A chunk per token: it goes in as a dict, which the chunk model validates in one call
+    # (building the nested models one by one cost a third more per chunk).
     @staticmethod
-    def _chunk_object(prep: Prepared) -> str:
-        return "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
+    def _chat_chunk(
+        prep: Prepared,
+        index: int,
+        delta: dict[str, str],
+        logprobs: ChatChoiceLogprobs | None = None,
+        finish: FinishReason | None = None,
+    ) -> ChatCompletionChunk:
+        """``delta``: a :class:`ChatDelta`'s fields."""
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return ChatCompletionChunk.model_validate(
+            {
+                "id": prep.request_id,
+                "created": prep.created,
+                "model": prep.model,
+                "choices": [choice],
+            }
+        )
 
-    def _chunk(
-        self, prep: Prepared, index: int, body: Any, logprobs: Any, finish: str | None
-    ) -> str:
-        choice: dict[str, Any] = {"index": index}
-        if prep.kind == "chat":
-            choice["delta"] = body
-        else:
-            choice["text"] = body
-        choice["logprobs"] = logprobs
-        choice["finish_reason"] = finish
-        return json.dumps({
-            "id": prep.request_id, "object": self._chunk_object(prep), "created": prep.created,
-            "model": prep.model, "choices": [choice],
-        })  # fmt: skip
+    @staticmethod
+    def _completion_chunk(
+        prep: Prepared,
+        index: int,
+        text: str,
+        logprobs: CompletionLogprobs | None = None,
+        finish: FinishReason | None = None,
+    ) -> CompletionChunk:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return CompletionChunk.model_validate(
+            {
+                "id": prep.request_id,
+                "created": prep.created,
+                "model": prep.model,
+                "choices": [choice],
+            }
+        )
 
-    def _observe(self, usage: dict[str, int]) -> None:
+    def _observe(self, usage: UsageInfo) -> None:
         if self.observer:
-            self.observer.tokens(usage["prompt_tokens"], usage["completion_tokens"])
+            self.observer.tokens(usage.prompt_tokens, usage.completion_tokens)
 
-    def _usage(self, prep: Prepared, completion_tokens: int) -> dict[str, int]:
+    def _usage(self, prep: Prepared, completion_tokens: int) -> UsageInfo:
         prompt_tokens = sum(len(p.ids) for p in prep.prompts)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)  # fmt: skip
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def _top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self._token_text(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    def _chat_logprobs(self, entries: list[TokenLogprob]) -> ChatChoiceLogprobs:
         content = []
         for e in entries:
             text = self._token_text(e.token_id)
-            content.append({
-                "token": text, "logprob": e.logprob, "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [
-                    {"token": (t := self._token_text(tid)), "logprob": lp, "bytes": list(t.encode("utf-8"))}
-                    for tid, lp in e.top
-                ],
-            })  # fmt: skip
-        return {"content": content}
+            content.append(ChatTokenLogprob(
+                token=text, logprob=e.logprob, bytes=list(text.encode("utf-8")),
+                top_logprobs=[self._top_logprob(tid, lp) for tid, lp in e.top],
+            ))  # fmt: skip
+        return ChatChoiceLogprobs(content=content)
 
     def _completion_logprobs(
         self,
@@ -328,7 +359,7 @@ class OpenAIGenerationService:
         echo_prompt: PromptInput | None,
         prompt_lps: tuple[TokenLogprob | None, ...] | None,
         k: int,
-    ) -> dict[str, Any]:
+    ) -> CompletionLogprobs:
         tokens: list[str] = []
         token_lps: list[float | None] = []
         tops: list[dict[str, float] | None] = []
@@ -349,9 +380,6 @@ class OpenAIGenerationService:
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_lps,
-            "top_logprobs": tops,
-            "text_offset": offsets,
-        }
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets
+        )

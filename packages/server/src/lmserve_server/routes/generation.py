@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import EventSourceResponse
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from lmserve_core.admission import Ticket
@@ -21,10 +21,12 @@ from lmserve_protocols.openai import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    UsageInfo,
 )
+from lmserve_protocols.wire import json_bytes
 from lmserve_server.dataplane import AdmittedGeneration
 from lmserve_server.errors import stream_error_event
-from lmserve_server.routes import plane
+from lmserve_server.routes import json_response, plane
 from lmserve_server.routes.schema import responses
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
@@ -72,27 +74,40 @@ async def _respond(generation: AdmittedGeneration, request: Request) -> Any:
         return _AdmittedStream(_sse(events), generation.ticket)
     with generation.ticket:
         result = await _until_disconnect(request, generation.complete())
-    _log_usage(request, result["usage"])
-    return JSONResponse(result)
+    _log_usage(request, result.usage)
+    return json_response(result)
 
 
-def _log_usage(request: Request, usage: dict[str, int]) -> None:
+def _log_usage(request: Request, usage: UsageInfo) -> None:
     """Token counts for the access log line (``lmserve_server.access``)."""
-    request.state.prompt_tokens = usage["prompt_tokens"]
-    request.state.completion_tokens = usage["completion_tokens"]
+    request.state.prompt_tokens = usage.prompt_tokens
+    request.state.completion_tokens = usage.completion_tokens
 
 
-async def _sse(payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:
+async def _sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    """Each chunk as a ``data:`` event, then ``data: [DONE]`` (also after an error event)."""
     try:
-        async for payload in payloads:
-            yield format_sse_event(data_str=payload)
+        async for chunk in chunks:
+            yield chunk_event(chunk)
     except Exception as exc:
         # The status line went out with the first chunk: the error is the last event.
-        yield format_sse_event(data_str=stream_error_event(exc))
-        yield format_sse_event(data_str="[DONE]")
+        yield sse_event(stream_error_event(exc).encode())
     finally:
         # Close the inner stream now (not at garbage collection): that aborts generation.
-        await payloads.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()  # type: ignore[attr-defined]
+    yield sse_event(b"[DONE]")
+
+
+def chunk_event(chunk: BaseModel) -> bytes:
+    """A stream chunk as its server-sent event."""
+    return sse_event(json_bytes(chunk))
+
+
+def sse_event(payload: bytes) -> bytes:
+    """One server-sent event. A payload of one line only (pydantic's JSON escapes newlines), so
+    this is FastAPI's ``format_sse_event(data_str=...)`` without its line splitting and without
+    a str round trip: a chunk per token, it halves the cost of framing one."""
+    return b"data: " + payload + b"\n\n"
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -15,16 +15,17 @@ from lmserve_protocols.openai import (
     ModelCard,
     ModelList,
 )
-from lmserve_server.routes import plane
+from lmserve_server.routes import json_response, plane
 from lmserve_server.routes.schema import responses
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
 
 
 @router.get("/models", responses=responses(ModelList, openai=True, errors=()))
-async def list_models(request: Request) -> ModelList:
+async def list_models(request: Request) -> Response:
     cards = plane(request).model_cards()
-    return ModelList(data=[ModelCard(id=name, created=created) for name, created in cards])
+    models = [ModelCard(id=name, created=created) for name, created in cards]
+    return json_response(ModelList(data=models))
 
 
 @router.post("/embeddings", responses=responses(EmbeddingResponse, openai=True))
@@ -38,10 +39,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         for i, vec in enumerate(vectors)
     ]
     usage = EmbeddingUsage(prompt_tokens=result.token_count, total_tokens=result.token_count)
-    # Serialised here, once: returned as a model, FastAPI would validate it again and walk
-    # every float through jsonable_encoder.
-    response = EmbeddingResponse(data=data, model=body.model, usage=usage)
-    return Response(response.model_dump_json(), media_type="application/json")
+    return json_response(EmbeddingResponse(data=data, model=body.model, usage=usage))
 
 
 def _format(vector: np.ndarray, encoding: str) -> list[float] | str:

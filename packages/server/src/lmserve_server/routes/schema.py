@@ -1,5 +1,6 @@
-"""OpenAPI helpers: routes parse and build their bodies by hand (for precise errors and speed),
-so their request and response schemas are declared here, from lmserve-protocols' models."""
+"""OpenAPI helpers: routes parse some request bodies by hand (for precise errors) and answer
+with already-serialised models (``routes.json_response``, for speed), so FastAPI cannot infer
+their schemas; they are declared here, from lmserve-protocols' models."""
 
 from __future__ import annotations
 

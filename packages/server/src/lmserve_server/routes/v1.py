@@ -5,20 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
 
 from lmserve_core.errors import InvalidInput
 from lmserve_protocols.v1 import V1ModelList, V1PredictRequest, V1PredictResponse
-from lmserve_server.routes import plane
+from lmserve_server.routes import json_response, plane
 from lmserve_server.routes.schema import request_body_schema, responses
 
 router = APIRouter(tags=["v1"])
 
 
 @router.get("/v1/models", responses=responses(V1ModelList, errors=()))
-async def list_models(request: Request) -> dict[str, list[str]]:
-    return {"models": plane(request).model_names()}
+async def list_models(request: Request) -> Response:
+    return json_response(V1ModelList(models=plane(request).model_names()))
 
 
 @router.post(
@@ -27,7 +26,7 @@ async def list_models(request: Request) -> dict[str, list[str]]:
     openapi_extra=request_body_schema(V1PredictRequest),
     responses=responses(V1PredictResponse),
 )
-async def predict(model_name: str, request: Request) -> JSONResponse:
+async def predict(model_name: str, request: Request) -> Response:
     payload = _parse_json(await request.body())
     instances = payload.get("instances", payload.get("inputs"))
     if instances is None:
@@ -37,9 +36,7 @@ async def predict(model_name: str, request: Request) -> JSONResponse:
         raise InvalidInput("'parameters' must be an object", param="parameters")
     result = await plane(request).infer_texts(model_name, instances, parameters)
     request.state.prompt_tokens = result.token_count
-    # A response object, not a dict: FastAPI would run a returned dict through
-    # jsonable_encoder, one Python call per number (an embedding has hundreds).
-    return JSONResponse({"predictions": result.predictions})
+    return json_response(V1PredictResponse(predictions=result.predictions))
 
 
 def _parse_json(raw: bytes) -> dict[str, Any]:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from lmserve_core.errors import InvalidInput
 from lmserve_core.v2_codec import HEADER_LENGTH, decode_inputs, encode_response, split_binary_body
 from lmserve_protocols.v2 import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
-from lmserve_server.routes import plane
+from lmserve_server.routes import json_response, plane
 from lmserve_server.routes.schema import request_body_schema, responses
 
 router = APIRouter(tags=["v2"])
 
 
 @router.get("/v2", responses=responses(V2ServerMetadata, errors=()))
-async def server_metadata(request: Request) -> dict[str, Any]:
-    return plane(request).server_metadata()
+async def server_metadata(request: Request) -> Response:
+    return json_response(plane(request).server_metadata())
 
 
 @router.get("/v2/models/{model_name}", responses=responses(V2ModelMetadata, errors=(404, 503)))
@@ -28,8 +26,8 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 )
 async def model_metadata(
     model_name: str, request: Request, model_version: str | None = None
-) -> dict[str, Any]:
-    return plane(request).model_metadata(model_name)
+) -> Response:
+    return json_response(plane(request).model_metadata(model_name))
 
 
 @router.post(
