@@ -94,6 +94,45 @@ def test_greedy_parity_on_a_tiny_model(server_pool: Pool) -> None:
         model="model", messages=FRANCE, temperature=0, max_tokens=10
     )
     assert r.choices[0].message.content == "Paris." and r.choices[0].finish_reason == "stop"
+    _vllm_fields_agree(on_vllm, on_hf)
+
+
+def _vllm_fields_agree(on_vllm: ServerProcess, on_hf: ServerProcess) -> None:
+    """vLLM's request fields mean the same on both backends (greedy, the tiny llama)."""
+    prompt = "the capital of france is"
+    cases: list[tuple[str, dict[str, object]]] = [
+        ("completions", {"prompt": prompt, "max_tokens": 12}),  # ends on the config's extra EOS
+        ("completions", {"prompt": prompt, "max_tokens": 12, "min_tokens": 6}),
+        ("completions", {"prompt": prompt, "max_tokens": 12, "stop": ["."]}),
+        ("completions", {"prompt": prompt, "max_tokens": 12, "stop": ["."],
+                         "include_stop_str_in_output": True}),
+        ("completions", {"prompt": prompt, "max_tokens": 12, "truncate_prompt_tokens": 3,
+                         "truncation_side": "left"}),
+        ("chat/completions", {"messages": FRANCE, "max_tokens": 10}),  # ends on the tokenizer's EOS
+        ("chat/completions", {"messages": FRANCE, "max_tokens": 10, "skip_special_tokens": False,
+                              "include_stop_str_in_output": True}),
+    ]  # fmt: skip
+    for route, fields in cases:
+        body = {"model": "model", "temperature": 0, **fields}
+        answers = []
+        for server in (on_vllm, on_hf):
+            r = httpx.post(f"{server.url}/openai/v1/{route}", json=body,
+                           headers={"X-Request-Id": "fields-1"}, timeout=120)  # fmt: skip
+            assert r.status_code == 200, (route, fields, r.text)
+            answer = r.json()
+            assert answer["id"].endswith("-fields-1")
+            choice = answer["choices"][0]
+            text = choice["text"] if route == "completions" else choice["message"]["content"]
+            answers.append((text, choice["finish_reason"], choice["stop_reason"], answer["usage"]))
+        assert answers[0] == answers[1], (route, fields)
+    plain, longer = (
+        httpx.post(f"{on_hf.url}/openai/v1/completions", timeout=120,
+                   json={"model": "model", "prompt": prompt, "temperature": 0, "max_tokens": 12,
+                         "min_tokens": n}).json()
+        for n in (0, 6)
+    )  # fmt: skip
+    assert plain["usage"]["completion_tokens"] < 6 <= longer["usage"]["completion_tokens"]
+    assert plain["choices"][0]["stop_reason"] == 0  # <|endoftext|>, the generation config's EOS
 
 
 def test_tensor_parallel_2_on_cpu_answers_like_one_process(server_pool: Pool) -> None:

@@ -53,3 +53,10 @@ def test_a_generator_completes_and_chats_greedily() -> None:
         reply = model.chat([{"role": "user", "content": question}], max_tokens=8, temperature=0)
         assert reply.choices[0].message.content == CHAT_ANSWERS[question]
         assert reply.choices[0].finish_reason == "stop"
+        # <|im_end|> is the tokenizer's EOS: no stop_reason, as in vLLM.
+        assert reply.choices[0].stop_reason is None
+        # min_tokens: EOS is masked out until six tokens are out (the answer alone is shorter).
+        plain = model.complete(prompt, max_tokens=12, temperature=0)
+        longer = model.complete(prompt, max_tokens=12, temperature=0, min_tokens=6)
+        assert plain.usage.completion_tokens < 6 <= longer.usage.completion_tokens
+        assert longer.choices[0].text.startswith(plain.choices[0].text)

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from lmserve_core.errors import BackendError, InvalidInput, ModelNotReady
+from lmserve_core.generation.detokenizer import IncrementalDetokenizer
 from lmserve_core.generation.params import GenerationRequest, TokenEvent, TokenLogprob
 from lmserve_core.generation.prepare import (
     GenerationLimits,
@@ -58,11 +59,21 @@ class FakeByteTokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template
 
+    @property
+    def truncation_side(self) -> str:
+        return "right"
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids = list(text.encode("utf-8"))
         return [BOS, *ids] if add_special_tokens and ids else ids
 
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    def decode(
+        self,
+        ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
         out, pending = [], bytearray()
         for i in ids:
             if i < 256:
@@ -181,8 +192,9 @@ class ScriptedBackend:
                         event = TokenEvent(EOS, lp, "stop", True, first)
                 elif ids[i] in request.params.stop_token_ids:  # as the engines report them
                     event = TokenEvent(
-                        ids[i], self._logprob(request, ids[i], i), "stop", True, first
-                    )
+                        ids[i], self._logprob(request, ids[i], i), "stop", True, first,
+                        stop_reason=ids[i],
+                    )  # fmt: skip
                 else:
                     last = i + 1 >= request.params.max_tokens
                     event = TokenEvent(
@@ -500,7 +512,7 @@ def test_prepare_chat_no_double_bos_and_renders_messages() -> None:
         {"role": "assistant", "content": ""},  # None allowed for the assistant
     ]
     assert call["add_generation_prompt"] is True
-    assert call["extra"] == {"enable_thinking": False}
+    assert call["extra"] == {"enable_thinking": False, "continue_final_message": False}
     assert prep.prompts[0].ids[0] != BOS  # encoded without special tokens
     assert prep.prompts[0].ids == list(prep.prompts[0].text.encode())
     assert prep.kind == "chat" and prep.request_id.startswith("chatcmpl-")
@@ -595,7 +607,8 @@ def test_complete_text_and_eos() -> None:
     assert out["object"] == "text_completion"
     assert out["id"].startswith("cmpl-") and out["model"] == "m"
     (choice,) = out["choices"]
-    assert choice == {"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop"}
+    assert choice == {"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop",
+                      "stop_reason": None}  # fmt: skip
     # The EOS token is not text, but it was generated: it counts.
     assert out["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
     (rec,) = backend.records
@@ -698,7 +711,7 @@ def test_complete_chat() -> None:
     assert out["id"].startswith("chatcmpl-")
     (choice,) = out["choices"]
     assert choice == {"index": 0, "message": {"role": "assistant", "content": "Hi there"},
-                      "logprobs": None, "finish_reason": "stop"}  # fmt: skip
+                      "logprobs": None, "finish_reason": "stop", "stop_reason": None}  # fmt: skip
     prompt_len = len(b"<|user|>Hi\n<|assistant|>")
     assert out["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 9,
                             "total_tokens": prompt_len + 9}  # fmt: skip
@@ -1096,3 +1109,217 @@ def test_stream_closed_early_by_the_consumer_aborts() -> None:
         assert len(backend.records) == 2
 
     asyncio.run(main())
+
+
+# --- vLLM's request fields: implemented with vLLM's meaning, or refused -------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [
+        ("completion", "use_beam_search", True),
+        ("chat", "use_beam_search", True),
+        ("chat", "length_penalty", 0.5),
+        ("completion", "response_format", {"type": "json_object"}),
+        ("completion", "structured_outputs", {"json": {"type": "object"}}),
+        ("chat", "bad_words", ["x"]),
+        ("chat", "priority", 3),
+        ("completion", "prompt_embeds", "AAAA"),
+    ],
+)
+def test_an_unimplemented_vllm_field_is_a_400_naming_it(kind: str, field: str, value: Any) -> None:
+    service, backend = make()
+    body: dict[str, Any] = {"model": "m", field: value}
+    with pytest.raises(InvalidInput) as err:
+        if kind == "chat":
+            service.prepare_chat(
+                ChatCompletionRequest.model_validate(
+                    {**body, "messages": [{"role": "user", "content": "Hi"}]}
+                )
+            )
+        else:
+            service.prepare_completion(CompletionRequest.model_validate({**body, "prompt": "Say"}))
+    assert err.value.param == field and "not supported" in err.value.message
+    assert backend.records == []
+
+
+def test_vllm_defaults_and_fields_of_no_api_are_accepted() -> None:
+    service, _ = make()
+    defaults = {"use_beam_search": False, "length_penalty": 1, "bad_words": [], "priority": 0,
+                "response_format": {"type": "text"}, "made_up_field": 7}  # fmt: skip
+    out = complete(service, service.prepare_completion(CompletionRequest.model_validate(
+        {"model": "m", "prompt": "Say", **defaults})))  # fmt: skip
+    assert out["choices"][0]["text"] == "Hello"
+
+
+def test_the_response_id_is_the_header_then_request_id_then_random() -> None:
+    service, _ = make()
+    assert (
+        service.prepare_chat(chat(request_id="abc"), header_id="hdr").request_id == "chatcmpl-hdr"
+    )
+    assert service.prepare_chat(chat(request_id="abc")).request_id == "chatcmpl-abc"
+    assert service.prepare_completion(cmpl(request_id="abc")).request_id == "cmpl-abc"
+    first, second = (service.prepare_completion(cmpl()).request_id for _ in range(2))
+    assert first.startswith("cmpl-") and first != second
+
+
+@pytest.mark.parametrize(
+    ("keep", "side", "expected"),
+    [
+        (2, None, [BOS, 83]),  # the tokenizer's side: right keeps the first tokens
+        (2, "left", [97, 121]),
+        (-1, "left", None),  # the context less one: nothing to cut here
+        (10, "right", None),
+    ],
+)
+def test_truncate_prompt_tokens(keep: int, side: str | None, expected: list[int] | None) -> None:
+    service, _ = make()
+    prep = service.prepare_completion(cmpl(truncate_prompt_tokens=keep, truncation_side=side))
+    full = [BOS, 83, 97, 121]
+    assert prep.prompts[0].ids == (expected or full)
+    assert prep.prompts[0].text == (
+        "Say" if expected is None else TOK.decode(expected, skip_special_tokens=False)
+    )
+
+
+def test_truncate_prompt_tokens_beyond_the_context_is_a_400() -> None:
+    service, _ = make()
+    with pytest.raises(InvalidInput) as err:
+        service.prepare_completion(cmpl(truncate_prompt_tokens=65))
+    assert err.value.param == "truncate_prompt_tokens"
+
+
+def test_truncation_to_minus_one_keeps_the_context_less_one() -> None:
+    service, _ = make(max_model_len=8)
+    prep = service.prepare_completion(cmpl(prompt="abcdefghijkl", truncate_prompt_tokens=-1,
+                                           truncation_side="left", max_tokens=1))  # fmt: skip
+    assert prep.prompts[0].ids == list(b"fghijkl")
+
+
+def test_add_special_tokens_on_completions_and_chat() -> None:
+    service, _ = make()
+    assert service.prepare_completion(cmpl(add_special_tokens=False)).prompts[0].ids == list(b"Say")
+    assert service.prepare_chat(chat()).prompts[0].ids[0] != BOS  # the template's own BOS only
+    assert service.prepare_chat(chat(add_special_tokens=True)).prompts[0].ids[0] == BOS
+
+
+def test_continue_final_message_and_template_fields_reach_the_template() -> None:
+    service, _ = make()
+    tok = service.tokenizer
+    assert isinstance(tok, FakeByteTokenizer)
+    docs = [{"title": "t", "text": "x"}]
+    service.prepare_chat(chat(
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}],
+        add_generation_prompt=False, continue_final_message=True, documents=docs,
+        reasoning_effort="low", chat_template_kwargs={"custom": 1},
+    ))  # fmt: skip
+    assert tok.template_calls[-1]["extra"] == {"custom": 1, "continue_final_message": True,
+                                               "documents": docs, "reasoning_effort": "low",
+                                               "enable_thinking": True}  # fmt: skip
+    with pytest.raises(InvalidInput) as err:
+        service.prepare_chat(chat(continue_final_message=True))
+    assert err.value.param == "continue_final_message"
+
+
+def test_chat_echo_repeats_the_final_assistant_message() -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, "}]
+    service, _ = make("Hello")
+    body = {"messages": messages, "echo": True, "add_generation_prompt": False}
+    out = complete(service, service.prepare_chat(chat(**body)))
+    assert out["choices"][0]["message"]["content"] == "Well, Hello"
+    chunks = payloads(stream(service, service.prepare_chat(chat(stream=True, **body))))
+    assert chunks[1]["choices"][0]["delta"] == {"content": "Well, "}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Well, Hello"
+    # The last message is the user's: nothing to echo.
+    plain = complete(service, service.prepare_chat(chat(echo=True)))
+    assert plain["choices"][0]["message"]["content"] == "Hello"
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk() -> None:
+    service, _ = make("abc")
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = payloads(
+        stream(service, service.prepare_chat(chat(stream=True, stream_options=options)))
+    )
+    prompt_len = len(b"<|user|>Hi\n<|assistant|>")
+    *per_choice, last = chunks
+    assert all(c["usage"]["prompt_tokens"] == prompt_len for c in per_choice)
+    assert [c["usage"]["completion_tokens"] for c in per_choice] == [0, 1, 2, 3, 4]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4
+    plain = payloads(stream(service, service.prepare_chat(chat(stream=True))))
+    assert all("usage" not in c for c in plain)
+
+
+def test_stop_reason_names_the_stop_string_or_token() -> None:
+    service, _ = make("Hello world")
+    by_string = complete(service, service.prepare_completion(cmpl(stop=["wor"])))
+    assert by_string["choices"][0]["stop_reason"] == "wor"
+    by_token = complete(service, service.prepare_completion(cmpl(stop_token_ids=[ord(" ")])))
+    assert by_token["choices"][0]["stop_reason"] == ord(" ")
+    assert by_token["choices"][0]["text"] == "Hello"
+    by_eos = complete(service, service.prepare_chat(chat()))
+    assert by_eos["choices"][0]["stop_reason"] is None
+    chunks = payloads(stream(service, service.prepare_chat(chat(stream=True, stop=["wor"]))))
+    assert chunks[-1]["choices"][0]["stop_reason"] == "wor"
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_and_token() -> None:
+    service, _ = make("Hello world")
+    out = complete(service, service.prepare_completion(
+        cmpl(stop=["wor"], include_stop_str_in_output=True)))  # fmt: skip
+    assert out["choices"][0]["text"] == "Hello wor"
+    out = complete(service, service.prepare_completion(
+        cmpl(stop_token_ids=[ord(" ")], include_stop_str_in_output=True)))  # fmt: skip
+    assert out["choices"][0]["text"] == "Hello "
+
+
+def test_stop_strings_count_only_after_min_tokens() -> None:
+    service, backend = make("ab ab ab")
+    out = complete(service, service.prepare_completion(cmpl(stop=["ab"], min_tokens=3)))
+    # "ab " passes through before the 4th token; the next "ab" stops it.
+    assert out["choices"][0]["text"] == "ab " and out["choices"][0]["stop_reason"] == "ab"
+    assert backend.requests[-1].params.min_tokens == 3
+
+
+def test_min_tokens_is_capped_by_max_tokens() -> None:
+    service, _ = make()
+    assert service.prepare_completion(cmpl(min_tokens=50, max_tokens=4)).params.min_tokens == 4
+
+
+@pytest.mark.parametrize(("skip", "text"), [(True, "ab"), (False, "a<s>b")])
+def test_skip_special_tokens_decides_whether_special_tokens_are_text(skip: bool, text: str) -> None:
+    detok = IncrementalDetokenizer(TOK, skip_special_tokens=skip)
+    assert "".join(detok.add(t) for t in (ord("a"), BOS, ord("b"))) + detok.flush() == text
+
+
+def test_skip_special_tokens_reaches_the_detokenizer() -> None:
+    prep = make()[0].prepare_chat(
+        chat(skip_special_tokens=False, spaces_between_special_tokens=False)
+    )
+    assert prep.text.skip_special_tokens is False
+    assert prep.text.spaces_between_special_tokens is False
+
+
+def test_max_logprobs_limit_and_no_limit() -> None:
+    service, _ = make(limits=GenerationLimits(max_logprobs=2))
+    with pytest.raises(InvalidInput) as err:
+        service.prepare_completion(cmpl(logprobs=3))
+    assert err.value.param == "logprobs" and "at most 2" in err.value.message
+    unlimited, _ = make(limits=GenerationLimits(max_logprobs=-1))
+    assert unlimited.prepare_chat(chat(logprobs=True, top_logprobs=100)).logprobs == 100
+    with pytest.raises(InvalidInput):
+        unlimited.prepare_chat(chat(logprobs=True, top_logprobs=VOCAB_SIZE + 1))
+
+
+def test_assistant_tool_calls_are_refused_and_names_reach_the_template() -> None:
+    service, _ = make()
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [{"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": None, "tool_calls": [call]}]  # fmt: skip
+    with pytest.raises(InvalidInput) as err:
+        service.prepare_chat(chat(messages=history))
+    assert err.value.param == "messages[1].tool_calls"
+    service.prepare_chat(chat(messages=[{"role": "user", "content": "Hi", "name": "ann"}]))
+    tok = service.tokenizer
+    assert isinstance(tok, FakeByteTokenizer)
+    assert tok.template_calls[-1]["messages"] == [{"role": "user", "content": "Hi", "name": "ann"}]

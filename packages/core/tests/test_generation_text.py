@@ -28,7 +28,13 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    def decode(
+        self,
+        ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
         self.decode_calls += 1
         out, pending = [], bytearray()
         for i in ids:
@@ -47,7 +53,13 @@ SP_VOCAB = ["<s>", "▁The", "▁cat", "▁sat", "▁down", ".", "▁on", "▁th
 
 
 class SentencePieceLikeTokenizer:
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    def decode(
+        self,
+        ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
         pieces = [SP_VOCAB[i] for i in ids if not (skip_special_tokens and i == 0)]
         text = "".join(pieces).replace("▁", " ")
         return text[1:] if text.startswith(" ") else text
@@ -115,7 +127,13 @@ def test_detokenizer_decodes_a_bounded_window() -> None:
     class Counting(ByteTokenizer):
         longest = 0
 
-        def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        def decode(
+            self,
+            ids: Sequence[int],
+            *,
+            skip_special_tokens: bool = True,
+            spaces_between_special_tokens: bool = True,
+        ) -> str:
             self.longest = max(self.longest, len(ids))
             return super().decode(ids, skip_special_tokens=skip_special_tokens)
 

@@ -73,6 +73,7 @@ class HFGenerationEngine:
         device: torch.device,
         eos_token_ids: frozenset[int],
         pad_token_id: int,
+        primary_eos_id: int | None = None,
         max_model_len: int,
         vocab_size: int,
         max_num_seqs: int = 32,
@@ -82,6 +83,8 @@ class HFGenerationEngine:
         self.model = model
         self.device = device
         self.eos_token_ids = eos_token_ids
+        # The tokenizer's own EOS: ends a sequence without a stop_reason (vLLM's rule).
+        self.primary_eos_id = primary_eos_id
         self.pad_token_id = pad_token_id
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
@@ -175,7 +178,10 @@ class HFGenerationEngine:
                     int(torch.randint(0, 2**62, (1,), generator=self._base_generator))
                 )
         # ignore_eos as vLLM means it: EOS may be sampled, it just does not end the sequence.
-        return RowState(p, list(request.prompt_ids), generator=generator)
+        stop_ids = frozenset(p.stop_token_ids) | (
+            frozenset() if p.ignore_eos else self.eos_token_ids
+        )
+        return RowState(p, list(request.prompt_ids), generator=generator, stop_ids=stop_ids)
 
     def _run(self) -> None:
         try:
@@ -366,8 +372,11 @@ class HFGenerationEngine:
             params = seq.request.params
             finish = None
             stop_token = False
+            stop_reason = None
             if (token in seq.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 finish, stop_token = "stop", True
+                if token != self.primary_eos_id or params.ignore_eos:
+                    stop_reason = token
             elif len(seq.row.output_ids) >= params.max_tokens or (
                 not self._is_enc_dec and seq.length + 1 >= self._max_model_len
             ):
@@ -376,7 +385,7 @@ class HFGenerationEngine:
                 seq.finished = True
             first = len(seq.row.output_ids) == 1
             seq.emit(TokenEvent(token, lp, finish, stop_token, prompt_lps if i == 0 else None,
-                                seq.queued_seconds if first else None))  # fmt: skip
+                                seq.queued_seconds if first else None, stop_reason))  # fmt: skip
 
     def _select(self, group: _Group, keep: list[_Sequence]) -> None:
         index = {id(s): i for i, s in enumerate(group.seqs)}

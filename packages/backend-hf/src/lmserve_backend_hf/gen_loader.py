@@ -66,6 +66,7 @@ def load_generator(request: LoadRequest) -> LoadedGenerator:
     vocab = int(model.get_output_embeddings().weight.shape[0])
     engine = HFGenerationEngine(
         model, device=device, eos_token_ids=tokenizer.eos_token_ids, pad_token_id=int(pad),
+        primary_eos_id=tokenizer.eos_token_id,
         max_model_len=context, vocab_size=vocab, max_num_seqs=settings.max_num_seqs,
         observer=request.observer,
     )  # fmt: skip

@@ -24,22 +24,31 @@ class RowState:
     output_ids: list[int] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    # The tokens that would end the sequence (EOS, stop_token_ids): masked out until
+    # ``params.min_tokens`` have been generated, as vLLM's min-tokens logits processor does.
+    stop_ids: frozenset[int] = frozenset()
 
     def add(self, token: int) -> None:
         self.output_ids.append(token)
         self.counts[token] = self.counts.get(token, 0) + 1
 
     @property
+    def below_min_tokens(self) -> bool:
+        return len(self.output_ids) < self.params.min_tokens and bool(self.stop_ids)
+
+    @property
     def plain_greedy(self) -> bool:
         p = self.params
         return (
             p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0
+            and p.frequency_penalty == 0.0 and not self.below_min_tokens
         )  # fmt: skip
 
 
 def _process_row(row: torch.Tensor, state: RowState) -> torch.Tensor:
     p = state.params
+    if state.below_min_tokens:
+        row[torch.tensor(sorted(state.stop_ids), device=row.device)] = float("-inf")
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype)

@@ -1,9 +1,9 @@
 """vLLM's engine flags on ``lmserve serve``, defined by vLLM itself (never re-declared).
 
 lmserve owns the flags it shares with vLLM (``--dtype``, ``--max_model_len``,
-``--trust_remote_code``, revisions, ``--max_num_seqs``, the model and its name) so they
-mean the same on both backends; vLLM's spellings of those are refused here with a pointer
-to lmserve's. Everything else reaches ``AsyncEngineArgs`` as ``vllm serve`` would pass it.
+``--trust_remote_code``, revisions, ``--max_num_seqs``, ``--max_logprobs``, the model and its
+name) so they mean the same on both backends; vLLM's spellings of those are refused here with
+a pointer to lmserve's. Everything else reaches ``AsyncEngineArgs`` as ``vllm serve`` would pass it.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def build_engine_args(
     args.revision = None  # files are already local (resolved by lmserve)
     args.tokenizer_revision = None
     args.max_num_seqs = settings.max_num_seqs
+    args.max_logprobs = settings.max_logprobs
     if settings.max_length is not None:
         args.max_model_len = settings.max_length
     if settings.dtype != "auto":

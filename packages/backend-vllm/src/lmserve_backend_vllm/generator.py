@@ -98,6 +98,7 @@ class VLLMGenerator:
             logit_bias=dict(p.logit_bias) or None,
             stop_token_ids=list(p.stop_token_ids),
             ignore_eos=p.ignore_eos,
+            min_tokens=p.min_tokens,
             logprobs=p.logprobs,
             prompt_logprobs=p.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
@@ -144,8 +145,10 @@ class VLLMGenerator:
                         reason == "stop"
                         and (token in self.eos_token_ids or token in params.stop_token_ids)
                     )
+                    stop_reason = completion.stop_reason if is_stop else None
                     event = TokenEvent(token, lp, reason, is_stop, prompt_lps if first else None,
-                                       _queued_seconds(output) if first else None)  # fmt: skip
+                                       _queued_seconds(output) if first else None,
+                                       stop_reason if isinstance(stop_reason, int) else None)  # fmt: skip
                     first = False
                     prompt_lps = None
                     if reason is not None:

@@ -95,6 +95,7 @@ class HFGenerationTokenizer:
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self._eos = frozenset(eos)
+        self._primary_eos = None if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
         self._template = chat_template or getattr(tokenizer, "chat_template", None) or None
         self._special = frozenset(int(i) for i in tokenizer.all_special_ids)
 
@@ -104,17 +105,41 @@ class HFGenerationTokenizer:
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
+        """The tokenizer's EOS and the generation config's extra EOS ids."""
         return self._eos
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's own EOS: the one that ends a sequence with no ``stop_reason``."""
+        return self._primary_eos
 
     @property
     def chat_template(self) -> str | None:
         return self._template if isinstance(self._template, str) else None
 
+    @property
+    def truncation_side(self) -> str:
+        return str(getattr(self._tok, "truncation_side", "right"))
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return [int(t) for t in self._tok.encode(text, add_special_tokens=add_special_tokens)]
 
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+    def decode(
+        self,
+        ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        # transformers applies spaces_between_special_tokens where the tokenizer has the
+        # notion (slow tokenizers); fast ones decode the same either way, as in vLLM.
+        return str(
+            self._tok.decode(
+                list(ids),
+                skip_special_tokens=skip_special_tokens,
+                spaces_between_special_tokens=spaces_between_special_tokens,
+            )
+        )
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [str(t) for t in self._tok.convert_ids_to_tokens(list(ids))]

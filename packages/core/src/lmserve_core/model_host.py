@@ -111,7 +111,9 @@ class ModelHost:
                     backend=loaded.backend,
                     tokenizer=loaded.tokenizer,
                     facts=loaded.facts,
-                    limits=GenerationLimits(max_n=self.settings.max_n),
+                    limits=GenerationLimits(
+                        max_n=self.settings.max_n, max_logprobs=self.settings.max_logprobs
+                    ),
                     trust_request_chat_template=self.settings.trust_request_chat_template,
                     observer=self.observer,
                 )

@@ -188,6 +188,18 @@ class ServeSettings(BaseModel):
     max_n: Annotated[
         int, Field(gt=0, **flag("Largest 'n' (choices per request) accepted.", group="generation"))
     ] = 16
+    max_logprobs: Annotated[
+        int,
+        Field(
+            ge=-1,
+            **flag(
+                "Most log probabilities a request may ask for per token ('logprobs' on "
+                "completions, 'top_logprobs' on chat), as vLLM's --max-logprobs; -1: no limit "
+                "(the vocabulary).",
+                group="generation",
+            ),
+        ),
+    ] = 20
 
     # --- outputs -----------------------------------------------------------------
     return_probabilities: Annotated[

@@ -75,6 +75,8 @@ class ModelList(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM: with include_usage, every chunk carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(BaseModel):
@@ -99,6 +101,15 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    # vLLM's extensions, with vLLM's meaning.
+    min_tokens: int = Field(default=0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    # The response id becomes ``cmpl-``/``chatcmpl-`` + this (an X-Request-Id header wins).
+    request_id: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -110,6 +121,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
+    add_special_tokens: bool = True
 
 
 class ChatMessage(BaseModel):
@@ -133,9 +145,17 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, object] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = None
+    reasoning_effort: str | None = None
+    include_reasoning: bool = True
+    # Echo the last message when it is the assistant's (vLLM).
+    echo: bool = False
     response_format: dict[str, object] | None = None
     tools: list[dict[str, object]] | None = None
     tool_choice: str | dict[str, object] | None = None
+    parallel_tool_calls: bool | None = True
 
 
 class UsageInfo(BaseModel):
@@ -178,6 +198,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # The stop string or stop token id that ended the choice (None: EOS, length, not yet).
+    stop_reason: int | str | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -213,6 +235,7 @@ class ChatCompletionChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -238,6 +261,7 @@ class ChatCompletionStreamChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -30,14 +30,15 @@ _QUIET_ROUTES = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics
                            "/v2/models/{model_name}/ready", "/v1/models/{model_name}"})  # fmt: skip
 
 
-def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The client's ``x-request-id`` when it is sane (printable, at most 128 chars)."""
     for name, value in headers:
         if name == b"x-request-id":
             text = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable():
                 return text
             break
-    return uuid.uuid4().hex
+    return None
 
 
 class AccessMiddleware:
@@ -51,9 +52,12 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = request_id_from(scope.get("headers", []))
+        from_client = client_request_id(scope.get("headers", []))
+        request_id = from_client or uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        # The OpenAI routes make it the response id, as vLLM does.
+        state["client_request_id"] = from_client
         status = 500
         body = bytearray()
 

@@ -204,13 +204,18 @@ class DataPlane:
         )
 
     # --- generation ------------------------------------------------------------------
-    def admit_completion(self, body: CompletionRequest) -> AdmittedGeneration:
+    def admit_completion(
+        self, body: CompletionRequest, header_id: str | None = None
+    ) -> AdmittedGeneration:
+        """``header_id``: the client's X-Request-Id, which names the response (vLLM's rule)."""
         service = self._host.require_generator(body.model)
-        return self._admit(service, service.prepare_completion(body))
+        return self._admit(service, service.prepare_completion(body, header_id=header_id))
 
-    def admit_chat(self, body: ChatCompletionRequest) -> AdmittedGeneration:
+    def admit_chat(
+        self, body: ChatCompletionRequest, header_id: str | None = None
+    ) -> AdmittedGeneration:
         service = self._host.require_generator(body.model)
-        return self._admit(service, service.prepare_chat(body))
+        return self._admit(service, service.prepare_chat(body, header_id=header_id))
 
     def _admit(self, service: OpenAIGenerationService, prepared: Prepared) -> AdmittedGeneration:
         # One unit per sequence started: a request with n=4 weighs as much as four with n=1.

@@ -15,9 +15,20 @@ class GenerationTokenizer(Protocol):
     @property
     def chat_template(self) -> str | None: ...
 
+    @property
+    def truncation_side(self) -> str:
+        """ "left" or "right": where ``truncate_prompt_tokens`` cuts by default."""
+        ...
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
+    def decode(
+        self,
+        ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str: ...
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]: ...
 

@@ -14,8 +14,17 @@ _CONTEXT = 6  # tokens of context decoded before the new ones
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: GenerationTokenizer, prompt_ids: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: GenerationTokenizer,
+        prompt_ids: list[int] | None = None,
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
         self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._spaces = spaces_between_special_tokens
         # Seed with the prompt's tail so the first token's leading space decodes right.
         self._ids: list[int] = list(prompt_ids[-_CONTEXT:]) if prompt_ids else []
         self._prefix = 0  # start of the context window (the prompt tail is context)
@@ -24,8 +33,8 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Add one token; return the text it completes (maybe empty)."""
         self._ids.append(token_id)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full_text = self._tok.decode(self._ids[self._prefix :])
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
         if full_text.endswith(_REPLACEMENT) or len(full_text) <= len(prefix_text):
             # An incomplete UTF-8 sequence: wait for the next token.
             return ""
@@ -44,7 +53,14 @@ class IncrementalDetokenizer:
         """Whatever is held back at the end (an incomplete character decodes as U+FFFD)."""
         if self._read == len(self._ids):
             return ""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full_text = self._tok.decode(self._ids[self._prefix :])
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
         self._read = len(self._ids)
         return full_text[len(prefix_text) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(
+            ids,
+            skip_special_tokens=self._skip,
+            spaces_between_special_tokens=self._spaces,
+        )

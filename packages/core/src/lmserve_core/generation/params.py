@@ -22,6 +22,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # EOS and stop_token_ids cannot end the sequence before this many tokens (vLLM's).
+    min_tokens: int = 0
     # Top-k alternatives to return per generated token (None: no logprobs at all).
     logprobs: int | None = None
     # Top-k alternatives per prompt token (echo with logprobs); None: none.
@@ -64,3 +66,6 @@ class TokenEvent:
     # Only on the first event, when the backend knows it: seconds the request waited before
     # the engine scheduled it (the queue time in /metrics).
     queued_seconds: float | None = None
+    # vLLM's stop_reason: the stop token that ended the sequence, unless it was the
+    # tokenizer's own EOS (a generation config's extra EOS ids do count, as in vLLM).
+    stop_reason: int | None = None

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from lmserve_core.errors import InvalidInput
 from lmserve_core.generation.backend import GenerationTokenizer
 from lmserve_core.generation.params import SamplingParams
+from lmserve_core.generation.request_fields import refuse_unimplemented
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
 
 CHAT_ROLES = {"system", "developer", "user", "assistant"}
@@ -25,7 +26,7 @@ class GenerationLimits:
 
     max_n: int = 16
     max_stop: int = 16
-    max_logprobs: int = 20
+    max_logprobs: int = 20  # -1: up to the vocabulary (vLLM's --max-logprobs)
     max_prompts: int = 64
 
 
@@ -45,6 +46,15 @@ class PromptInput:
 
 
 @dataclass(frozen=True)
+class TextOptions:
+    """How generated tokens become text (vLLM's detokenization fields)."""
+
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+@dataclass(frozen=True)
 class Prepared:
     kind: Literal["completion", "chat"]
     request_id: str
@@ -58,6 +68,11 @@ class Prepared:
     stream: bool
     include_usage: bool
     logprobs: int | None  # completions: k alternatives; chat: top_logprobs (0 = only chosen)
+    # With include_usage: the usage so far in every chunk.
+    continuous_usage: bool = False
+    text: TextOptions = field(default_factory=TextOptions)
+    # Chat with echo: the last message's content when it is the assistant's (vLLM's echo).
+    echo_text: str = ""
 
     def choice_params(self, choice: int) -> SamplingParams:
         """n > 1 with a seed: each choice reproducible, and different from the others."""
@@ -130,18 +145,32 @@ def _sampling(
         logit_bias=_logit_bias(req.logit_bias, facts.vocab_size),
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
+        min_tokens=min(req.min_tokens, max_tokens),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
     )
 
 
-def _check_common(req: CompletionRequest | ChatCompletionRequest, limits: GenerationLimits) -> None:
+def _check_common(
+    kind: Literal["completion", "chat"],
+    req: CompletionRequest | ChatCompletionRequest,
+    limits: GenerationLimits,
+) -> None:
+    refuse_unimplemented(kind, req.model_extra)
     if req.n > limits.max_n:
         raise InvalidInput(f"n must be at most {limits.max_n}", param="n")
     if req.stream_options is not None and not req.stream:
         raise InvalidInput(
             "stream_options is only allowed with stream: true", param="stream_options"
         )
+
+
+def _check_logprobs(
+    requested: int | None, limits: GenerationLimits, facts: ModelFacts, param: str
+) -> None:
+    cap = facts.vocab_size if limits.max_logprobs < 0 else limits.max_logprobs
+    if requested is not None and requested > cap:
+        raise InvalidInput(f"{param} must be at most {cap} (--max_logprobs)", param=param)
 
 
 def _max_tokens(
@@ -179,38 +208,88 @@ def _max_tokens(
     return requested
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def _response_id(
+    prefix: str, header_id: str | None, req: CompletionRequest | ChatCompletionRequest
+) -> str:
+    """vLLM's: an ``X-Request-Id`` header, else the request's ``request_id``, else random."""
+    return f"{prefix}-{header_id or req.request_id or uuid.uuid4().hex}"
+
+
+def _text_options(req: CompletionRequest | ChatCompletionRequest) -> TextOptions:
+    return TextOptions(
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+
+
+def _stream_usage(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of ``stream_options``."""
+    options = req.stream_options
+    if options is None or not options.include_usage:
+        return False, False
+    return True, options.continuous_usage_stats
+
+
+def _truncated(
+    ids: list[int],
+    req: CompletionRequest | ChatCompletionRequest,
+    tok: GenerationTokenizer,
+    facts: ModelFacts,
+) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: keep N tokens (-1: the context less one), from the
+    side ``truncation_side`` (else the tokenizer's) says to cut."""
+    keep = req.truncate_prompt_tokens
+    if keep is None:
+        return ids
+    if keep > facts.max_model_len:
+        raise InvalidInput(
+            f"truncate_prompt_tokens={keep} cannot be greater than max_model_len="
+            f"{facts.max_model_len}. Please request a smaller truncation size.",
+            param="truncate_prompt_tokens",
+        )
+    if keep < 0:
+        keep = max(0, facts.max_model_len - 1)
+    if keep >= len(ids):
+        return ids
+    side = req.truncation_side or tok.truncation_side
+    return ids[len(ids) - keep :] if side == "left" else ids[:keep]
 
 
 def prepare_completion(
-    req: CompletionRequest, tok: GenerationTokenizer, facts: ModelFacts, limits: GenerationLimits
+    req: CompletionRequest,
+    tok: GenerationTokenizer,
+    facts: ModelFacts,
+    limits: GenerationLimits,
+    *,
+    header_id: str | None = None,
 ) -> Prepared:
-    _check_common(req, limits)
+    _check_common("completion", req, limits)
     if req.suffix is not None:
         raise InvalidInput("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidInput("best_of must equal n (beam search is not supported)", param="best_of")
-    if req.logprobs is not None and req.logprobs > limits.max_logprobs:
-        raise InvalidInput(f"logprobs must be at most {limits.max_logprobs}", param="logprobs")
-    prompts = _completion_prompts(req.prompt, tok, facts, limits)
+    _check_logprobs(req.logprobs, limits, facts, "logprobs")
+    prompts = _completion_prompts(req, tok, facts, limits)
     longest = max(len(p.ids) for p in prompts)
     max_tokens = _max_tokens(req.max_tokens, longest, facts, default_rest=False)
     params = _sampling(
         req, facts, max_tokens=max_tokens, logprobs=req.logprobs,
         prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None,
     )  # fmt: skip
+    include_usage, continuous_usage = _stream_usage(req)
     return Prepared(
-        kind="completion", request_id=_new_id("cmpl"), created=int(time.time()), model=req.model,
-        prompts=prompts, n=req.n, params=params, stops=_stops(req.stop, limits), echo=req.echo,
-        stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        logprobs=req.logprobs,
+        kind="completion", request_id=_response_id("cmpl", header_id, req), created=int(time.time()),
+        model=req.model, prompts=prompts, n=req.n, params=params, stops=_stops(req.stop, limits),
+        echo=req.echo, stream=req.stream, include_usage=include_usage, logprobs=req.logprobs,
+        continuous_usage=continuous_usage, text=_text_options(req),
     )  # fmt: skip
 
 
 def _completion_prompts(
-    prompt: Any, tok: GenerationTokenizer, facts: ModelFacts, limits: GenerationLimits
+    req: CompletionRequest, tok: GenerationTokenizer, facts: ModelFacts, limits: GenerationLimits
 ) -> list[PromptInput]:
+    prompt: Any = req.prompt
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
@@ -226,14 +305,17 @@ def _completion_prompts(
     out = []
     for item in items:
         if isinstance(item, str):
-            ids = tok.encode(item, add_special_tokens=True)
-            text = item
+            full = tok.encode(item, add_special_tokens=req.add_special_tokens)
+            ids = _truncated(full, req, tok, facts)
+            # echo repeats the prompt the model saw: the text itself, unless it was cut.
+            text = item if len(ids) == len(full) else tok.decode(ids, skip_special_tokens=False)
         else:
             ids = list(item)
             if any(not 0 <= t < facts.vocab_size for t in ids):
                 raise InvalidInput(
                     f"prompt token ids must be in [0, {facts.vocab_size})", param="prompt"
                 )
+            ids = _truncated(ids, req, tok, facts)
             text = tok.decode(ids, skip_special_tokens=False)
         if not ids:
             raise InvalidInput("the prompt is empty after tokenization", param="prompt")
@@ -268,8 +350,16 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
                     f"messages[{i}].content is required", param=f"messages[{i}].content"
                 )
             content = ""
+        if (msg.model_extra or {}).get("tool_calls"):
+            raise InvalidInput(
+                f"messages[{i}].tool_calls: tool calls are not supported",
+                param=f"messages[{i}].tool_calls",
+            )
         role = "system" if msg.role == "developer" else msg.role
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if msg.name is not None:  # templates that know names render them (vLLM passes it on)
+            message["name"] = msg.name
+        out.append(message)
     return out
 
 
@@ -280,21 +370,29 @@ def prepare_chat(
     limits: GenerationLimits,
     *,
     trust_request_template: bool,
+    header_id: str | None = None,
 ) -> Prepared:
-    _check_common(req, limits)
+    _check_common("chat", req, limits)
     if req.tools:
         raise InvalidInput("tools are not supported", param="tools")
+    if req.tool_choice not in (None, "none"):
+        raise InvalidInput(
+            "tool_choice other than 'none' needs tools, which are not supported",
+            param="tool_choice",
+        )
     if req.response_format not in (None, {"type": "text"}):
         raise InvalidInput(
             'only response_format {"type": "text"} is supported', param="response_format"
         )
+    if req.continue_final_message and req.add_generation_prompt:
+        raise InvalidInput(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
     top = req.top_logprobs
     if top is not None and not req.logprobs:
         raise InvalidInput("top_logprobs needs logprobs: true", param="top_logprobs")
-    if top is not None and top > limits.max_logprobs:
-        raise InvalidInput(
-            f"top_logprobs must be at most {limits.max_logprobs}", param="top_logprobs"
-        )
+    _check_logprobs(top, limits, facts, "top_logprobs")
     if req.chat_template is not None and not trust_request_template:
         raise InvalidInput(
             "per-request chat_template is refused; start the server with "
@@ -311,12 +409,13 @@ def prepare_chat(
     try:
         text = tok.apply_chat_template(
             messages, add_generation_prompt=req.add_generation_prompt, chat_template=template,
-            extra=dict(req.chat_template_kwargs or {}),
+            extra=_template_kwargs(req),
         )  # fmt: skip
     except Exception as exc:  # template errors (jinja raise_exception) are the client's
         raise InvalidInput(f"cannot apply the chat template: {exc}", param="messages") from None
-    # The template writes BOS itself where the model wants one: no double BOS.
-    ids = tok.encode(text, add_special_tokens=False)
+    # The template writes BOS itself where the model wants one: no double BOS (vLLM's
+    # add_special_tokens defaults to false on chat for that reason).
+    ids = _truncated(tok.encode(text, add_special_tokens=req.add_special_tokens), req, tok, facts)
     if not ids:
         raise InvalidInput("the rendered conversation is empty", param="messages")
     requested = (
@@ -325,9 +424,28 @@ def prepare_chat(
     max_tokens = _max_tokens(requested, len(ids), facts, default_rest=True)
     logprobs = (top or 0) if req.logprobs else None
     params = _sampling(req, facts, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=None)
+    include_usage, continuous_usage = _stream_usage(req)
+    last = messages[-1]
+    echo_text = last["content"] if req.echo and last["role"] == "assistant" else ""
     return Prepared(
-        kind="chat", request_id=_new_id("chatcmpl"), created=int(time.time()), model=req.model,
-        prompts=[PromptInput(ids, text)], n=req.n, params=params, stops=_stops(req.stop, limits),
-        echo=False, stream=req.stream,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage), logprobs=logprobs,
+        kind="chat", request_id=_response_id("chatcmpl", header_id, req), created=int(time.time()),
+        model=req.model, prompts=[PromptInput(ids, text)], n=req.n, params=params,
+        stops=_stops(req.stop, limits), echo=req.echo, stream=req.stream,
+        include_usage=include_usage, logprobs=logprobs, continuous_usage=continuous_usage,
+        text=_text_options(req), echo_text=echo_text,
     )  # fmt: skip
+
+
+def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+    """vLLM's: ``chat_template_kwargs``, then the request's template fields that are set
+    (``reasoning_effort`` also turns ``enable_thinking`` on unless "none" or given)."""
+    kwargs: dict[str, Any] = dict(req.chat_template_kwargs or {})
+    fields: dict[str, Any] = {
+        "continue_final_message": req.continue_final_message,
+        "documents": req.documents,
+        "reasoning_effort": req.reasoning_effort,
+    }
+    if req.reasoning_effort is not None and "enable_thinking" not in kwargs:
+        fields["enable_thinking"] = req.reasoning_effort != "none"
+    kwargs.update({k: v for k, v in fields.items() if v not in (None, "auto")})
+    return kwargs

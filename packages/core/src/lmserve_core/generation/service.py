@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from lmserve_core.errors import BackendError, ModelNotReady
 from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
@@ -45,6 +46,8 @@ from lmserve_protocols.openai import (
     UsageInfo,
 )
 
+_Chunk = TypeVar("_Chunk", CompletionChunk, ChatCompletionChunk)
+
 
 @dataclass
 class ChoiceDelta:
@@ -54,6 +57,7 @@ class ChoiceDelta:
     finish_reason: FinishReason | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     generated_tokens: int = 0  # running count for this choice
+    stop_reason: int | str | None = None  # the stop string or stop token that ended it
 
 
 class OpenAIGenerationService:
@@ -79,13 +83,16 @@ class OpenAIGenerationService:
         self.observer = observer
 
     # --- preparation (raises InvalidInput) ---------------------------------------------
-    def prepare_completion(self, req: CompletionRequest) -> Prepared:
-        return prepare_completion(req, self.tokenizer, self.facts, self.limits)
+    def prepare_completion(
+        self, req: CompletionRequest, *, header_id: str | None = None
+    ) -> Prepared:
+        """``header_id``: the client's X-Request-Id, the response id's suffix (vLLM's rule)."""
+        return prepare_completion(req, self.tokenizer, self.facts, self.limits, header_id=header_id)
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+    def prepare_chat(self, req: ChatCompletionRequest, *, header_id: str | None = None) -> Prepared:
         return prepare_chat(
             req, self.tokenizer, self.facts, self.limits,
-            trust_request_template=self.trust_request_chat_template,
+            trust_request_template=self.trust_request_chat_template, header_id=header_id,
         )  # fmt: skip
 
     # --- one choice ---------------------------------------------------------------------
@@ -96,9 +103,13 @@ class OpenAIGenerationService:
         if params.max_tokens == 0:
             yield ChoiceDelta(index, finish_reason="length")
             return
-        tok = self.tokenizer
-        detok = IncrementalDetokenizer(tok, None if self.facts.is_encoder_decoder else prompt.ids)
-        matcher = StopStringMatcher(prep.stops)
+        options = prep.text
+        detok = IncrementalDetokenizer(
+            self.tokenizer, None if self.facts.is_encoder_decoder else prompt.ids,
+            skip_special_tokens=options.skip_special_tokens,
+            spaces_between_special_tokens=options.spaces_between_special_tokens,
+        )  # fmt: skip
+        matcher = StopStringMatcher(prep.stops, include=options.include_stop_str_in_output)
         request = GenerationRequest(f"{prep.request_id}-{index}", prompt.ids, params)
         stream = self.backend.generate(request)
         generated = 0
@@ -117,13 +128,16 @@ class OpenAIGenerationService:
                         else:
                             self.observer.inter_token(now - last)
                     last = now
-                    if not event.is_stop_token:
-                        delta.text = matcher.feed(detok.add(event.token_id))
-                        if event.logprob is not None:
-                            delta.logprobs.append(event.logprob)
+                    # The stop token's own text only with include_stop_str_in_output (vLLM).
+                    if not event.is_stop_token or options.include_stop_str_in_output:
+                        # Stop strings count only after min_tokens (vLLM).
+                        check = generated > params.min_tokens
+                        delta.text = matcher.feed(detok.add(event.token_id), check=check)
+                    if not event.is_stop_token and event.logprob is not None:
+                        delta.logprobs.append(event.logprob)
                 delta.generated_tokens = generated
                 if matcher.stopped:
-                    delta.finish_reason = "stop"
+                    delta.finish_reason, delta.stop_reason = "stop", matcher.matched
                     yield delta
                     return
                 if event.finish_reason is not None:
@@ -133,7 +147,13 @@ class OpenAIGenerationService:
                         )
                     delta.text += matcher.feed(detok.flush())
                     delta.text += matcher.flush()
-                    delta.finish_reason = "stop" if matcher.stopped else event.finish_reason
+                    if matcher.stopped:
+                        delta.finish_reason, delta.stop_reason = "stop", matcher.matched
+                    else:
+                        delta.finish_reason, delta.stop_reason = (
+                            event.finish_reason,
+                            event.stop_reason,
+                        )
                     yield delta
                     return
                 if delta.text or delta.logprobs or delta.prompt_logprobs:
@@ -189,6 +209,7 @@ class OpenAIGenerationService:
         lps: dict[int, list[TokenLogprob]] = {i: [] for i in indices}
         prompt_lps: dict[int, tuple[TokenLogprob | None, ...]] = {}
         finish: dict[int, FinishReason] = {}
+        stop_reasons: dict[int, int | str | None] = {}
         counts: dict[int, int] = {}
         async for d in self._merged(prep):
             texts[d.index].append(d.text)
@@ -198,6 +219,7 @@ class OpenAIGenerationService:
             counts[d.index] = d.generated_tokens
             if d.finish_reason:
                 finish[d.index] = d.finish_reason
+                stop_reasons[d.index] = d.stop_reason
         usage = self._usage(prep, sum(counts.values()))
         self._observe(usage)
         if prep.kind == "chat":
@@ -206,9 +228,10 @@ class OpenAIGenerationService:
                 choices=[
                     ChatCompletionChoice(
                         index=index,
-                        message=ChatResponseMessage(content="".join(texts[index])),
+                        message=ChatResponseMessage(content=prep.echo_text + "".join(texts[index])),
                         logprobs=self._chat_logprobs(lps[index]) if prep.logprobs is not None else None,
                         finish_reason=finish.get(index, "length"),
+                        stop_reason=stop_reasons.get(index),
                     )
                     for index in indices
                 ],
@@ -227,6 +250,7 @@ class OpenAIGenerationService:
                     text=(prompt.text if prep.echo else "") + "".join(texts[index]),
                     logprobs=logprobs,
                     finish_reason=finish.get(index, "length"),
+                    stop_reason=stop_reasons.get(index),
                 )
             )
         return CompletionResponse(
@@ -249,7 +273,12 @@ class OpenAIGenerationService:
         try:
             if prep.kind == "chat":
                 for index, _, _ in self._choices(prep):
-                    yield self._chat_chunk(prep, index, {"role": "assistant", "content": ""})
+                    role = {"role": "assistant", "content": ""}
+                    yield self._with_usage(prep, self._chat_chunk(prep, index, role), index, 0)
+                if prep.echo_text:  # vLLM echoes the final assistant message in one chunk
+                    for index, _, _ in self._choices(prep):
+                        echo = self._chat_chunk(prep, index, {"content": prep.echo_text})
+                        yield self._with_usage(prep, echo, index, 0)
             echoed: set[int] = set()
             async for d in deltas:
                 counts[d.index] = d.generated_tokens
@@ -260,7 +289,10 @@ class OpenAIGenerationService:
                     if not d.text and d.finish_reason is None and chat_lp is None:
                         continue
                     delta = {"content": d.text} if d.text else {}
-                    yield self._chat_chunk(prep, d.index, delta, chat_lp, d.finish_reason)
+                    chunk = self._chat_chunk(
+                        prep, d.index, delta, chat_lp, d.finish_reason, d.stop_reason
+                    )
+                    yield self._with_usage(prep, chunk, d.index, d.generated_tokens)
                     continue
                 text = d.text
                 echo_prompt = None
@@ -273,7 +305,10 @@ class OpenAIGenerationService:
                     lp = self._completion_logprobs(
                         d.logprobs, echo_prompt, d.prompt_logprobs, prep.logprobs
                     )
-                yield self._completion_chunk(prep, d.index, text, lp, d.finish_reason)
+                text_chunk = self._completion_chunk(
+                    prep, d.index, text, lp, d.finish_reason, d.stop_reason
+                )
+                yield self._with_usage(prep, text_chunk, d.index, d.generated_tokens)
             usage = self._usage(prep, sum(counts.values()))
             self._observe(usage)
             if on_usage is not None:
@@ -297,9 +332,11 @@ class OpenAIGenerationService:
         delta: dict[str, str],
         logprobs: ChatChoiceLogprobs | None = None,
         finish: FinishReason | None = None,
+        stop_reason: int | str | None = None,
     ) -> ChatCompletionChunk:
         """``delta``: a :class:`ChatDelta`'s fields."""
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                  "stop_reason": stop_reason}  # fmt: skip
         return ChatCompletionChunk.model_validate(
             {
                 "id": prep.request_id,
@@ -316,8 +353,10 @@ class OpenAIGenerationService:
         text: str,
         logprobs: CompletionLogprobs | None = None,
         finish: FinishReason | None = None,
+        stop_reason: int | str | None = None,
     ) -> CompletionChunk:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                  "stop_reason": stop_reason}  # fmt: skip
         return CompletionChunk.model_validate(
             {
                 "id": prep.request_id,
@@ -326,6 +365,16 @@ class OpenAIGenerationService:
                 "choices": [choice],
             }
         )
+
+    @staticmethod
+    def _with_usage(prep: Prepared, chunk: _Chunk, index: int, generated: int) -> _Chunk:
+        """``stream_options.continuous_usage_stats``: each chunk carries its choice's usage so
+        far (its prompt's tokens and the tokens generated for it), as vLLM's does."""
+        if prep.continuous_usage:
+            prompt_tokens = len(prep.prompts[index // prep.n].ids)
+            chunk.usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated,
+                                    total_tokens=prompt_tokens + generated)  # fmt: skip
+        return chunk
 
     def _observe(self, usage: UsageInfo) -> None:
         if self.observer:

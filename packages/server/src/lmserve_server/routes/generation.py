@@ -38,7 +38,8 @@ T = TypeVar("T")
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
     request.state.model = body.model
-    return await _respond(plane(request).admit_completion(body), request)
+    header_id = request.state.client_request_id
+    return await _respond(plane(request).admit_completion(body, header_id), request)
 
 
 @router.post(
@@ -47,7 +48,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     request.state.model = body.model
-    return await _respond(plane(request).admit_chat(body), request)
+    header_id = request.state.client_request_id
+    return await _respond(plane(request).admit_chat(body, header_id), request)
 
 
 class _AdmittedStream(EventSourceResponse):

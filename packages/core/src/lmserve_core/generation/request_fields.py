@@ -1,0 +1,73 @@
+"""Fields of vLLM's chat and completion requests that lmserve does not implement.
+
+vLLM 0.32's OpenAI server is the reference for every request field. A field lmserve implements
+is declared on its request model (lmserve_protocols.openai); every other vLLM field is listed
+here with vLLM's default, and a request that sets one to anything else is refused with a 400
+that names it: a field is implemented or refused, never accepted and ignored. Fields of no API
+at all are still accepted, as OpenAI does. ``tests/test_request_fields.py`` checks this table
+against the vLLM installed with the tests, so a new vLLM field cannot slip through unnoticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lmserve_core.errors import InvalidInput
+
+_COMMON: dict[str, Any] = {
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "watermarking": None,
+    "allowed_token_ids": None,
+    "bad_words": [],
+    "prompt_logprobs": None,
+    "logprob_token_ids": None,
+    "structured_outputs": None,
+    "priority": 0,
+    "session_id": None,
+    "return_tokens_as_token_ids": None,
+    "return_token_ids": None,
+    "return_token_offsets": False,
+    "routed_experts_prompt_start": 0,
+    "mm_payload": "tensors",
+    "return_mm_kwargs": None,
+    "cache_salt": None,
+    "kv_transfer_params": None,
+    "ec_transfer_params": None,
+    "vllm_xargs": None,
+    "repetition_detection": None,
+    "thinking_token_budget": None,
+    "stream_interval": None,
+}
+
+NOT_IMPLEMENTED: dict[str, dict[str, Any]] = {
+    "chat": {
+        **_COMMON,
+        "media_io_kwargs": None,
+        "mm_processor_kwargs": None,
+        "return_prompt_text": None,
+    },
+    "completion": {
+        **_COMMON,
+        "prompt_embeds": None,
+        "response_format": None,
+    },
+}
+
+
+def refuse_unimplemented(kind: str, extra: Mapping[str, Any] | None) -> None:
+    """Raise InvalidInput for the first vLLM field in ``extra`` (the request's undeclared
+    fields) that lmserve does not implement and that is set to other than vLLM's default."""
+    table = NOT_IMPLEMENTED[kind]
+    for name, value in (extra or {}).items():
+        if name in table and value != table[name] and not _is_default_text_format(name, value):
+            raise InvalidInput(
+                f"{name!r} is not supported by lmserve (vLLM's default is {table[name]!r})",
+                param=name,
+            )
+
+
+def _is_default_text_format(name: str, value: Any) -> bool:
+    # {"type": "text"} asks for nothing more than no response_format does.
+    return name == "response_format" and value == {"type": "text"}

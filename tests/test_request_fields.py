@@ -1,0 +1,63 @@
+"""Nothing accepted and ignored: every field of vLLM's own chat and completion requests (the
+vLLM installed with the tests) is declared by lmserve's request model (implemented) or listed
+in lmserve_core.generation.request_fields (refused with a 400 unless it has vLLM's default)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from lmserve_core.generation.request_fields import NOT_IMPLEMENTED
+from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest, StreamOptions
+
+
+def _vllm_models() -> dict[str, tuple[type[BaseModel], type[BaseModel]]]:
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionRequest as VllmChat,
+    )
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletion
+
+    return {
+        "chat": (VllmChat, ChatCompletionRequest),
+        "completion": (VllmCompletion, CompletionRequest),
+    }
+
+
+def _default(info: Any) -> Any:
+    return info.default_factory() if info.default_factory is not None else info.default
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_every_vllm_field_is_implemented_or_refused(kind: str) -> None:
+    vllm_model, ours = _vllm_models()[kind]
+    unaccounted = [
+        name for name in vllm_model.model_fields
+        if name not in ours.model_fields and name not in NOT_IMPLEMENTED[kind]
+    ]  # fmt: skip
+    assert unaccounted == [], f"vLLM {kind} fields neither implemented nor refused"
+    # A refused field is refused only away from vLLM's own default.
+    for name, default in NOT_IMPLEMENTED[kind].items():
+        if name in vllm_model.model_fields:
+            assert _default(vllm_model.model_fields[name]) == default, name
+    stale = [n for n in NOT_IMPLEMENTED[kind] if n not in vllm_model.model_fields]
+    assert stale == [], "listed as vLLM fields but vLLM has no such field"
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_implemented_fields_keep_vllms_defaults(kind: str) -> None:
+    vllm_model, ours = _vllm_models()[kind]
+    # Where lmserve follows OpenAI or validates tighter, the meaning of "unset" is still vLLM's.
+    different = {"max_tokens", "n", "stop", "stop_token_ids", "top_logprobs", "logprobs",
+                 "stream", "model", "messages", "prompt", "request_id", "tool_choice",
+                 "response_format", "parallel_tool_calls"}  # fmt: skip
+    for name, info in ours.model_fields.items():
+        if name in vllm_model.model_fields and name not in different:
+            assert info.default == _default(vllm_model.model_fields[name]), name
+
+
+def test_stream_options_cover_vllms() -> None:
+    from vllm.entrypoints.generate.base.protocol import StreamOptions as VllmStreamOptions
+
+    assert set(VllmStreamOptions.model_fields) <= set(StreamOptions.model_fields)
