@@ -133,6 +133,28 @@ def _vllm_fields_agree(on_vllm: ServerProcess, on_hf: ServerProcess) -> None:
     )  # fmt: skip
     assert plain["usage"]["completion_tokens"] < 6 <= longer["usage"]["completion_tokens"]
     assert plain["choices"][0]["stop_reason"] == 0  # <|endoftext|>, the generation config's EOS
+    # prompt_logprobs: the same candidates and ranks, the same numbers within float noise.
+    body = {"model": "model", "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2}
+    per_backend = [
+        httpx.post(f"{s.url}/openai/v1/completions", json=body, timeout=120).json()["choices"][0][
+            "prompt_logprobs"
+        ]
+        for s in (on_vllm, on_hf)
+    ]
+    v, h = per_backend
+    assert v[0] is None and h[0] is None and len(v) == len(h) > 2
+    for v_entry, h_entry in zip(v[1:], h[1:], strict=True):
+        assert {k: e["rank"] for k, e in v_entry.items()} == {
+            k: e["rank"] for k, e in h_entry.items()
+        }
+        for token, entry in v_entry.items():
+            assert entry["decoded_token"] == h_entry[token]["decoded_token"]
+            assert abs(entry["logprob"] - h_entry[token]["logprob"]) < 2e-3
+    # Priority needs priority scheduling (neither server has it): a 400 naming it on both.
+    for server in (on_vllm, on_hf):
+        r = httpx.post(f"{server.url}/openai/v1/completions", timeout=60,
+                       json={"model": "model", "prompt": prompt, "priority": 1})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
 
 
 def test_tensor_parallel_2_on_cpu_answers_like_one_process(server_pool: Pool) -> None:

@@ -164,3 +164,25 @@ def test_generation_engine_faults_fail_requests_not_the_server() -> None:
         await engine.stop()
 
     asyncio.run(scenario())
+
+
+def test_waiting_sequences_start_in_priority_then_arrival_order() -> None:
+    from lmserve_backend_hf.engine import _Sequence, _WaitingQueue
+    from lmserve_backend_hf.sampler import RowState
+    from lmserve_core.generation.params import GenerationRequest, SamplingParams
+
+    def seq(name: str, priority: int) -> _Sequence:
+        request = GenerationRequest(name, [1], SamplingParams(max_tokens=1), priority)
+        return _Sequence(request, lambda _: None, RowState(request.params, [1]), frozenset())
+
+    waiting = _WaitingQueue()
+    for name, priority in [("a", 0), ("b", 5), ("c", -1), ("d", 0), ("e", -1)]:
+        waiting.put(seq(name, priority))
+    waiting.put(None)  # a stop wake-up goes first
+    assert waiting.get() is None
+    order: list[str] = []
+    while waiting.qsize():
+        item = waiting.get()
+        assert item is not None
+        order.append(item.id)
+    assert order == ["c", "e", "a", "d", "b"]

@@ -29,6 +29,7 @@ from lmserve_core.generation.prepare import (
     GenerationLimits,
     ModelFacts,
     Prepared,
+    RequestHeaders,
     prepare_chat,
     prepare_completion,
 )
@@ -608,7 +609,7 @@ def test_complete_text_and_eos() -> None:
     assert out["id"].startswith("cmpl-") and out["model"] == "m"
     (choice,) = out["choices"]
     assert choice == {"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop",
-                      "stop_reason": None}  # fmt: skip
+                      "stop_reason": None, "prompt_logprobs": None}  # fmt: skip
     # The EOS token is not text, but it was generated: it counts.
     assert out["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
     (rec,) = backend.records
@@ -1123,7 +1124,6 @@ def test_stream_closed_early_by_the_consumer_aborts() -> None:
         ("completion", "response_format", {"type": "json_object"}),
         ("completion", "structured_outputs", {"json": {"type": "object"}}),
         ("chat", "bad_words", ["x"]),
-        ("chat", "priority", 3),
         ("completion", "prompt_embeds", "AAAA"),
     ],
 )
@@ -1155,7 +1155,10 @@ def test_vllm_defaults_and_fields_of_no_api_are_accepted() -> None:
 def test_the_response_id_is_the_header_then_request_id_then_random() -> None:
     service, _ = make()
     assert (
-        service.prepare_chat(chat(request_id="abc"), header_id="hdr").request_id == "chatcmpl-hdr"
+        service.prepare_chat(
+            chat(request_id="abc"), headers=RequestHeaders(request_id="hdr")
+        ).request_id
+        == "chatcmpl-hdr"
     )
     assert service.prepare_chat(chat(request_id="abc")).request_id == "chatcmpl-abc"
     assert service.prepare_completion(cmpl(request_id="abc")).request_id == "cmpl-abc"
@@ -1323,3 +1326,44 @@ def test_assistant_tool_calls_are_refused_and_names_reach_the_template() -> None
     tok = service.tokenizer
     assert isinstance(tok, FakeByteTokenizer)
     assert tok.template_calls[-1]["messages"] == [{"role": "user", "content": "Hi", "name": "ann"}]
+
+
+def test_priority_needs_priority_scheduling_and_the_header_wins() -> None:
+    fcfs, _ = make()
+    with pytest.raises(InvalidInput) as err:
+        fcfs.prepare_chat(chat(priority=3))
+    assert err.value.param == "priority" and "--scheduling_policy priority" in err.value.message
+    assert fcfs.prepare_chat(chat(priority=0)).priority == 0
+    service, backend = make(limits=GenerationLimits(priority_scheduling=True))
+    assert service.prepare_chat(chat(priority=3)).priority == 3
+    header = RequestHeaders(priority="-2")
+    assert service.prepare_chat(chat(priority=3), headers=header).priority == -2
+    not_a_number = RequestHeaders(priority="high")
+    assert service.prepare_chat(chat(priority=3), headers=not_a_number).priority == 3
+    complete(service, service.prepare_completion(cmpl(priority=5)))
+    assert backend.requests[-1].priority == 5
+
+
+def test_prompt_logprobs_per_prompt_token_with_rank() -> None:
+    service, backend = make("ok")
+    out = complete(service, service.prepare_completion(cmpl(prompt_logprobs=1)))
+    assert backend.requests[-1].params.prompt_logprobs == 1
+    entries = out["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len([BOS, *b"Say"])
+    # Each later position: the prompt token (the fake's rank: none) and the top-1 candidate.
+    assert entries[1] == {str(ord("S")): {"logprob": -1.5, "rank": 1, "decoded_token": "S"}}
+    chat_out = complete(service, service.prepare_chat(chat(prompt_logprobs=2)))
+    assert chat_out["prompt_logprobs"][0] is None
+    assert set(chat_out["prompt_logprobs"][1]) == {str(ord("|")), str(ord("#"))}
+    assert complete(service, service.prepare_chat(chat()))["prompt_logprobs"] is None
+
+
+def test_prompt_logprobs_limits() -> None:
+    service, _ = make()
+    with pytest.raises(InvalidInput) as err:
+        service.prepare_completion(cmpl(prompt_logprobs=1, stream=True))
+    assert err.value.param == "prompt_logprobs"
+    with pytest.raises(InvalidInput) as err:
+        service.prepare_completion(cmpl(prompt_logprobs=-1))  # the vocabulary, over 20
+    assert "at most 20" in err.value.message
+    assert service.prepare_completion(cmpl(prompt_logprobs=0, stream=True)).prompt_logprobs == 0

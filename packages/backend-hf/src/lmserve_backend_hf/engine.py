@@ -16,6 +16,7 @@ make merging unsafe, so they interleave without sharing forward passes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import queue
@@ -63,6 +64,30 @@ class _Group:
     encoder: dict[str, torch.Tensor] = field(default_factory=dict)  # enc-dec only
 
 
+class _WaitingQueue:
+    """Sequences waiting for a slot, in vLLM's order: lower ``priority`` first, then arrival
+    (all priorities are 0 unless the server runs priority scheduling). ``None`` wakes the
+    model thread at once (stop)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue[tuple[float, int, _Sequence | None]] = (
+            queue.PriorityQueue()
+        )
+        self._arrivals = itertools.count()
+
+    def put(self, seq: _Sequence | None) -> None:
+        rank = float("-inf") if seq is None else float(seq.request.priority)
+        self._queue.put((rank, next(self._arrivals), seq))
+
+    def get(self, timeout: float | None = None) -> _Sequence | None:
+        """The next sequence; ``timeout`` None: do not wait. Raises queue.Empty."""
+        item = self._queue.get_nowait() if timeout is None else self._queue.get(timeout=timeout)
+        return item[2]
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+
 class HFGenerationEngine:
     """Implements lmserve_core's GenerativeBackend on a transformers model."""
 
@@ -91,7 +116,7 @@ class HFGenerationEngine:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self._is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
-        self._waiting: queue.Queue[_Sequence | None] = queue.Queue()
+        self._waiting = _WaitingQueue()
         self._groups: list[_Group] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -221,11 +246,7 @@ class HFGenerationEngine:
         new: list[_Sequence] = []
         while len(new) < room:
             try:
-                seq = (
-                    self._waiting.get(timeout=0.5)
-                    if (block and not new)
-                    else self._waiting.get_nowait()
-                )
+                seq = self._waiting.get(timeout=0.5 if (block and not new) else None)
             except queue.Empty:
                 break
             if seq is None:  # stop() wake-up
@@ -430,7 +451,7 @@ class HFGenerationEngine:
         self._groups = []
         while True:
             try:
-                seq = self._waiting.get_nowait()
+                seq = self._waiting.get()
             except queue.Empty:
                 break
             if seq is not None:

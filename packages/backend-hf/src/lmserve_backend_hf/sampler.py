@@ -132,5 +132,7 @@ def prompt_logprobs(
         if k:
             values, ids = torch.topk(row, k)
             top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-        out.append(TokenLogprob(prompt[t], float(row[prompt[t]]), top))
+        chosen = row[prompt[t]]
+        rank = int((row > chosen).sum()) + 1
+        out.append(TokenLogprob(prompt[t], float(chosen), top, rank))
     return tuple(out)

@@ -25,7 +25,10 @@ def _logprob(entry: dict[int, Any] | None, token: int, k: int) -> TokenLogprob |
     ranked = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k),
                     key=lambda item: item[1].rank)  # fmt: skip
     return TokenLogprob(
-        token, float(entry[token].logprob), tuple((tid, float(lp.logprob)) for tid, lp in ranked)
+        token,
+        float(entry[token].logprob),
+        tuple((tid, float(lp.logprob)) for tid, lp in ranked),
+        entry[token].rank,
     )
 
 
@@ -113,7 +116,7 @@ class VLLMGenerator:
         first = True
         try:
             stream = self.engine.generate({"prompt_token_ids": list(request.prompt_ids)}, self._sampling(request),
-                                          request_id=request.request_id)  # fmt: skip
+                                          request_id=request.request_id, priority=request.priority)  # fmt: skip
             async for output in stream:
                 completion = output.outputs[0]
                 prompt_lps = None

@@ -112,7 +112,9 @@ class ModelHost:
                     tokenizer=loaded.tokenizer,
                     facts=loaded.facts,
                     limits=GenerationLimits(
-                        max_n=self.settings.max_n, max_logprobs=self.settings.max_logprobs
+                        max_n=self.settings.max_n,
+                        max_logprobs=self.settings.max_logprobs,
+                        priority_scheduling=self.settings.scheduling_policy == "priority",
                     ),
                     trust_request_chat_template=self.settings.trust_request_chat_template,
                     observer=self.observer,

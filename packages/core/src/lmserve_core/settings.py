@@ -29,6 +29,13 @@ class LogFormat(StrEnum):
     json = "json"
 
 
+class SchedulingPolicy(StrEnum):
+    """The order in which waiting generation requests start (vLLM's ``--scheduling-policy``)."""
+
+    fcfs = "fcfs"
+    priority = "priority"
+
+
 class PredictorProtocol(StrEnum):
     v2 = "v2"
     grpc_v2 = "grpc-v2"
@@ -188,6 +195,17 @@ class ServeSettings(BaseModel):
     max_n: Annotated[
         int, Field(gt=0, **flag("Largest 'n' (choices per request) accepted.", group="generation"))
     ] = 16
+    scheduling_policy: Annotated[
+        SchedulingPolicy,
+        Field(
+            **flag(
+                "Order in which waiting generation requests start, as vLLM's "
+                "--scheduling-policy: fcfs (arrival) or priority (a request's 'priority', lower "
+                "first, then arrival). With fcfs a request that sets 'priority' is refused.",
+                group="generation",
+            ),
+        ),
+    ] = SchedulingPolicy.fcfs
     max_logprobs: Annotated[
         int,
         Field(

@@ -110,6 +110,10 @@ class _SamplingFields(BaseModel):
     truncation_side: Literal["left", "right"] | None = None
     # The response id becomes ``cmpl-``/``chatcmpl-`` + this (an X-Request-Id header wins).
     request_id: str | None = None
+    # Lower runs first, with --scheduling_policy priority (an X-Vllm-Priority header wins).
+    priority: int = 0
+    # Top-k log probabilities of each prompt token (-1: the whole vocabulary); not in streams.
+    prompt_logprobs: int | None = Field(default=None, ge=-1)
 
 
 class CompletionRequest(_SamplingFields):
@@ -190,16 +194,32 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``prompt_logprobs`` entry for one candidate token of one prompt position."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token at that position
+    decoded_token: str | None = None
+
+
+# One entry per prompt token (None for the first, which nothing precedes): the prompt token and
+# the top-k candidates, keyed by token id.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
-class CompletionChoice(BaseModel):
+class CompletionStreamChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     # The stop string or stop token id that ended the choice (None: EOS, length, not yet).
     stop_reason: int | str | None = None
+
+
+class CompletionChoice(CompletionStreamChoice):
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -221,7 +241,7 @@ class CompletionChunk(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = omitted_when_none()
 
 
@@ -247,6 +267,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatDelta(BaseModel):

@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 from lmserve_core.admission import Ticket
 from lmserve_core.encoder import EncoderResult, EncoderService, RequestParams
 from lmserve_core.errors import InvalidInput
-from lmserve_core.generation.prepare import Prepared
+from lmserve_core.generation.prepare import Prepared, RequestHeaders
 from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.model_host import ModelHost
 from lmserve_core.tasks import Task
@@ -205,17 +205,17 @@ class DataPlane:
 
     # --- generation ------------------------------------------------------------------
     def admit_completion(
-        self, body: CompletionRequest, header_id: str | None = None
+        self, body: CompletionRequest, headers: RequestHeaders | None = None
     ) -> AdmittedGeneration:
-        """``header_id``: the client's X-Request-Id, which names the response (vLLM's rule)."""
+        """``headers``: what vLLM reads from HTTP headers (X-Request-Id, X-Vllm-Priority)."""
         service = self._host.require_generator(body.model)
-        return self._admit(service, service.prepare_completion(body, header_id=header_id))
+        return self._admit(service, service.prepare_completion(body, headers=headers))
 
     def admit_chat(
-        self, body: ChatCompletionRequest, header_id: str | None = None
+        self, body: ChatCompletionRequest, headers: RequestHeaders | None = None
     ) -> AdmittedGeneration:
         service = self._host.require_generator(body.model)
-        return self._admit(service, service.prepare_chat(body, header_id=header_id))
+        return self._admit(service, service.prepare_chat(body, headers=headers))
 
     def _admit(self, service: OpenAIGenerationService, prepared: Prepared) -> AdmittedGeneration:
         # One unit per sequence started: a request with n=4 weighs as much as four with n=1.

@@ -39,6 +39,8 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    # With priority scheduling, lower starts first (then arrival order), as in vLLM.
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+    rank: int | None = None  # of token_id among all tokens (1 = the most likely); prompt tokens
 
 
 @dataclass(frozen=True)

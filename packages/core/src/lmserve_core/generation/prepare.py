@@ -6,6 +6,7 @@ raised as InvalidInput with the offending ``param`` (→ 400 with the OpenAI err
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class GenerationLimits:
     max_n: int = 16
     max_stop: int = 16
     max_logprobs: int = 20  # -1: up to the vocabulary (vLLM's --max-logprobs)
+    priority_scheduling: bool = False  # --scheduling_policy priority
     max_prompts: int = 64
 
 
@@ -43,6 +45,14 @@ class ModelFacts:
 class PromptInput:
     ids: list[int]
     text: str  # for echo
+
+
+@dataclass(frozen=True)
+class RequestHeaders:
+    """What vLLM's server reads from a generation request's HTTP headers."""
+
+    request_id: str | None = None  # X-Request-Id: the response id becomes cmpl-/chatcmpl-<it>
+    priority: str | None = None  # X-Vllm-Priority: replaces the body's priority when an integer
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,9 @@ class Prepared:
     text: TextOptions = field(default_factory=TextOptions)
     # Chat with echo: the last message's content when it is the assistant's (vLLM's echo).
     echo_text: str = ""
+    priority: int = 0
+    # prompt_logprobs: top-k per prompt token to return (None: not asked).
+    prompt_logprobs: int | None = None
 
     def choice_params(self, choice: int) -> SamplingParams:
         """n > 1 with a seed: each choice reproducible, and different from the others."""
@@ -209,10 +222,43 @@ def _max_tokens(
 
 
 def _response_id(
-    prefix: str, header_id: str | None, req: CompletionRequest | ChatCompletionRequest
+    prefix: str, headers: RequestHeaders, req: CompletionRequest | ChatCompletionRequest
 ) -> str:
     """vLLM's: an ``X-Request-Id`` header, else the request's ``request_id``, else random."""
-    return f"{prefix}-{header_id or req.request_id or uuid.uuid4().hex}"
+    return f"{prefix}-{headers.request_id or req.request_id or uuid.uuid4().hex}"
+
+
+def _priority(
+    req: CompletionRequest | ChatCompletionRequest,
+    headers: RequestHeaders,
+    limits: GenerationLimits,
+) -> int:
+    priority = req.priority
+    if headers.priority is not None:
+        with contextlib.suppress(ValueError):  # not an integer: vLLM keeps the body's
+            priority = int(headers.priority)
+    if priority != 0 and not limits.priority_scheduling:
+        # vLLM would take it and schedule first come, first served anyway: lmserve says so.
+        raise InvalidInput(
+            "'priority' needs priority scheduling; this server runs first come, first served "
+            "(start it with --scheduling_policy priority)", param="priority",
+        )  # fmt: skip
+    return priority
+
+
+def _prompt_logprobs(
+    req: CompletionRequest | ChatCompletionRequest, limits: GenerationLimits, facts: ModelFacts
+) -> int | None:
+    requested = req.prompt_logprobs
+    if requested is None:
+        return None
+    if req.stream and requested != 0:
+        raise InvalidInput(
+            "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+        )
+    k = facts.vocab_size if requested == -1 else requested
+    _check_logprobs(k, limits, facts, "prompt_logprobs")
+    return k
 
 
 def _text_options(req: CompletionRequest | ChatCompletionRequest) -> TextOptions:
@@ -262,8 +308,9 @@ def prepare_completion(
     facts: ModelFacts,
     limits: GenerationLimits,
     *,
-    header_id: str | None = None,
+    headers: RequestHeaders | None = None,
 ) -> Prepared:
+    headers = headers or RequestHeaders()
     _check_common("completion", req, limits)
     if req.suffix is not None:
         raise InvalidInput("suffix is not supported", param="suffix")
@@ -273,16 +320,21 @@ def prepare_completion(
     prompts = _completion_prompts(req, tok, facts, limits)
     longest = max(len(p.ids) for p in prompts)
     max_tokens = _max_tokens(req.max_tokens, longest, facts, default_rest=False)
+    prompt_logprobs = _prompt_logprobs(req, limits, facts)
+    # Echo with logprobs needs the prompt's too: the backend computes the larger k once.
+    echo_k = req.logprobs if (req.echo and req.logprobs is not None) else None
+    wanted = [k for k in (echo_k, prompt_logprobs) if k is not None]
     params = _sampling(
         req, facts, max_tokens=max_tokens, logprobs=req.logprobs,
-        prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None,
+        prompt_logprobs=max(wanted) if wanted else None,
     )  # fmt: skip
     include_usage, continuous_usage = _stream_usage(req)
     return Prepared(
-        kind="completion", request_id=_response_id("cmpl", header_id, req), created=int(time.time()),
+        kind="completion", request_id=_response_id("cmpl", headers, req), created=int(time.time()),
         model=req.model, prompts=prompts, n=req.n, params=params, stops=_stops(req.stop, limits),
         echo=req.echo, stream=req.stream, include_usage=include_usage, logprobs=req.logprobs,
         continuous_usage=continuous_usage, text=_text_options(req),
+        priority=_priority(req, headers, limits), prompt_logprobs=prompt_logprobs,
     )  # fmt: skip
 
 
@@ -370,8 +422,9 @@ def prepare_chat(
     limits: GenerationLimits,
     *,
     trust_request_template: bool,
-    header_id: str | None = None,
+    headers: RequestHeaders | None = None,
 ) -> Prepared:
+    headers = headers or RequestHeaders()
     _check_common("chat", req, limits)
     if req.tools:
         raise InvalidInput("tools are not supported", param="tools")
@@ -423,16 +476,20 @@ def prepare_chat(
     )
     max_tokens = _max_tokens(requested, len(ids), facts, default_rest=True)
     logprobs = (top or 0) if req.logprobs else None
-    params = _sampling(req, facts, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=None)
+    prompt_logprobs = _prompt_logprobs(req, limits, facts)
+    params = _sampling(
+        req, facts, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+    )
     include_usage, continuous_usage = _stream_usage(req)
     last = messages[-1]
     echo_text = last["content"] if req.echo and last["role"] == "assistant" else ""
     return Prepared(
-        kind="chat", request_id=_response_id("chatcmpl", header_id, req), created=int(time.time()),
+        kind="chat", request_id=_response_id("chatcmpl", headers, req), created=int(time.time()),
         model=req.model, prompts=[PromptInput(ids, text)], n=req.n, params=params,
         stops=_stops(req.stop, limits), echo=req.echo, stream=req.stream,
         include_usage=include_usage, logprobs=logprobs, continuous_usage=continuous_usage,
-        text=_text_options(req), echo_text=echo_text,
+        text=_text_options(req), echo_text=echo_text, priority=_priority(req, headers, limits),
+        prompt_logprobs=prompt_logprobs,
     )  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from lmserve_core.generation.prepare import (
     ModelFacts,
     Prepared,
     PromptInput,
+    RequestHeaders,
     prepare_chat,
     prepare_completion,
 )
@@ -42,6 +43,8 @@ from lmserve_protocols.openai import (
     CompletionRequest,
     CompletionResponse,
     FinishReason,
+    PromptLogprob,
+    PromptLogprobs,
     TopLogprob,
     UsageInfo,
 )
@@ -84,15 +87,17 @@ class OpenAIGenerationService:
 
     # --- preparation (raises InvalidInput) ---------------------------------------------
     def prepare_completion(
-        self, req: CompletionRequest, *, header_id: str | None = None
+        self, req: CompletionRequest, *, headers: RequestHeaders | None = None
     ) -> Prepared:
-        """``header_id``: the client's X-Request-Id, the response id's suffix (vLLM's rule)."""
-        return prepare_completion(req, self.tokenizer, self.facts, self.limits, header_id=header_id)
+        """``headers``: what vLLM reads from the HTTP headers (X-Request-Id, X-Vllm-Priority)."""
+        return prepare_completion(req, self.tokenizer, self.facts, self.limits, headers=headers)
 
-    def prepare_chat(self, req: ChatCompletionRequest, *, header_id: str | None = None) -> Prepared:
+    def prepare_chat(
+        self, req: ChatCompletionRequest, *, headers: RequestHeaders | None = None
+    ) -> Prepared:
         return prepare_chat(
             req, self.tokenizer, self.facts, self.limits,
-            trust_request_template=self.trust_request_chat_template, header_id=header_id,
+            trust_request_template=self.trust_request_chat_template, headers=headers,
         )  # fmt: skip
 
     # --- one choice ---------------------------------------------------------------------
@@ -110,7 +115,7 @@ class OpenAIGenerationService:
             spaces_between_special_tokens=options.spaces_between_special_tokens,
         )  # fmt: skip
         matcher = StopStringMatcher(prep.stops, include=options.include_stop_str_in_output)
-        request = GenerationRequest(f"{prep.request_id}-{index}", prompt.ids, params)
+        request = GenerationRequest(f"{prep.request_id}-{index}", prompt.ids, params, prep.priority)
         stream = self.backend.generate(request)
         generated = 0
         started = last = time.perf_counter()
@@ -225,6 +230,7 @@ class OpenAIGenerationService:
         if prep.kind == "chat":
             return ChatCompletionResponse(
                 id=prep.request_id, created=prep.created, model=prep.model, usage=usage,
+                prompt_logprobs=self._prompt_logprobs(prep, prompt_lps.get(0)),
                 choices=[
                     ChatCompletionChoice(
                         index=index,
@@ -251,6 +257,7 @@ class OpenAIGenerationService:
                     logprobs=logprobs,
                     finish_reason=finish.get(index, "length"),
                     stop_reason=stop_reasons.get(index),
+                    prompt_logprobs=self._prompt_logprobs(prep, prompt_lps.get(index)),
                 )
             )
         return CompletionResponse(
@@ -384,6 +391,29 @@ class OpenAIGenerationService:
         prompt_tokens = sum(len(p.ids) for p in prep.prompts)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                          total_tokens=prompt_tokens + completion_tokens)  # fmt: skip
+
+    def _prompt_logprobs(
+        self, prep: Prepared, entries: tuple[TokenLogprob | None, ...] | None
+    ) -> PromptLogprobs | None:
+        """vLLM's ``prompt_logprobs``: per prompt token, it and the top-k, keyed by token id."""
+        k = prep.prompt_logprobs
+        if k is None:
+            return None
+        out: PromptLogprobs = []
+        for entry in entries or ():
+            if entry is None:
+                out.append(None)
+                continue
+            candidates = {
+                tid: PromptLogprob(logprob=lp, rank=rank, decoded_token=self._token_text(tid))
+                for rank, (tid, lp) in enumerate(entry.top[:k], start=1)
+            }
+            candidates.setdefault(entry.token_id, PromptLogprob(
+                logprob=entry.logprob, rank=entry.rank,
+                decoded_token=self._token_text(entry.token_id),
+            ))  # fmt: skip
+            out.append(candidates)
+        return out
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

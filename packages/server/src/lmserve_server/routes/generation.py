@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from lmserve_core.admission import Ticket
 from lmserve_core.errors import ClientDisconnected
+from lmserve_core.generation.prepare import RequestHeaders
 from lmserve_protocols.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -38,8 +39,7 @@ T = TypeVar("T")
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
     request.state.model = body.model
-    header_id = request.state.client_request_id
-    return await _respond(plane(request).admit_completion(body, header_id), request)
+    return await _respond(plane(request).admit_completion(body, _headers(request)), request)
 
 
 @router.post(
@@ -48,8 +48,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     request.state.model = body.model
-    header_id = request.state.client_request_id
-    return await _respond(plane(request).admit_chat(body, header_id), request)
+    return await _respond(plane(request).admit_chat(body, _headers(request)), request)
+
+
+def _headers(request: Request) -> RequestHeaders:
+    """What vLLM's server reads from the headers: the (sane) X-Request-Id names the response,
+    X-Vllm-Priority replaces the body's priority."""
+    return RequestHeaders(
+        request_id=request.state.client_request_id,
+        priority=request.headers.get("x-vllm-priority"),
+    )
 
 
 class _AdmittedStream(EventSourceResponse):
