@@ -26,10 +26,13 @@ from lmserve_core.errors import BackendError, InvalidInput, ModelNotReady
 from lmserve_core.generation.detokenizer import IncrementalDetokenizer
 from lmserve_core.generation.params import GenerationRequest, TokenEvent, TokenLogprob
 from lmserve_core.generation.prepare import (
+    FrontendOptions,
     GenerationLimits,
     ModelFacts,
     Prepared,
     RequestHeaders,
+    _content_format,
+    chat_messages,
     prepare_chat,
     prepare_completion,
 )
@@ -142,6 +145,8 @@ class ScriptedBackend:
     final_reason: str | None = None
     records: list[Record] = field(default_factory=list)
     hanging: int = 0
+    # Reported on the first event, as a backend with a prefix cache does.
+    cached_tokens: int | None = None
 
     @property
     def requests(self) -> list[GenerationRequest]:
@@ -200,7 +205,7 @@ class ScriptedBackend:
                     last = i + 1 >= request.params.max_tokens
                     event = TokenEvent(
                         ids[i], self._logprob(request, ids[i], i), "length" if last else None,
-                        False, first,
+                        False, first, cached_tokens=self.cached_tokens if i == 0 else None,
                     )  # fmt: skip
                 rec.final_sent = event.finish_reason is not None
                 rec.yielded += 1
@@ -251,6 +256,7 @@ def make(
     default_sampling: dict[str, float] | None = None,
     limits: GenerationLimits | None = None,
     observer: RecordingObserver | None = None,
+    options: FrontendOptions | None = None,
     **backend_kw: Any,
 ) -> tuple[OpenAIGenerationService, ScriptedBackend]:
     tok = FakeByteTokenizer(chat_template)
@@ -259,7 +265,7 @@ def make(
                        default_sampling or {})  # fmt: skip
     service = OpenAIGenerationService(
         backend=backend, tokenizer=tok, facts=facts, limits=limits,
-        trust_request_chat_template=trust, observer=observer,
+        trust_request_chat_template=trust, observer=observer, options=options,
     )  # fmt: skip
     return service, backend
 
@@ -1367,3 +1373,93 @@ def test_prompt_logprobs_limits() -> None:
         service.prepare_completion(cmpl(prompt_logprobs=-1))  # the vocabulary, over 20
     assert "at most 20" in err.value.message
     assert service.prepare_completion(cmpl(prompt_logprobs=0, stream=True)).prompt_logprobs == 0
+
+
+# --- vLLM's OpenAI server flags --------------------------------------------------------------
+
+
+def test_response_role_names_the_message_and_the_echo() -> None:
+    service, _ = make(options=FrontendOptions(response_role="bot"))
+    out = complete(service, service.prepare_chat(chat()))
+    assert out["choices"][0]["message"]["role"] == "bot"
+    chunks = payloads(stream(service, service.prepare_chat(chat(stream=True))))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "bot", "content": ""}
+    history = [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "So, "}]
+    with pytest.raises(InvalidInput):  # "bot" is not a role a message may have
+        service.prepare_chat(chat(messages=history, echo=True, add_generation_prompt=False))
+
+
+def test_force_include_usage_ends_every_stream_with_usage() -> None:
+    service, _ = make(options=FrontendOptions(force_include_usage=True))
+    chunks = payloads(stream(service, service.prepare_completion(cmpl(stream=True))))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all("usage" not in c for c in chunks[:-1])
+
+
+def test_tokens_as_token_ids_from_the_server_or_the_request() -> None:
+    service, _ = make("ab", options=FrontendOptions(tokens_as_ids=True))
+    out = complete(service, service.prepare_chat(chat(logprobs=True, top_logprobs=1)))
+    first = out["choices"][0]["logprobs"]["content"][0]
+    assert first["token"] == f"token_id:{ord('a')}" and first["bytes"] == list(b"token_id:97")
+    assert first["top_logprobs"][0]["token"] == "token_id:97"
+    text = complete(
+        service, service.prepare_completion(cmpl(logprobs=1, return_tokens_as_token_ids=False))
+    )
+    assert text["choices"][0]["logprobs"]["tokens"][:2] == ["a", "b"]
+    plain, _ = make("ab")
+    on_request = complete(
+        plain, plain.prepare_completion(cmpl(logprobs=1, return_tokens_as_token_ids=True))
+    )
+    assert on_request["choices"][0]["logprobs"]["tokens"][0] == "token_id:97"
+
+
+@pytest.mark.parametrize(
+    ("option", "template", "expected"),
+    [
+        ("string", TEMPLATE, "Hi\nthere"),
+        ("openai", TEMPLATE, [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]),
+        ("auto", "{% for m in messages %}{{ m['content'] }}{% endfor %}", "Hi\nthere"),
+        (
+            "auto",
+            "{% for m in messages %}{% for p in m['content'] %}{{ p.text }}{% endfor %}{% endfor %}",
+            [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}],
+        ),
+        (
+            "auto",
+            "{% for m in messages %}{% for p in m.content %}{% endfor %}{% endfor %}",
+            [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}],
+        ),
+    ],
+)
+def test_chat_template_content_format(option: str, template: str, expected: Any) -> None:
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    fmt = _content_format(option, template)
+    messages = chat_messages(chat(messages=[{"role": "user", "content": parts}]), fmt)
+    assert messages[0]["content"] == expected
+
+
+def test_the_content_format_reaches_the_template() -> None:
+    service, _ = make(options=FrontendOptions(content_format="openai"))
+    service.prepare_chat(chat())
+    tok = service.tokenizer
+    assert isinstance(tok, FakeByteTokenizer)
+    assert tok.template_calls[-1]["messages"][0]["content"] == [{"type": "text", "text": "Hi"}]
+
+
+def test_prompt_tokens_details_report_cached_prompt_tokens() -> None:
+    service, _ = make(options=FrontendOptions(prompt_tokens_details=True), cached_tokens=3)
+    out = complete(service, service.prepare_completion(cmpl(n=2, prompt=["Say", "Tell"])))
+    assert out["usage"]["prompt_tokens_details"] == {"cached_tokens": 6}  # one per prompt
+    chunks = payloads(
+        stream(
+            service, service.prepare_chat(chat(stream=True, stream_options={"include_usage": True}))
+        )
+    )
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+    none_cached, _ = make(options=FrontendOptions(prompt_tokens_details=True), cached_tokens=0)
+    assert (
+        "prompt_tokens_details"
+        not in complete(none_cached, none_cached.prepare_completion(cmpl()))["usage"]
+    )
+    off, _ = make(cached_tokens=3)
+    assert "prompt_tokens_details" not in complete(off, off.prepare_completion(cmpl()))["usage"]

@@ -32,6 +32,12 @@ def _logprob(entry: dict[int, Any] | None, token: int, k: int) -> TokenLogprob |
     )
 
 
+def _cached_tokens(output: Any) -> int | None:
+    """Prompt tokens vLLM found in its prefix cache for this request."""
+    cached = getattr(output, "num_cached_tokens", None)
+    return int(cached) if isinstance(cached, int) else None
+
+
 def _queued_seconds(output: Any) -> float | None:
     """Time between vLLM queueing and scheduling the request (its own stats, when kept)."""
     stats = getattr(output, "metrics", None)
@@ -151,7 +157,8 @@ class VLLMGenerator:
                     stop_reason = completion.stop_reason if is_stop else None
                     event = TokenEvent(token, lp, reason, is_stop, prompt_lps if first else None,
                                        _queued_seconds(output) if first else None,
-                                       stop_reason if isinstance(stop_reason, int) else None)  # fmt: skip
+                                       stop_reason if isinstance(stop_reason, int) else None,
+                                       _cached_tokens(output) if first else None)  # fmt: skip
                     first = False
                     prompt_lps = None
                     if reason is not None:

@@ -19,7 +19,7 @@ from lmserve_core.admission import AdmissionGate
 from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadRequest
 from lmserve_core.encoder import EncoderService
 from lmserve_core.errors import InvalidInput, LmserveError, ModelNotFound, ModelNotReady
-from lmserve_core.generation.prepare import GenerationLimits
+from lmserve_core.generation.prepare import FrontendOptions, GenerationLimits
 from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.observer import ServingObserver
 from lmserve_core.plan import ServingPlan, load_backend_factory, load_converter, plan_serving
@@ -117,6 +117,13 @@ class ModelHost:
                         priority_scheduling=self.settings.scheduling_policy == "priority",
                     ),
                     trust_request_chat_template=self.settings.trust_request_chat_template,
+                    options=FrontendOptions(
+                        response_role=self.settings.response_role,
+                        force_include_usage=self.settings.enable_force_include_usage,
+                        prompt_tokens_details=self.settings.enable_prompt_tokens_details,
+                        tokens_as_ids=self.settings.return_tokens_as_token_ids,
+                        content_format=self.settings.chat_template_content_format.value,
+                    ),
                     observer=self.observer,
                 )
                 await loaded.backend.start()

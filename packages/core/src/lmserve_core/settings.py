@@ -36,6 +36,14 @@ class SchedulingPolicy(StrEnum):
     priority = "priority"
 
 
+class ContentFormat(StrEnum):
+    """How message content reaches the chat template (vLLM's --chat-template-content-format)."""
+
+    auto = "auto"
+    string = "string"
+    openai = "openai"
+
+
 class PredictorProtocol(StrEnum):
     v2 = "v2"
     grpc_v2 = "grpc-v2"
@@ -182,6 +190,65 @@ class ServeSettings(BaseModel):
             **flag(
                 "Allow a per-request 'chat_template' in chat completions (off: refused with 400).",
                 group="generation",
+            )
+        ),
+    ] = False
+    chat_template_content_format: Annotated[
+        ContentFormat,
+        Field(
+            **flag(
+                "How message content reaches the chat template, as vLLM's flag: string (text "
+                "parts joined), openai (a list of {'type': 'text', 'text'} parts) or auto (openai "
+                "when the template loops over a message's content).",
+                group="openai",
+            )
+        ),
+    ] = ContentFormat.auto
+    response_role: Annotated[
+        str,
+        Field(
+            min_length=1,
+            **flag(
+                "The role of chat completion messages (vLLM's --response-role).", group="openai"
+            ),
+        ),
+    ] = "assistant"
+    enable_force_include_usage: Annotated[
+        bool,
+        Field(
+            **flag(
+                "End every stream with a usage chunk, asked for or not (vLLM's flag).",
+                group="openai",
+            )
+        ),
+    ] = False
+    enable_prompt_tokens_details: Annotated[
+        bool,
+        Field(
+            **flag(
+                "Report usage.prompt_tokens_details.cached_tokens: prompt tokens served from "
+                "the prefix cache (vLLM's flag; the Hugging Face backend has no prefix cache).",
+                group="openai",
+            )
+        ),
+    ] = False
+    return_tokens_as_token_ids: Annotated[
+        bool,
+        Field(
+            **flag(
+                "Write logprob tokens as 'token_id:N' (vLLM's flag; a request can set "
+                "'return_tokens_as_token_ids' itself).",
+                group="openai",
+            )
+        ),
+    ] = False
+    enable_request_id_headers: Annotated[
+        bool,
+        Field(
+            **flag(
+                "vLLM's flag for echoing X-Request-Id on responses: lmserve always does, so "
+                "this is accepted for vLLM command lines and changes nothing.",
+                group="openai",
             )
         ),
     ] = False

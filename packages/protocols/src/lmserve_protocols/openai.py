@@ -114,6 +114,8 @@ class _SamplingFields(BaseModel):
     priority: int = 0
     # Top-k log probabilities of each prompt token (-1: the whole vocabulary); not in streams.
     prompt_logprobs: int | None = Field(default=None, ge=-1)
+    # Logprob tokens as "token_id:N" (None: the server's --return_tokens_as_token_ids).
+    return_tokens_as_token_ids: bool | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -162,10 +164,16 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = True
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # With --enable_prompt_tokens_details and some prompt tokens cached (vLLM's rule).
+    prompt_tokens_details: PromptTokensDetails | None = omitted_when_none()
 
 
 # --- Completions and Chat responses (the shapes of vLLM 0.32's OpenAI server) --------------
@@ -246,7 +254,7 @@ class CompletionChunk(BaseModel):
 
 
 class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # --response_role
     content: str | None = None
 
 
@@ -273,7 +281,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     """What a chunk adds to one choice: the role in the first, text after, ``{}`` at the end."""
 
-    role: Literal["assistant"] | None = omitted_when_none()
+    role: str | None = omitted_when_none()
     content: str | None = omitted_when_none()
 
 

@@ -23,12 +23,14 @@ from pydantic.fields import FieldInfo
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
+from lmserve_server import vllm_flags
 
 ENV_PREFIX = "LMSERVE_"
 _GROUP_TITLES = {
     "model": "model",
     "tokenizer": "tokenization",
     "generation": "generation (OpenAI completions and chat)",
+    "openai": "vLLM's OpenAI server flags (both backends)",
     "outputs": "outputs (encoder tasks)",
     "predictor": "Triton predictor (transformer mode)",
     "server": "server",
@@ -198,6 +200,9 @@ def check_engine_args(parser: argparse.ArgumentParser, leftovers: list[str]) -> 
     reported with lmserve's own usage."""
     if not leftovers:
         return []
+    refused = vllm_flags.refusal(leftovers)
+    if refused is not None:
+        parser.error(refused)
     check = engine_entry("lmserve.engine_args")
     unknown: list[str] = leftovers if check is None else check(leftovers)
     if unknown:

@@ -72,3 +72,6 @@ class TokenEvent:
     # vLLM's stop_reason: the stop token that ended the sequence, unless it was the
     # tokenizer's own EOS (a generation config's extra EOS ids do count, as in vLLM).
     stop_reason: int | None = None
+    # Only on the first event, when the backend has a prefix cache: prompt tokens it served
+    # from it (usage.prompt_tokens_details).
+    cached_tokens: int | None = None

@@ -7,6 +7,7 @@ raised as InvalidInput with the offending ``param`` (→ 400 with the OpenAI err
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +31,17 @@ class GenerationLimits:
     max_logprobs: int = 20  # -1: up to the vocabulary (vLLM's --max-logprobs)
     priority_scheduling: bool = False  # --scheduling_policy priority
     max_prompts: int = 64
+
+
+@dataclass(frozen=True)
+class FrontendOptions:
+    """Server-wide choices of vLLM's OpenAI server flags (the same names, on both backends)."""
+
+    response_role: str = "assistant"
+    force_include_usage: bool = False
+    prompt_tokens_details: bool = False
+    tokens_as_ids: bool = False
+    content_format: Literal["auto", "string", "openai"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,9 @@ class Prepared:
     priority: int = 0
     # prompt_logprobs: top-k per prompt token to return (None: not asked).
     prompt_logprobs: int | None = None
+    role: str = "assistant"  # of chat messages (--response_role)
+    tokens_as_ids: bool = False  # logprob tokens as "token_id:N"
+    prompt_tokens_details: bool = False  # usage.prompt_tokens_details (cached tokens)
 
     def choice_params(self, choice: int) -> SamplingParams:
         """n > 1 with a seed: each choice reproducible, and different from the others."""
@@ -269,12 +284,29 @@ def _text_options(req: CompletionRequest | ChatCompletionRequest) -> TextOptions
     )
 
 
-def _stream_usage(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
-    """(include_usage, continuous_usage_stats) of ``stream_options``."""
+def _stream_usage(
+    req: CompletionRequest | ChatCompletionRequest, frontend: FrontendOptions
+) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats): ``stream_options``, or every stream with
+    --enable_force_include_usage (vLLM's rule)."""
     options = req.stream_options
-    if options is None or not options.include_usage:
-        return False, False
-    return True, options.continuous_usage_stats
+    include = frontend.force_include_usage or bool(options and options.include_usage)
+    return include, include and bool(options and options.continuous_usage_stats)
+
+
+def _frontend_fields(
+    req: CompletionRequest | ChatCompletionRequest, frontend: FrontendOptions
+) -> dict[str, Any]:
+    """The Prepared fields that come from vLLM's server flags (a request may override some)."""
+    include_usage, continuous_usage = _stream_usage(req, frontend)
+    as_ids = req.return_tokens_as_token_ids
+    return {
+        "include_usage": include_usage,
+        "continuous_usage": continuous_usage,
+        "role": frontend.response_role,
+        "tokens_as_ids": frontend.tokens_as_ids if as_ids is None else as_ids,
+        "prompt_tokens_details": frontend.prompt_tokens_details,
+    }
 
 
 def _truncated(
@@ -309,8 +341,10 @@ def prepare_completion(
     limits: GenerationLimits,
     *,
     headers: RequestHeaders | None = None,
+    frontend: FrontendOptions | None = None,
 ) -> Prepared:
     headers = headers or RequestHeaders()
+    frontend = frontend or FrontendOptions()
     _check_common("completion", req, limits)
     if req.suffix is not None:
         raise InvalidInput("suffix is not supported", param="suffix")
@@ -328,13 +362,12 @@ def prepare_completion(
         req, facts, max_tokens=max_tokens, logprobs=req.logprobs,
         prompt_logprobs=max(wanted) if wanted else None,
     )  # fmt: skip
-    include_usage, continuous_usage = _stream_usage(req)
     return Prepared(
         kind="completion", request_id=_response_id("cmpl", headers, req), created=int(time.time()),
         model=req.model, prompts=prompts, n=req.n, params=params, stops=_stops(req.stop, limits),
-        echo=req.echo, stream=req.stream, include_usage=include_usage, logprobs=req.logprobs,
-        continuous_usage=continuous_usage, text=_text_options(req),
+        echo=req.echo, stream=req.stream, logprobs=req.logprobs, text=_text_options(req),
         priority=_priority(req, headers, limits), prompt_logprobs=prompt_logprobs,
+        **_frontend_fields(req, frontend),
     )  # fmt: skip
 
 
@@ -375,7 +408,53 @@ def _completion_prompts(
     return out
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+def _text_of(content: str | list[dict[str, object]] | None) -> str:
+    if isinstance(content, list):
+        return "\n".join(str(part.get("text", "")) for part in content)
+    return content or ""
+
+
+@functools.lru_cache(maxsize=32)
+def _loops_over_content(template: str) -> bool:
+    """Whether a Jinja chat template iterates over a message's content (``{% for part in
+    message['content'] %}``, ``message.content``, or a variable named ``content``): such templates
+    want content as a list of parts. Unparsable templates count as string templates."""
+    try:
+        import jinja2
+        from jinja2 import nodes
+    except ImportError:  # pragma: no cover - every backend brings jinja2 with transformers
+        return False
+    try:
+        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False
+    for loop in tree.find_all(nodes.For):
+        it = loop.iter
+        if isinstance(it, nodes.Name) and it.name == "content":
+            return True
+        if isinstance(it, nodes.Getattr) and it.attr == "content":
+            return True
+        if (
+            isinstance(it, nodes.Getitem)
+            and isinstance(it.arg, nodes.Const)
+            and it.arg.value == "content"
+        ):
+            return True
+    return False
+
+
+def _content_format(option: str, template: str) -> str:
+    """vLLM's --chat-template-content-format: "auto" looks at the template."""
+    if option != "auto":
+        return option
+    return "openai" if _loops_over_content(template) else "string"
+
+
+def chat_messages(
+    req: ChatCompletionRequest, content_format: str = "string"
+) -> list[dict[str, Any]]:
+    """The messages as the chat template gets them: content as one string ("string") or as a
+    list of text parts ("openai"), developer turned system, names kept."""
     if not req.messages:
         raise InvalidInput("messages must not be empty", param="messages")
     out: list[dict[str, Any]] = []
@@ -386,8 +465,8 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
                 param=f"messages[{i}].role",
             )
         content = msg.content
+        texts: list[str] = []
         if isinstance(content, list):
-            texts: list[str] = []
             for j, part in enumerate(content):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise InvalidInput(
@@ -395,20 +474,25 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
                         f"(got type {part.get('type')!r})", param=f"messages[{i}].content",
                     )  # fmt: skip
                 texts.append(str(part["text"]))
-            content = "\n".join(texts)
-        if content is None:
+        elif content is None:
             if msg.role != "assistant":
                 raise InvalidInput(
                     f"messages[{i}].content is required", param=f"messages[{i}].content"
                 )
-            content = ""
+        else:
+            texts.append(content)
         if (msg.model_extra or {}).get("tool_calls"):
             raise InvalidInput(
                 f"messages[{i}].tool_calls: tool calls are not supported",
                 param=f"messages[{i}].tool_calls",
             )
         role = "system" if msg.role == "developer" else msg.role
-        message: dict[str, Any] = {"role": role, "content": content}
+        rendered: str | list[dict[str, str]] = (
+            [{"type": "text", "text": t} for t in texts]
+            if content_format == "openai"
+            else "\n".join(texts)
+        )
+        message: dict[str, Any] = {"role": role, "content": rendered}
         if msg.name is not None:  # templates that know names render them (vLLM passes it on)
             message["name"] = msg.name
         out.append(message)
@@ -423,8 +507,10 @@ def prepare_chat(
     *,
     trust_request_template: bool,
     headers: RequestHeaders | None = None,
+    frontend: FrontendOptions | None = None,
 ) -> Prepared:
     headers = headers or RequestHeaders()
+    frontend = frontend or FrontendOptions()
     _check_common("chat", req, limits)
     if req.tools:
         raise InvalidInput("tools are not supported", param="tools")
@@ -458,7 +544,7 @@ def prepare_chat(
             "this model has no chat template; use /completions or start lmserve with "
             "--chat_template FILE", param="messages",
         )  # fmt: skip
-    messages = chat_messages(req)
+    messages = chat_messages(req, _content_format(frontend.content_format, template))
     try:
         text = tok.apply_chat_template(
             messages, add_generation_prompt=req.add_generation_prompt, chat_template=template,
@@ -480,16 +566,15 @@ def prepare_chat(
     params = _sampling(
         req, facts, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs
     )
-    include_usage, continuous_usage = _stream_usage(req)
-    last = messages[-1]
-    echo_text = last["content"] if req.echo and last["role"] == "assistant" else ""
+    echo_text = ""
+    if req.echo and req.messages[-1].role == frontend.response_role:
+        echo_text = _text_of(req.messages[-1].content)
     return Prepared(
         kind="chat", request_id=_response_id("chatcmpl", headers, req), created=int(time.time()),
         model=req.model, prompts=[PromptInput(ids, text)], n=req.n, params=params,
-        stops=_stops(req.stop, limits), echo=req.echo, stream=req.stream,
-        include_usage=include_usage, logprobs=logprobs, continuous_usage=continuous_usage,
+        stops=_stops(req.stop, limits), echo=req.echo, stream=req.stream, logprobs=logprobs,
         text=_text_options(req), echo_text=echo_text, priority=_priority(req, headers, limits),
-        prompt_logprobs=prompt_logprobs,
+        prompt_logprobs=prompt_logprobs, **_frontend_fields(req, frontend),
     )  # fmt: skip
 
 

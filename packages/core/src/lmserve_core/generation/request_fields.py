@@ -24,7 +24,6 @@ _COMMON: dict[str, Any] = {
     "logprob_token_ids": None,
     "structured_outputs": None,
     "session_id": None,
-    "return_tokens_as_token_ids": None,
     "return_token_ids": None,
     "return_token_offsets": False,
     "routed_experts_prompt_start": 0,

@@ -19,6 +19,7 @@ from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBacke
 from lmserve_core.generation.detokenizer import IncrementalDetokenizer
 from lmserve_core.generation.params import GenerationRequest, TokenLogprob
 from lmserve_core.generation.prepare import (
+    FrontendOptions,
     GenerationLimits,
     ModelFacts,
     Prepared,
@@ -45,6 +46,7 @@ from lmserve_protocols.openai import (
     FinishReason,
     PromptLogprob,
     PromptLogprobs,
+    PromptTokensDetails,
     TopLogprob,
     UsageInfo,
 )
@@ -61,6 +63,7 @@ class ChoiceDelta:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     generated_tokens: int = 0  # running count for this choice
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
+    cached_tokens: int | None = None  # prompt tokens from the prefix cache (first delta)
 
 
 class OpenAIGenerationService:
@@ -76,6 +79,7 @@ class OpenAIGenerationService:
         facts: ModelFacts,
         limits: GenerationLimits | None = None,
         trust_request_chat_template: bool = False,
+        options: FrontendOptions | None = None,
         observer: GenerationObserver | None = None,
     ) -> None:
         self.backend = backend
@@ -83,6 +87,7 @@ class OpenAIGenerationService:
         self.facts = facts
         self.limits = limits or GenerationLimits()
         self.trust_request_chat_template = trust_request_chat_template
+        self.options = options or FrontendOptions()
         self.observer = observer
 
     # --- preparation (raises InvalidInput) ---------------------------------------------
@@ -90,7 +95,9 @@ class OpenAIGenerationService:
         self, req: CompletionRequest, *, headers: RequestHeaders | None = None
     ) -> Prepared:
         """``headers``: what vLLM reads from the HTTP headers (X-Request-Id, X-Vllm-Priority)."""
-        return prepare_completion(req, self.tokenizer, self.facts, self.limits, headers=headers)
+        return prepare_completion(
+            req, self.tokenizer, self.facts, self.limits, headers=headers, frontend=self.options
+        )
 
     def prepare_chat(
         self, req: ChatCompletionRequest, *, headers: RequestHeaders | None = None
@@ -98,6 +105,7 @@ class OpenAIGenerationService:
         return prepare_chat(
             req, self.tokenizer, self.facts, self.limits,
             trust_request_template=self.trust_request_chat_template, headers=headers,
+            frontend=self.options,
         )  # fmt: skip
 
     # --- one choice ---------------------------------------------------------------------
@@ -121,7 +129,9 @@ class OpenAIGenerationService:
         started = last = time.perf_counter()
         try:
             async for event in stream:
-                delta = ChoiceDelta(index, prompt_logprobs=event.prompt_logprobs)
+                delta = ChoiceDelta(
+                    index, prompt_logprobs=event.prompt_logprobs, cached_tokens=event.cached_tokens
+                )
                 if event.queued_seconds is not None and self.observer:
                     self.observer.queue_time(event.queued_seconds)
                 if event.token_id is not None:
@@ -216,7 +226,10 @@ class OpenAIGenerationService:
         finish: dict[int, FinishReason] = {}
         stop_reasons: dict[int, int | str | None] = {}
         counts: dict[int, int] = {}
+        cached: dict[int, int] = {}
         async for d in self._merged(prep):
+            if d.cached_tokens is not None:
+                cached[d.index] = d.cached_tokens
             texts[d.index].append(d.text)
             lps[d.index].extend(d.logprobs)
             if d.prompt_logprobs is not None:
@@ -225,7 +238,7 @@ class OpenAIGenerationService:
             if d.finish_reason:
                 finish[d.index] = d.finish_reason
                 stop_reasons[d.index] = d.stop_reason
-        usage = self._usage(prep, sum(counts.values()))
+        usage = self._usage(prep, sum(counts.values()), cached)
         self._observe(usage)
         if prep.kind == "chat":
             return ChatCompletionResponse(
@@ -234,8 +247,8 @@ class OpenAIGenerationService:
                 choices=[
                     ChatCompletionChoice(
                         index=index,
-                        message=ChatResponseMessage(content=prep.echo_text + "".join(texts[index])),
-                        logprobs=self._chat_logprobs(lps[index]) if prep.logprobs is not None else None,
+                        message=ChatResponseMessage(role=prep.role, content=prep.echo_text + "".join(texts[index])),
+                        logprobs=self._chat_logprobs(lps[index], prep.tokens_as_ids) if prep.logprobs is not None else None,
                         finish_reason=finish.get(index, "length"),
                         stop_reason=stop_reasons.get(index),
                     )
@@ -248,8 +261,9 @@ class OpenAIGenerationService:
             logprobs = None
             if prep.logprobs is not None:
                 logprobs = self._completion_logprobs(
-                    lps[index], prompt if prep.echo else None, prompt_lps.get(index), prep.logprobs
-                )
+                    lps[index], prompt if prep.echo else None, prompt_lps.get(index),
+                    prep.logprobs, prep.tokens_as_ids,
+                )  # fmt: skip
             choices.append(
                 CompletionChoice(
                     index=index,
@@ -276,11 +290,12 @@ class OpenAIGenerationService:
         server turns it into an error event through its one status table.
         """
         counts: dict[int, int] = {}
+        cached: dict[int, int] = {}
         deltas = self._merged(prep)
         try:
             if prep.kind == "chat":
                 for index, _, _ in self._choices(prep):
-                    role = {"role": "assistant", "content": ""}
+                    role = {"role": prep.role, "content": ""}
                     yield self._with_usage(prep, self._chat_chunk(prep, index, role), index, 0)
                 if prep.echo_text:  # vLLM echoes the final assistant message in one chunk
                     for index, _, _ in self._choices(prep):
@@ -289,10 +304,12 @@ class OpenAIGenerationService:
             echoed: set[int] = set()
             async for d in deltas:
                 counts[d.index] = d.generated_tokens
+                if d.cached_tokens is not None:
+                    cached[d.index] = d.cached_tokens
                 if prep.kind == "chat":
                     chat_lp = None
                     if prep.logprobs is not None and d.logprobs:
-                        chat_lp = self._chat_logprobs(d.logprobs)
+                        chat_lp = self._chat_logprobs(d.logprobs, prep.tokens_as_ids)
                     if not d.text and d.finish_reason is None and chat_lp is None:
                         continue
                     delta = {"content": d.text} if d.text else {}
@@ -310,13 +327,14 @@ class OpenAIGenerationService:
                 lp = None
                 if prep.logprobs is not None:
                     lp = self._completion_logprobs(
-                        d.logprobs, echo_prompt, d.prompt_logprobs, prep.logprobs
-                    )
+                        d.logprobs, echo_prompt, d.prompt_logprobs, prep.logprobs,
+                        prep.tokens_as_ids,
+                    )  # fmt: skip
                 text_chunk = self._completion_chunk(
                     prep, d.index, text, lp, d.finish_reason, d.stop_reason
                 )
                 yield self._with_usage(prep, text_chunk, d.index, d.generated_tokens)
-            usage = self._usage(prep, sum(counts.values()))
+            usage = self._usage(prep, sum(counts.values()), cached)
             self._observe(usage)
             if on_usage is not None:
                 on_usage(usage)
@@ -387,10 +405,20 @@ class OpenAIGenerationService:
         if self.observer:
             self.observer.tokens(usage.prompt_tokens, usage.completion_tokens)
 
-    def _usage(self, prep: Prepared, completion_tokens: int) -> UsageInfo:
+    def _usage(
+        self, prep: Prepared, completion_tokens: int, cached: dict[int, int] | None = None
+    ) -> UsageInfo:
+        """Each prompt counts once, whatever ``n``; so do its cached tokens (those its first
+        choice found in the prefix cache, as vLLM's one request per prompt reports)."""
         prompt_tokens = sum(len(p.ids) for p in prep.prompts)
+        details = None
+        if prep.prompt_tokens_details and cached:
+            hits = sum(cached.get(p * prep.n, 0) for p in range(len(prep.prompts)))
+            if hits:  # vLLM reports details only when some tokens were cached
+                details = PromptTokensDetails(cached_tokens=hits)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens)  # fmt: skip
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details=details)  # fmt: skip
 
     def _prompt_logprobs(
         self, prep: Prepared, entries: tuple[TokenLogprob | None, ...] | None
@@ -418,17 +446,21 @@ class OpenAIGenerationService:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
-        text = self._token_text(token_id)
+    def _logprob_token(self, as_ids: bool, token_id: int) -> str:
+        """A logprob entry's token: its text, or "token_id:N" (return_tokens_as_token_ids)."""
+        return f"token_id:{token_id}" if as_ids else self._token_text(token_id)
+
+    def _top_logprob(self, as_ids: bool, token_id: int, logprob: float) -> TopLogprob:
+        text = self._logprob_token(as_ids, token_id)
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
 
-    def _chat_logprobs(self, entries: list[TokenLogprob]) -> ChatChoiceLogprobs:
+    def _chat_logprobs(self, entries: list[TokenLogprob], as_ids: bool) -> ChatChoiceLogprobs:
         content = []
         for e in entries:
-            text = self._token_text(e.token_id)
+            text = self._logprob_token(as_ids, e.token_id)
             content.append(ChatTokenLogprob(
                 token=text, logprob=e.logprob, bytes=list(text.encode("utf-8")),
-                top_logprobs=[self._top_logprob(tid, lp) for tid, lp in e.top],
+                top_logprobs=[self._top_logprob(as_ids, tid, lp) for tid, lp in e.top],
             ))  # fmt: skip
         return ChatChoiceLogprobs(content=content)
 
@@ -438,21 +470,24 @@ class OpenAIGenerationService:
         echo_prompt: PromptInput | None,
         prompt_lps: tuple[TokenLogprob | None, ...] | None,
         k: int,
+        as_ids: bool,
     ) -> CompletionLogprobs:
         tokens: list[str] = []
         token_lps: list[float | None] = []
         tops: list[dict[str, float] | None] = []
         if echo_prompt is not None:
             for i, tid in enumerate(echo_prompt.ids):
-                tokens.append(self._token_text(tid))
+                tokens.append(self._logprob_token(as_ids, tid))
                 plp = prompt_lps[i] if prompt_lps is not None and i < len(prompt_lps) else None
                 token_lps.append(plp.logprob if plp else None)
-                tops.append({self._token_text(t): lp for t, lp in plp.top[:k]} if plp else None)
+                tops.append(
+                    {self._logprob_token(as_ids, t): lp for t, lp in plp.top[:k]} if plp else None
+                )
         for e in entries:
-            text = self._token_text(e.token_id)
+            text = self._logprob_token(as_ids, e.token_id)
             tokens.append(text)
             token_lps.append(e.logprob)
-            top = {self._token_text(t): lp for t, lp in e.top[:k]}
+            top = {self._logprob_token(as_ids, t): lp for t, lp in e.top[:k]}
             top.setdefault(text, e.logprob)
             tops.append(top)
         offsets, pos = [], 0
