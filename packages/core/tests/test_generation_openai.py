@@ -63,10 +63,6 @@ class FakeByteTokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template
 
-    @property
-    def truncation_side(self) -> str:
-        return "right"
-
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids = list(text.encode("utf-8"))
         return [BOS, *ids] if add_special_tokens and ids else ids
@@ -785,10 +781,11 @@ def test_complete_completion_logprobs_format() -> None:
     out = complete(service, service.prepare_completion(cmpl(logprobs=2)))
     assert backend.requests[0].params.logprobs == 2
     lp = out["choices"][0]["logprobs"]
-    n = len("hé!".encode())  # EOS has no entry
+    n = len("hé!".encode()) + 1  # EOS has an entry too (vLLM's), though no text
     assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
-    assert lp["tokens"][0] == "h" and lp["tokens"][-1] == "!"
+    assert lp["tokens"][0] == "h" and lp["tokens"][-2:] == ["!", "</s>"]
+    assert out["choices"][0]["text"] == "hé!"
     assert lp["token_logprobs"] == [-0.25 * (i + 1) for i in range(n)]
     for token, value, top in zip(
         lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
@@ -807,7 +804,7 @@ def test_complete_completion_logprobs_zero_keeps_the_chosen_token() -> None:
     service, _ = make("ab")
     out = complete(service, service.prepare_completion(cmpl(logprobs=0)))
     lp = out["choices"][0]["logprobs"]
-    assert lp["top_logprobs"] == [{"a": -0.25}, {"b": -0.5}]
+    assert lp["top_logprobs"] == [{"a": -0.25}, {"b": -0.5}, {"</s>": -0.75}]
 
 
 def test_complete_completion_logprobs_with_echo() -> None:
@@ -817,12 +814,14 @@ def test_complete_completion_logprobs_with_echo() -> None:
     choice = out["choices"][0]
     assert choice["text"] == "Hiok"
     lp = choice["logprobs"]
-    assert lp["tokens"] == ["<s>", "H", "i", "o", "k"]
-    assert lp["token_logprobs"] == [None, -1.5, -1.5, -0.25, -0.5]
+    assert lp["tokens"] == ["<s>", "H", "i", "o", "k", "</s>"]
+    assert lp["token_logprobs"] == [None, -1.5, -1.5, -0.25, -0.5, -0.75]
     assert lp["top_logprobs"][0] is None
     assert lp["top_logprobs"][1] == {"H": -1.5}  # k=1 of the prompt alternatives
     assert lp["top_logprobs"][3] == {"o": -0.25}
-    assert lp["text_offset"] == [0, 3, 4, 5, 6]
+    assert lp["text_offset"] == [0, 3, 4, 5, 6, 7]
+    # vLLM reports the echoed prompt's logprobs as prompt_logprobs too.
+    assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == 3
 
 
 def test_complete_chat_logprobs_format() -> None:
@@ -830,7 +829,8 @@ def test_complete_chat_logprobs_format() -> None:
     out = complete(service, service.prepare_chat(chat(logprobs=True, top_logprobs=3)))
     assert backend.requests[0].params.logprobs == 3
     content = out["choices"][0]["logprobs"]["content"]
-    assert len(content) == len("Hé".encode())
+    assert len(content) == len("Hé".encode()) + 1  # and EOS
+    assert content[-1]["token"] == "</s>"
     first = content[0]
     assert first["token"] == "H" and first["logprob"] == -0.25 and first["bytes"] == [72]
     assert [t["token"] for t in first["top_logprobs"]] == ["H", "#", "~"]
@@ -848,7 +848,9 @@ def test_complete_chat_logprobs_without_top() -> None:
     service, _ = make("ab")
     out = complete(service, service.prepare_chat(chat(logprobs=True)))
     content = out["choices"][0]["logprobs"]["content"]
-    assert [(e["token"], e["top_logprobs"]) for e in content] == [("a", []), ("b", [])]
+    assert [(e["token"], e["top_logprobs"]) for e in content] == [
+        ("a", []), ("b", []), ("</s>", [])
+    ]  # fmt: skip
 
 
 def test_complete_backend_error_raises() -> None:
@@ -979,7 +981,9 @@ def test_stream_chat_logprobs_per_chunk() -> None:
                                                                  top_logprobs=1))))  # fmt: skip
     entries = [e for c in chunks if c["choices"][0]["logprobs"]
                for e in c["choices"][0]["logprobs"]["content"]]  # fmt: skip
-    assert [(e["token"], e["logprob"]) for e in entries] == [("a", -0.25), ("b", -0.5)]
+    assert [(e["token"], e["logprob"]) for e in entries] == [
+        ("a", -0.25), ("b", -0.5), ("</s>", -0.75)
+    ]  # fmt: skip
     assert entries[0]["top_logprobs"] == [{"token": "a", "logprob": -0.25, "bytes": [97]}]
 
 
@@ -1175,8 +1179,8 @@ def test_the_response_id_is_the_header_then_request_id_then_random() -> None:
 @pytest.mark.parametrize(
     ("keep", "side", "expected"),
     [
-        (2, None, [BOS, 83]),  # the tokenizer's side: right keeps the first tokens
-        (2, "left", [97, 121]),
+        (2, None, [97, 121]),  # vLLM's default for generation: keep the last tokens
+        (2, "right", [BOS, 83]),
         (-1, "left", None),  # the context less one: nothing to cut here
         (10, "right", None),
     ],
@@ -1400,8 +1404,10 @@ def test_tokens_as_token_ids_from_the_server_or_the_request() -> None:
     service, _ = make("ab", options=FrontendOptions(tokens_as_ids=True))
     out = complete(service, service.prepare_chat(chat(logprobs=True, top_logprobs=1)))
     first = out["choices"][0]["logprobs"]["content"][0]
-    assert first["token"] == f"token_id:{ord('a')}" and first["bytes"] == list(b"token_id:97")
-    assert first["top_logprobs"][0]["token"] == "token_id:97"
+    # vLLM: the chosen token's bytes stay its text's; an alternative's are its name's.
+    assert first["token"] == f"token_id:{ord('a')}" and first["bytes"] == list(b"a")
+    assert first["top_logprobs"][0] == {"token": "token_id:97", "logprob": -0.25,
+                                        "bytes": list(b"token_id:97")}  # fmt: skip
     text = complete(
         service, service.prepare_completion(cmpl(logprobs=1, return_tokens_as_token_ids=False))
     )

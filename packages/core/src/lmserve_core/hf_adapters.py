@@ -117,10 +117,6 @@ class HFGenerationTokenizer:
     def chat_template(self) -> str | None:
         return self._template if isinstance(self._template, str) else None
 
-    @property
-    def truncation_side(self) -> str:
-        return str(getattr(self._tok, "truncation_side", "right"))
-
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return [int(t) for t in self._tok.encode(text, add_special_tokens=add_special_tokens)]
 

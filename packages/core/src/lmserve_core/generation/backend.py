@@ -15,11 +15,6 @@ class GenerationTokenizer(Protocol):
     @property
     def chat_template(self) -> str | None: ...
 
-    @property
-    def truncation_side(self) -> str:
-        """ "left" or "right": where ``truncate_prompt_tokens`` cuts by default."""
-        ...
-
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
 
     def decode(

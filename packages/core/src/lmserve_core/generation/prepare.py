@@ -151,6 +151,9 @@ def _sampling(
     temperature = req.temperature if req.temperature is not None else d.get("temperature", 1.0)
     top_p = req.top_p if req.top_p is not None else d.get("top_p", 1.0)
     top_k = req.top_k if req.top_k is not None else int(d.get("top_k", 0))
+    if float(temperature) == 0.0 and req.n > 1:
+        # n greedy choices would be n copies of one: vLLM refuses them.
+        raise InvalidInput(f"n must be 1 when using greedy sampling, got {req.n}.", param="n")
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:
         raise InvalidInput("seed must fit in 64 bits", param="seed")
     for token in req.stop_token_ids or []:
@@ -315,8 +318,8 @@ def _truncated(
     tok: GenerationTokenizer,
     facts: ModelFacts,
 ) -> list[int]:
-    """vLLM's ``truncate_prompt_tokens``: keep N tokens (-1: the context less one), from the
-    side ``truncation_side`` (else the tokenizer's) says to cut."""
+    """vLLM's ``truncate_prompt_tokens``: keep N tokens (-1: the context less one); by default
+    the last N (vLLM loads generation tokenizers with ``truncation_side="left"``)."""
     keep = req.truncate_prompt_tokens
     if keep is None:
         return ids
@@ -330,7 +333,7 @@ def _truncated(
         keep = max(0, facts.max_model_len - 1)
     if keep >= len(ids):
         return ids
-    side = req.truncation_side or tok.truncation_side
+    side = req.truncation_side or "left"
     return ids[len(ids) - keep :] if side == "left" else ids[:keep]
 
 
@@ -355,13 +358,11 @@ def prepare_completion(
     longest = max(len(p.ids) for p in prompts)
     max_tokens = _max_tokens(req.max_tokens, longest, facts, default_rest=False)
     prompt_logprobs = _prompt_logprobs(req, limits, facts)
-    # Echo with logprobs needs the prompt's too: the backend computes the larger k once.
-    echo_k = req.logprobs if (req.echo and req.logprobs is not None) else None
-    wanted = [k for k in (echo_k, prompt_logprobs) if k is not None]
+    if prompt_logprobs is None and req.echo:  # vLLM: echo reports the prompt's logprobs too
+        prompt_logprobs = req.logprobs
     params = _sampling(
-        req, facts, max_tokens=max_tokens, logprobs=req.logprobs,
-        prompt_logprobs=max(wanted) if wanted else None,
-    )  # fmt: skip
+        req, facts, max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs
+    )
     return Prepared(
         kind="completion", request_id=_response_id("cmpl", headers, req), created=int(time.time()),
         model=req.model, prompts=prompts, n=req.n, params=params, stops=_stops(req.stop, limits),
@@ -563,6 +564,8 @@ def prepare_chat(
     max_tokens = _max_tokens(requested, len(ids), facts, default_rest=True)
     logprobs = (top or 0) if req.logprobs else None
     prompt_logprobs = _prompt_logprobs(req, limits, facts)
+    if prompt_logprobs is None and req.echo:  # vLLM: echo reports the prompt's logprobs too
+        prompt_logprobs = top or 0
     params = _sampling(
         req, facts, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs
     )

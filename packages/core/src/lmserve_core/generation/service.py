@@ -148,7 +148,8 @@ class OpenAIGenerationService:
                         # Stop strings count only after min_tokens (vLLM).
                         check = generated > params.min_tokens
                         delta.text = matcher.feed(detok.add(event.token_id), check=check)
-                    if not event.is_stop_token and event.logprob is not None:
+                    # vLLM's logprobs include the stop token (EOS too), its text does not.
+                    if event.logprob is not None:
                         delta.logprobs.append(event.logprob)
                 delta.generated_tokens = generated
                 if matcher.stopped:
@@ -457,9 +458,11 @@ class OpenAIGenerationService:
     def _chat_logprobs(self, entries: list[TokenLogprob], as_ids: bool) -> ChatChoiceLogprobs:
         content = []
         for e in entries:
-            text = self._logprob_token(as_ids, e.token_id)
+            # vLLM: the chosen token's bytes are its text's, even when named "token_id:N".
+            decoded = self._token_text(e.token_id)
             content.append(ChatTokenLogprob(
-                token=text, logprob=e.logprob, bytes=list(text.encode("utf-8")),
+                token=self._logprob_token(as_ids, e.token_id), logprob=e.logprob,
+                bytes=list(decoded.encode("utf-8")),
                 top_logprobs=[self._top_logprob(as_ids, tid, lp) for tid, lp in e.top],
             ))  # fmt: skip
         return ChatChoiceLogprobs(content=content)
