@@ -10,7 +10,8 @@ import httpx
 
 from _support.servers import ServerProcess
 
-LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
+# Sampled, so that n = 2 is allowed (greedy n > 1 is refused, as vLLM does).
+LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 1.0, "seed": 1}
 
 
 def metric(server: ServerProcess, name: str) -> float:

@@ -186,3 +186,24 @@ def test_waiting_sequences_start_in_priority_then_arrival_order() -> None:
         assert item is not None
         order.append(item.id)
     assert order == ["c", "e", "a", "d", "b"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"repetition_penalty": 5e-324},
+        {"temperature": 1e-300},
+        {"temperature": 1e-300, "top_p": 0.5},
+    ],
+)
+def test_extreme_sampling_settings_still_draw_a_token(settings: dict[str, float]) -> None:
+    import torch
+
+    from lmserve_backend_hf.sampler import RowState, sample
+    from lmserve_core.generation.params import SamplingParams
+
+    params = SamplingParams(max_tokens=1, **{"temperature": 1.0, **settings})
+    state = RowState(params, [0, 1, 2], generator=torch.Generator().manual_seed(0))
+    logits = torch.tensor([[3.0, -2.0, 5.0, 0.5]])
+    ((token, _),) = sample(logits, [state])
+    assert 0 <= token < 4

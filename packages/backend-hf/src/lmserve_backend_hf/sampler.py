@@ -64,14 +64,20 @@ def _process_row(row: torch.Tensor, state: RowState) -> torch.Tensor:
         ids = torch.tensor(list(state.counts), device=row.device)
         counts = torch.tensor(list(state.counts.values()), device=row.device, dtype=row.dtype)
         row[ids] -= p.frequency_penalty * counts + p.presence_penalty
-    return row
+    return _finite(row)
+
+
+def _finite(row: torch.Tensor) -> torch.Tensor:
+    """Extreme but valid settings (a repetition penalty or temperature of 1e-300) push logits to
+    infinity; softmax would turn them into NaN. The largest float keeps their order instead."""
+    return torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
 
 
 def _draw(row: torch.Tensor, state: RowState) -> int:
     p = state.params
     if p.greedy:
         return int(row.argmax())
-    row = row / p.temperature
+    row = _finite(row / p.temperature)
     if p.top_k and p.top_k < row.shape[-1]:
         kth = torch.topk(row, p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
