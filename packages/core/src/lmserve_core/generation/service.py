@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lmserve_core.errors import BackendError, ModelNotReady
 from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
@@ -363,14 +363,7 @@ class OpenAIGenerationService:
         """``delta``: a :class:`ChatDelta`'s fields."""
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
                   "stop_reason": stop_reason}  # fmt: skip
-        return ChatCompletionChunk.model_validate(
-            {
-                "id": prep.request_id,
-                "created": prep.created,
-                "model": prep.model,
-                "choices": [choice],
-            }
-        )
+        return OpenAIGenerationService._chunk(ChatCompletionChunk, prep, choice)
 
     @staticmethod
     def _completion_chunk(
@@ -383,14 +376,12 @@ class OpenAIGenerationService:
     ) -> CompletionChunk:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
                   "stop_reason": stop_reason}  # fmt: skip
-        return CompletionChunk.model_validate(
-            {
-                "id": prep.request_id,
-                "created": prep.created,
-                "model": prep.model,
-                "choices": [choice],
-            }
-        )
+        return OpenAIGenerationService._chunk(CompletionChunk, prep, choice)
+
+    @staticmethod
+    def _chunk(kind: type[_Chunk], prep: Prepared, choice: dict[str, Any]) -> _Chunk:
+        body = {"id": prep.request_id, "created": prep.created, "model": prep.model}
+        return kind.model_validate({**body, "choices": [choice]})
 
     @staticmethod
     def _with_usage(prep: Prepared, chunk: _Chunk, index: int, generated: int) -> _Chunk:
