@@ -93,7 +93,7 @@ class Prepared:
     # With include_usage: the usage so far in every chunk.
     continuous_usage: bool = False
     text: TextOptions = field(default_factory=TextOptions)
-    # Chat with echo: the last message's content when it is the assistant's (vLLM's echo).
+    # Chat with echo: the last message's content when its role is --response_role's (vLLM's).
     echo_text: str = ""
     priority: int = 0
     # prompt_logprobs: top-k per prompt token to return (None: not asked).
@@ -313,10 +313,7 @@ def _frontend_fields(
 
 
 def _truncated(
-    ids: list[int],
-    req: CompletionRequest | ChatCompletionRequest,
-    tok: GenerationTokenizer,
-    facts: ModelFacts,
+    ids: list[int], req: CompletionRequest | ChatCompletionRequest, facts: ModelFacts
 ) -> list[int]:
     """vLLM's ``truncate_prompt_tokens``: keep N tokens (-1: the context less one); by default
     the last N (vLLM loads generation tokenizers with ``truncation_side="left"``)."""
@@ -392,7 +389,7 @@ def _completion_prompts(
     for item in items:
         if isinstance(item, str):
             full = tok.encode(item, add_special_tokens=req.add_special_tokens)
-            ids = _truncated(full, req, tok, facts)
+            ids = _truncated(full, req, facts)
             # echo repeats the prompt the model saw: the text itself, unless it was cut.
             text = item if len(ids) == len(full) else tok.decode(ids, skip_special_tokens=False)
         else:
@@ -401,7 +398,7 @@ def _completion_prompts(
                 raise InvalidInput(
                     f"prompt token ids must be in [0, {facts.vocab_size})", param="prompt"
                 )
-            ids = _truncated(ids, req, tok, facts)
+            ids = _truncated(ids, req, facts)
             text = tok.decode(ids, skip_special_tokens=False)
         if not ids:
             raise InvalidInput("the prompt is empty after tokenization", param="prompt")
@@ -555,7 +552,7 @@ def prepare_chat(
         raise InvalidInput(f"cannot apply the chat template: {exc}", param="messages") from None
     # The template writes BOS itself where the model wants one: no double BOS (vLLM's
     # add_special_tokens defaults to false on chat for that reason).
-    ids = _truncated(tok.encode(text, add_special_tokens=req.add_special_tokens), req, tok, facts)
+    ids = _truncated(tok.encode(text, add_special_tokens=req.add_special_tokens), req, facts)
     if not ids:
         raise InvalidInput("the rendered conversation is empty", param="messages")
     requested = (
