@@ -417,11 +417,9 @@ def _loops_over_content(template: str) -> bool:
     """Whether a Jinja chat template iterates over a message's content (``{% for part in
     message['content'] %}``, ``message.content``, or a variable named ``content``): such templates
     want content as a list of parts. Unparsable templates count as string templates."""
-    try:
-        import jinja2
-        from jinja2 import nodes
-    except ImportError:  # pragma: no cover - every backend brings jinja2 with transformers
-        return False
+    import jinja2  # on first use: importing lmserve_core stays light
+    from jinja2 import nodes
+
     try:
         tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
     except jinja2.TemplateSyntaxError:
