@@ -64,7 +64,7 @@ def _process_row(row: torch.Tensor, state: RowState) -> torch.Tensor:
         ids = torch.tensor(list(state.counts), device=row.device)
         counts = torch.tensor(list(state.counts.values()), device=row.device, dtype=row.dtype)
         row[ids] -= p.frequency_penalty * counts + p.presence_penalty
-    return _finite(row)
+    return row
 
 
 def _finite(row: torch.Tensor) -> torch.Tensor:
