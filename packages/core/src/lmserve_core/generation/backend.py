@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
-from lmserve_core.generation.params import GenerationRequest, TokenEvent
+from lmserve_core.generation.params import GenerationRequest, StructuredOutput, TokenEvent
 
 
 class GenerationTokenizer(Protocol):
@@ -56,6 +56,12 @@ class GenerativeBackend(Protocol):
 
         Closing the iterator early (client gone, stop string) aborts the request.
         """
+        ...
+
+    def check_structured_output(self, spec: StructuredOutput) -> None:
+        """Compile ``spec`` (or find it compiled) so that requests using it can run; raise
+        InvalidInput naming the field when it does not compile. May take a while (the caller
+        runs it in a worker thread, with a time limit)."""
         ...
 
     def check_health(self) -> None:

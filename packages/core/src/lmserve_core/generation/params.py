@@ -7,6 +7,25 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text: vLLM's ``structured_outputs``, one kind at a time.
+
+    ``value`` by kind: ``json`` a JSON schema as JSON text; ``json_object`` "" (any JSON
+    object); ``regex`` a regular expression; ``choice`` a JSON list of the allowed strings;
+    ``grammar`` an EBNF (GBNF) or Lark grammar; ``structural_tag`` vLLM's/xgrammar's structural
+    tag as JSON text. Frozen and hashable: backends cache what they compile from it.
+    """
+
+    kind: StructuredKind
+    value: str = ""
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,6 +47,8 @@ class SamplingParams:
     logprobs: int | None = None
     # Top-k alternatives per prompt token (echo with logprobs); None: none.
     prompt_logprobs: int | None = None
+    # The generated text must match this (None: unconstrained).
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:

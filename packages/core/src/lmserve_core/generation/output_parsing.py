@@ -1,0 +1,106 @@
+"""The seam between generated chat text and what the client gets: reasoning, content, tool calls.
+
+A server has one ``OutputParsing`` (from ``--tool-call-parser``, ``--reasoning-parser`` and
+``--enable-auto-tool-choice``). For each chat request it makes a ``RequestParsing``: what the
+request needs from the engine (a structured-output constraint for ``tool_choice`` "required"
+or a named function, special tokens kept so the parser can see tool-call markers) and a
+``ChoiceParser`` per choice, stateful across a stream's deltas.
+
+Two implementations: vLLM's own parsers where vLLM is installed
+(``lmserve_backend_vllm.output_parsers``, every tool and reasoning parser vLLM ships, on both
+backends), and ``lmserve_core.generation.tool_formats`` without it (hermes, llama3_json,
+mistral, pythonic; no reasoning parsers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lmserve_core.generation.params import StructuredOutput
+from lmserve_protocols.openai import ChatCompletionRequest
+
+
+@dataclass(frozen=True)
+class ParsedToolCall:
+    """One complete tool call: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+    id: str | None = None  # None: the service makes one ("chatcmpl-tool-<hex>")
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """A whole choice's text, split. ``tool_calls`` empty: the model called no tool."""
+
+    content: str | None
+    reasoning: str | None = None
+    tool_calls: tuple[ParsedToolCall, ...] = ()
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of one tool call in a stream, as OpenAI sends them: ``id`` and ``name`` in the
+    call's first piece, then fragments of ``arguments`` (concatenated they are the JSON)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass
+class ParsedDelta:
+    """What one streamed piece of text adds to a choice (all None/empty: nothing to send yet)."""
+
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.content and not self.reasoning and not self.tool_calls
+
+
+class ChoiceParser(Protocol):
+    """Splits one choice's output. Non-streaming callers use ``parse`` once; streams call
+    ``parse_delta`` for every piece of text, the last with ``finished=True``."""
+
+    def parse(self, text: str, token_ids: Sequence[int]) -> ParsedOutput: ...
+
+    def parse_delta(
+        self, delta_text: str, delta_ids: Sequence[int], *, finished: bool
+    ) -> ParsedDelta | None: ...
+
+
+@dataclass(frozen=True)
+class RequestAdjustments:
+    """What a chat request needs from generation so that its output can be parsed."""
+
+    # Replaces the request's own constraint (tool_choice "required"/named forces the tools'
+    # schema, as vLLM does). None: keep the request's (response_format/structured_outputs).
+    structured: StructuredOutput | None = None
+    # False where the parser must see special tokens (tool-call markers); None: the request's.
+    skip_special_tokens: bool | None = None
+
+
+class RequestParsing(Protocol):
+    @property
+    def adjustments(self) -> RequestAdjustments: ...
+
+    @property
+    def active(self) -> bool:
+        """False: content passes through untouched (no tools in play, no reasoning parser)."""
+        ...
+
+    def new_choice(self) -> ChoiceParser: ...
+
+
+class OutputParsing(Protocol):
+    """Server-wide: makes a ``RequestParsing`` per chat request (raises InvalidInput)."""
+
+    def for_request(
+        self, request: ChatCompletionRequest, prompt_ids: Sequence[int]
+    ) -> RequestParsing: ...
