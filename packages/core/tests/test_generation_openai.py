@@ -450,7 +450,13 @@ def test_choice_params_seed_per_choice() -> None:
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
-         "messages[1].role"),
+         "messages[1].tool_call_id"),
+        ({"messages": [{"role": "user", "content": "a"},
+                       {"role": "tool", "content": "b", "tool_call_id": "nope"}]},
+         "messages[1].tool_call_id"),
+        ({"messages": [{"role": "user", "content": "a", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+         "messages[0].tool_calls"),
         ({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "look"},
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
@@ -459,9 +465,16 @@ def test_choice_params_seed_per_choice() -> None:
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": None}]},
          "messages[1].content"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": []}, "tools"),
+        # "auto" (the default with tools) needs a tool-call parser, as in vLLM.
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
         ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"structured_outputs": {"regex": "a+", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+        ({"structured_outputs": {"json": "{not json"}}, "structured_outputs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -581,9 +594,9 @@ def test_prepare_chat_logprobs() -> None:
     assert prep.params.prompt_logprobs is None
 
 
-def test_prepare_chat_allows_text_response_format_and_empty_tools() -> None:
-    prep = prep_chat(chat(response_format={"type": "text"}, tools=[]))
-    assert prep.kind == "chat"
+def test_prepare_chat_allows_text_response_format_and_tool_choice_none() -> None:
+    prep = prep_chat(chat(response_format={"type": "text"}, tool_choice="none"))
+    assert prep.kind == "chat" and prep.params.structured is None and prep.parsing is None
 
 
 def test_prepare_chat_stream_options() -> None:
@@ -673,7 +686,7 @@ def test_complete_multibyte_text() -> None:
     service, _ = make(text)
     out = complete(service, service.prepare_chat(chat()))
     (choice,) = out["choices"]
-    assert choice["message"] == {"role": "assistant", "content": text}
+    assert choice["message"] == {"role": "assistant", "content": text, "reasoning": None}
     assert out["usage"]["completion_tokens"] == len(text.encode()) + 1
 
 
@@ -713,7 +726,8 @@ def test_complete_chat() -> None:
     assert out["object"] == "chat.completion"
     assert out["id"].startswith("chatcmpl-")
     (choice,) = out["choices"]
-    assert choice == {"index": 0, "message": {"role": "assistant", "content": "Hi there"},
+    assert choice == {"index": 0, "message": {"role": "assistant", "content": "Hi there",
+                                              "reasoning": None},
                       "logprobs": None, "finish_reason": "stop", "stop_reason": None}  # fmt: skip
     prompt_len = len(b"<|user|>Hi\n<|assistant|>")
     assert out["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 9,
@@ -1131,8 +1145,6 @@ def test_stream_closed_early_by_the_consumer_aborts() -> None:
         ("completion", "use_beam_search", True),
         ("chat", "use_beam_search", True),
         ("chat", "length_penalty", 0.5),
-        ("completion", "response_format", {"type": "json_object"}),
-        ("completion", "structured_outputs", {"json": {"type": "object"}}),
         ("chat", "bad_words", ["x"]),
         ("completion", "prompt_embeds", "AAAA"),
     ],
@@ -1324,14 +1336,23 @@ def test_max_logprobs_limit_and_no_limit() -> None:
         unlimited.prepare_chat(chat(logprobs=True, top_logprobs=VOCAB_SIZE + 1))
 
 
-def test_assistant_tool_calls_are_refused_and_names_reach_the_template() -> None:
+def test_tool_history_and_names_reach_the_template() -> None:
     service, _ = make()
-    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": '{"city": "Paris"}'}}  # fmt: skip
     history = [{"role": "user", "content": "Hi"},
-               {"role": "assistant", "content": None, "tool_calls": [call]}]  # fmt: skip
-    with pytest.raises(InvalidInput) as err:
-        service.prepare_chat(chat(messages=history))
-    assert err.value.param == "messages[1].tool_calls"
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]  # fmt: skip
+    service.prepare_chat(chat(messages=history))
+    tok = service.tokenizer
+    assert isinstance(tok, FakeByteTokenizer)
+    # Arguments reach templates as objects (vLLM's rule), the result with its call's id.
+    assert tok.template_calls[-1]["messages"][1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "f", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]  # fmt: skip
     service.prepare_chat(chat(messages=[{"role": "user", "content": "Hi", "name": "ann"}]))
     tok = service.tokenizer
     assert isinstance(tok, FakeByteTokenizer)

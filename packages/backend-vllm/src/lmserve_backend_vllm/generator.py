@@ -13,8 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lmserve_backend_vllm.ray_cluster import NodeWatch
-from lmserve_core.errors import BackendError
-from lmserve_core.generation.params import GenerationRequest, TokenEvent, TokenLogprob
+from lmserve_core.errors import BackendError, InvalidInput
+from lmserve_core.generation.params import (
+    GenerationRequest,
+    StructuredOutput,
+    TokenEvent,
+    TokenLogprob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,27 @@ def _queued_seconds(output: Any) -> float | None:
     if queued and scheduled and scheduled >= queued:
         return float(scheduled - queued)
     return None
+
+
+def structured_outputs(spec: StructuredOutput | None) -> Any:
+    """lmserve's constraint as vLLM's ``StructuredOutputsParams`` (vLLM's own engine runs it)."""
+    if spec is None:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    value: Any = spec.value
+    if spec.kind == "choice":
+        value = json.loads(spec.value)
+    elif spec.kind == "json_object":
+        value = True
+    return StructuredOutputsParams(
+        **{spec.kind: value},
+        disable_any_whitespace=spec.disable_any_whitespace,
+        disable_additional_properties=spec.disable_additional_properties,
+        whitespace_pattern=spec.whitespace_pattern,
+    )
 
 
 class VLLMGenerator:
@@ -88,6 +114,21 @@ class VLLMGenerator:
     def num_unfinished(self) -> int:
         return int(self.engine.get_num_unfinished_requests())
 
+    def check_structured_output(self, spec: StructuredOutput) -> None:
+        """vLLM's own check of a request's constraint (the one its server makes before the
+        engine sees the request), against the engine's structured-output backend."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, structured_outputs=structured_outputs(spec))
+        try:
+            params._validate_structured_outputs(
+                self.engine.model_config,
+                self.engine.vllm_config.structured_outputs_config,
+                self.engine.tokenizer,
+            )
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise InvalidInput(f"the {spec.kind} constraint does not compile: {exc}") from None
+
     def _sampling(self, request: GenerationRequest) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -110,6 +151,7 @@ class VLLMGenerator:
             min_tokens=p.min_tokens,
             logprobs=p.logprobs,
             prompt_logprobs=p.prompt_logprobs,
+            structured_outputs=structured_outputs(p.structured),
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
             skip_special_tokens=False,

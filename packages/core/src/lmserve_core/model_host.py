@@ -19,6 +19,7 @@ from lmserve_core.admission import AdmissionGate
 from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadRequest
 from lmserve_core.encoder import EncoderService
 from lmserve_core.errors import InvalidInput, LmserveError, ModelNotFound, ModelNotReady
+from lmserve_core.generation.parsers import output_parsing
 from lmserve_core.generation.prepare import FrontendOptions, GenerationLimits
 from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.observer import ServingObserver
@@ -123,8 +124,14 @@ class ModelHost:
                         prompt_tokens_details=self.settings.enable_prompt_tokens_details,
                         tokens_as_ids=self.settings.return_tokens_as_token_ids,
                         content_format=self.settings.chat_template_content_format.value,
+                        tool_call_parser=self.settings.tool_call_parser,
+                        enable_auto_tool_choice=self.settings.enable_auto_tool_choice,
+                        exclude_tools_when_tool_choice_none=(
+                            self.settings.exclude_tools_when_tool_choice_none
+                        ),
                     ),
                     observer=self.observer,
+                    output_parsing=output_parsing(self.settings, loaded.tokenizer),
                 )
                 await loaded.backend.start()
             else:

@@ -66,6 +66,10 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
         backend, reason, fallback = choose_predictor(settings, task)
     else:
         backend, reason, fallback = choose_backend(settings.backend, task)
+    if task.is_generative:
+        from lmserve_core.generation.parsers import check_parser_flags
+
+        check_parser_flags(settings)
     return ServingPlan(source, config, task, backend, reason, fallback)
 
 

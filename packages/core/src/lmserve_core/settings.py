@@ -61,6 +61,12 @@ def flag(description: str, *, aliases: tuple[str, ...] = (), group: str = "model
     }
 
 
+class ToolStrictLevel(StrEnum):
+    auto = "auto"
+    function = "function"
+    parameter = "parameter"
+
+
 class ServeSettings(BaseModel):
     """Everything ``lmserve serve`` can be told."""
 
@@ -242,6 +248,75 @@ class ServeSettings(BaseModel):
             )
         ),
     ] = False
+    enable_auto_tool_choice: Annotated[
+        bool,
+        Field(
+            **flag(
+                "Parse tool calls out of the output for tool_choice 'auto' (vLLM's flag; needs "
+                "--tool_call_parser).",
+                group="openai",
+            )
+        ),
+    ] = False
+    tool_call_parser: Annotated[
+        str | None,
+        Field(
+            **flag(
+                "The model's tool-call format, by vLLM's parser name (hermes, llama3_json, "
+                "mistral, pythonic, qwen3_xml, ...): every parser vLLM ships where vLLM is "
+                "installed, on both backends; hermes, llama3_json, mistral and pythonic without.",
+                group="openai",
+            )
+        ),
+    ] = None
+    tool_parser_plugin: Annotated[
+        str | None,
+        Field(
+            **flag(
+                "A Python FILE that registers more tool parsers with vLLM (vLLM's flag).",
+                group="openai",
+            )
+        ),
+    ] = None
+    tool_strict_level: Annotated[
+        ToolStrictLevel,
+        Field(
+            **flag(
+                "How far vLLM's structural tags hold tool calls to the tools: auto (as "
+                "tool_choice and each tool's 'strict' say), function (the call envelope "
+                "always), parameter (the arguments' schemas too). vLLM's flag.",
+                group="openai",
+            )
+        ),
+    ] = ToolStrictLevel.auto
+    exclude_tools_when_tool_choice_none: Annotated[
+        bool,
+        Field(
+            **flag(
+                "Leave the tools out of the prompt when tool_choice is 'none' (vLLM's flag).",
+                group="openai",
+            )
+        ),
+    ] = False
+    reasoning_parser: Annotated[
+        str | None,
+        Field(
+            **flag(
+                "Move the model's reasoning out of 'content' into 'reasoning', by vLLM's "
+                "reasoning parser name (deepseek_r1, qwen3, ...; needs vLLM installed).",
+                group="openai",
+            )
+        ),
+    ] = None
+    reasoning_parser_plugin: Annotated[
+        str | None,
+        Field(
+            **flag(
+                "A Python FILE that registers more reasoning parsers with vLLM (vLLM's flag).",
+                group="openai",
+            )
+        ),
+    ] = None
     enable_request_id_headers: Annotated[
         bool,
         Field(

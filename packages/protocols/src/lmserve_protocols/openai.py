@@ -3,7 +3,7 @@ model listing and the error body."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,6 +79,45 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+class StructuredOutputsParams(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one constraint (json, regex, choice, grammar,
+    json_object or structural_tag) and its options."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema and its name (``strict`` as OpenAI's: the
+    output always matches the schema here, strict or not, as in vLLM)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: text, json_object, json_schema, or vLLM's structural_tag (its other
+    fields: ``format``, or the legacy ``structures`` and ``triggers``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat; vLLM's extensions included."""
 
@@ -116,6 +155,9 @@ class _SamplingFields(BaseModel):
     prompt_logprobs: int | None = Field(default=None, ge=-1)
     # Logprob tokens as "token_id:N" (None: the server's --return_tokens_as_token_ids).
     return_tokens_as_token_ids: bool | None = None
+    # The output must match these (response_format overrides them, as in vLLM).
+    structured_outputs: StructuredOutputsParams | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -130,14 +172,60 @@ class CompletionRequest(_SamplingFields):
     add_special_tokens: bool = True
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ChatCompletionTool(BaseModel):
+    """One entry of ``tools``: a function the model may call."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the one function to call."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class FunctionCallParam(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallParam(BaseModel):
+    """A tool call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessage(BaseModel):
-    """One message of a chat: ``role`` and ``content`` (text or content parts)."""
+    """One message of a chat: ``role`` and ``content`` (text or content parts); assistant
+    messages may carry ``tool_calls``, and ``role: "tool"`` messages the ``tool_call_id`` they
+    answer."""
 
     model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[dict[str, object]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+    # vLLM passes an assistant message's earlier reasoning on to the template.
+    reasoning: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -158,9 +246,9 @@ class ChatCompletionRequest(_SamplingFields):
     include_reasoning: bool = True
     # Echo the last message when it is the assistant's (vLLM).
     echo: bool = False
-    response_format: dict[str, object] | None = None
-    tools: list[dict[str, object]] | None = None
-    tool_choice: str | dict[str, object] | None = None
+    tools: list[ChatCompletionTool] | None = None
+    # None: "auto" with tools, "none" without (vLLM's default).
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
 
 
@@ -253,9 +341,28 @@ class CompletionChunk(BaseModel):
     usage: UsageInfo | None = omitted_when_none()
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+def _is_empty(value: list[Any]) -> bool:
+    return not value
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"  # --response_role
     content: str | None = None
+    # The model's reasoning (with --reasoning-parser), as vLLM 0.32 names it.
+    reasoning: str | None = None
+    # vLLM leaves the key out when no tool was called.
+    tool_calls: list[ToolCall] = Field(default_factory=list, exclude_if=_is_empty)
 
 
 class ChatCompletionChoice(BaseModel):
@@ -278,11 +385,28 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = omitted_when_none()
+    arguments: str | None = omitted_when_none()
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: ``id``, ``type`` and ``name`` come in its first piece,
+    argument fragments after."""
+
+    index: int
+    id: str | None = omitted_when_none()
+    type: Literal["function"] | None = omitted_when_none()
+    function: DeltaFunctionCall | None = omitted_when_none()
+
+
 class ChatDelta(BaseModel):
     """What a chunk adds to one choice: the role in the first, text after, ``{}`` at the end."""
 
     role: str | None = omitted_when_none()
     content: str | None = omitted_when_none()
+    reasoning: str | None = omitted_when_none()
+    tool_calls: list[DeltaToolCall] | None = omitted_when_none()
 
 
 class ChatCompletionStreamChoice(BaseModel):

@@ -204,20 +204,24 @@ class DataPlane:
         )
 
     # --- generation ------------------------------------------------------------------
-    def admit_completion(
+    async def admit_completion(
         self, body: CompletionRequest, headers: RequestHeaders | None = None
     ) -> AdmittedGeneration:
         """``headers``: what vLLM reads from HTTP headers (X-Request-Id, X-Vllm-Priority)."""
         service = self._host.require_generator(body.model)
-        return self._admit(service, service.prepare_completion(body, headers=headers))
+        return await self._admit(service, service.prepare_completion(body, headers=headers))
 
-    def admit_chat(
+    async def admit_chat(
         self, body: ChatCompletionRequest, headers: RequestHeaders | None = None
     ) -> AdmittedGeneration:
         service = self._host.require_generator(body.model)
-        return self._admit(service, service.prepare_chat(body, headers=headers))
+        return await self._admit(service, service.prepare_chat(body, headers=headers))
 
-    def _admit(self, service: OpenAIGenerationService, prepared: Prepared) -> AdmittedGeneration:
+    async def _admit(
+        self, service: OpenAIGenerationService, prepared: Prepared
+    ) -> AdmittedGeneration:
+        # An output constraint that does not compile is a 400 before any slot is taken.
+        await service.check_structured(prepared)
         # One unit per sequence started: a request with n=4 weighs as much as four with n=1.
         ticket = self._host.gate.admit(len(prepared.prompts) * prepared.n)
         return AdmittedGeneration(service, prepared, ticket)

@@ -4,7 +4,9 @@ A KServe manifest written for vLLM carries them. Those lmserve implements are it
 (``ServeSettings``, in both spellings): ``--chat-template``, ``--trust-request-chat-template``,
 ``--chat-template-content-format``, ``--response-role``, ``--return-tokens-as-token-ids``,
 ``--enable-prompt-tokens-details``, ``--enable-force-include-usage``,
-``--enable-request-id-headers``, ``--host``, ``--grpc-port``, ``--api-key``,
+``--enable-request-id-headers``, ``--enable-auto-tool-choice``, ``--tool-call-parser``,
+``--tool-parser-plugin``, ``--tool-strict-level``, ``--exclude-tools-when-tool-choice-none``,
+``--reasoning-parser``, ``--reasoning-parser-plugin``, ``--host``, ``--grpc-port``, ``--api-key``,
 ``--allowed-origins``. A few have another name here (``USE_INSTEAD``). Every other one is a
 startup error that names it (exit 2): never accepted and ignored. ``tests/test_vllm_flags.py``
 checks the tables against the vLLM installed with the tests.
@@ -21,10 +23,8 @@ USE_INSTEAD: dict[str, str] = {
 }
 
 NOT_IMPLEMENTED: frozenset[str] = frozenset({
-    # Tool calling and reasoning: their server side is not in lmserve yet.
-    "--enable-auto-tool-choice", "--exclude-tools-when-tool-choice-none", "--tool-call-parser",
-    "--tool-parser-plugin", "--tool-strict-level", "--tool-server",
-    "--reasoning-parser", "--reasoning-parser-plugin", "--reasoning-config",
+    # The Responses API's built-in tools; a reasoning token budget.
+    "--tool-server", "--reasoning-config",
     # LoRA adapters by name.
     "--lora-modules",
     # Request handling and logging.

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from lmserve_core.errors import InvalidInput
 from lmserve_core.generation.backend import GenerationTokenizer
-from lmserve_core.generation.params import SamplingParams
+from lmserve_core.generation.output_parsing import OutputParsing, RequestParsing
+from lmserve_core.generation.params import SamplingParams, StructuredOutput
 from lmserve_core.generation.request_fields import refuse_unimplemented
-from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
+from lmserve_core.generation.structured import structured_output
+from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 
-CHAT_ROLES = {"system", "developer", "user", "assistant"}
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+ToolMode = Literal["none", "auto", "required", "named"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,10 @@ class FrontendOptions:
     prompt_tokens_details: bool = False
     tokens_as_ids: bool = False
     content_format: Literal["auto", "string", "openai"] = "auto"
+    # --tool-call-parser / --enable-auto-tool-choice / --exclude-tools-when-tool-choice-none
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    exclude_tools_when_tool_choice_none: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,13 +109,18 @@ class Prepared:
     role: str = "assistant"  # of chat messages (--response_role)
     tokens_as_ids: bool = False  # logprob tokens as "token_id:N"
     prompt_tokens_details: bool = False  # usage.prompt_tokens_details (cached tokens)
+    # The request field the output constraint came from (names it in compile errors).
+    structured_source: str = "structured_outputs"
+    # Chat: how the output splits into reasoning, content and tool calls (None: all content).
+    parsing: RequestParsing | None = None
+    tool_mode: ToolMode = "none"
+    parallel_tool_calls: bool = True
+    include_reasoning: bool = True
 
     def choice_params(self, choice: int) -> SamplingParams:
         """n > 1 with a seed: each choice reproducible, and different from the others."""
         if self.params.seed is None or choice == 0:
             return self.params
-        from dataclasses import replace
-
         return replace(self.params, seed=self.params.seed + choice)
 
 
@@ -146,6 +159,7 @@ def _sampling(
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     d = facts.default_sampling
     temperature = req.temperature if req.temperature is not None else d.get("temperature", 1.0)
@@ -179,6 +193,7 @@ def _sampling(
         min_tokens=min(req.min_tokens, max_tokens),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        structured=structured,
     )
 
 
@@ -357,10 +372,13 @@ def prepare_completion(
     prompt_logprobs = _prompt_logprobs(req, limits, facts)
     if prompt_logprobs is None and req.echo:  # vLLM: echo reports the prompt's logprobs too
         prompt_logprobs = req.logprobs
+    structured, source = structured_output(req.response_format, req.structured_outputs)
     params = _sampling(
-        req, facts, max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs
-    )
+        req, facts, max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs,
+        structured=structured,
+    )  # fmt: skip
     return Prepared(
+        structured_source=source,
         kind="completion", request_id=_response_id("cmpl", headers, req), created=int(time.time()),
         model=req.model, prompts=prompts, n=req.n, params=params, stops=_stops(req.stop, limits),
         echo=req.echo, stream=req.stream, logprobs=req.logprobs, text=_text_options(req),
@@ -446,14 +464,26 @@ def _content_format(option: str, template: str) -> str:
     return "openai" if _loops_over_content(template) else "string"
 
 
+def _tool_call_arguments(arguments: str) -> dict[str, Any]:
+    """An assistant tool call's arguments as the chat template wants them: an object (vLLM's
+    rule: JSON that is no object, or no JSON, becomes {} so the conversation can go on)."""
+    try:
+        parsed = json.loads(arguments) if arguments else {}
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
 def chat_messages(
     req: ChatCompletionRequest, content_format: str = "string"
 ) -> list[dict[str, Any]]:
     """The messages as the chat template gets them: content as one string ("string") or as a
-    list of text parts ("openai"), developer turned system, names kept."""
+    list of text parts ("openai"), developer turned system, names kept; assistant tool calls
+    with their arguments as objects, tool messages with the id of the call they answer."""
     if not req.messages:
         raise InvalidInput("messages must not be empty", param="messages")
     out: list[dict[str, Any]] = []
+    call_ids: set[str] = set()
     for i, msg in enumerate(req.messages):
         if msg.role not in CHAT_ROLES:
             raise InvalidInput(
@@ -477,9 +507,9 @@ def chat_messages(
                 )
         else:
             texts.append(content)
-        if (msg.model_extra or {}).get("tool_calls"):
+        if msg.tool_calls and msg.role != "assistant":
             raise InvalidInput(
-                f"messages[{i}].tool_calls: tool calls are not supported",
+                f"messages[{i}].tool_calls: only assistant messages carry tool calls",
                 param=f"messages[{i}].tool_calls",
             )
         role = "system" if msg.role == "developer" else msg.role
@@ -491,8 +521,66 @@ def chat_messages(
         message: dict[str, Any] = {"role": role, "content": rendered}
         if msg.name is not None:  # templates that know names render them (vLLM passes it on)
             message["name"] = msg.name
+        if msg.role == "assistant" and msg.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {
+                    "name": call.function.name,
+                    "arguments": _tool_call_arguments(call.function.arguments),
+                }}
+                for call in msg.tool_calls
+            ]  # fmt: skip
+            call_ids.update(call.id for call in msg.tool_calls)
+        if msg.reasoning is not None and msg.role == "assistant":
+            message["reasoning"] = msg.reasoning
+        if msg.role == "tool":
+            # Better than vLLM, which renders whatever comes: a result must answer a call.
+            if msg.tool_call_id is None:
+                raise InvalidInput(
+                    f"messages[{i}].tool_call_id is required for role 'tool'",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            if msg.tool_call_id not in call_ids:
+                raise InvalidInput(
+                    f"messages[{i}].tool_call_id {msg.tool_call_id!r} answers no tool call of "
+                    "an earlier assistant message", param=f"messages[{i}].tool_call_id",
+                )  # fmt: skip
+            message["tool_call_id"] = msg.tool_call_id
         out.append(message)
     return out
+
+
+def _tool_mode(req: ChatCompletionRequest) -> ToolMode:
+    """vLLM's checks and defaults: tool_choice "auto" when tools come without one."""
+    if req.tools is not None and not req.tools:
+        raise InvalidInput(
+            "`tools` must not be an empty array. Either provide at least one tool or omit "
+            "the field entirely.", param="tools",
+        )  # fmt: skip
+    choice = req.tool_choice
+    if choice is None:
+        return "auto" if req.tools else "none"
+    if choice == "none":
+        return "none"
+    if not req.tools:
+        raise InvalidInput("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        if all(tool.function.name != choice.function.name for tool in req.tools):
+            raise InvalidInput(
+                "The tool specified in `tool_choice` does not match any of the specified "
+                "`tools`", param="tool_choice",
+            )  # fmt: skip
+        return "named"
+    return choice
+
+
+def _check_tool_support(mode: ToolMode, frontend: FrontendOptions) -> None:
+    """vLLM's rule for "auto"; "required" and a named function need no parser here (the output
+    is held to the tools' schema), where vLLM asks for --tool-call-parser."""
+    if mode == "auto" and not (frontend.enable_auto_tool_choice or frontend.tool_call_parser):
+        raise InvalidInput(
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to '
+            "be set", param="tool_choice",
+        )  # fmt: skip
 
 
 def prepare_chat(
@@ -504,20 +592,18 @@ def prepare_chat(
     trust_request_template: bool,
     headers: RequestHeaders | None = None,
     frontend: FrontendOptions | None = None,
+    parsing: OutputParsing | None = None,
 ) -> Prepared:
     headers = headers or RequestHeaders()
     frontend = frontend or FrontendOptions()
     _check_common("chat", req, limits)
-    if req.tools:
-        raise InvalidInput("tools are not supported", param="tools")
-    if req.tool_choice not in (None, "none"):
+    tool_mode = _tool_mode(req)
+    _check_tool_support(tool_mode, frontend)
+    structured, source = structured_output(req.response_format, req.structured_outputs)
+    if tool_mode == "named" and structured is not None and req.structured_outputs is not None:
         raise InvalidInput(
-            "tool_choice other than 'none' needs tools, which are not supported",
-            param="tool_choice",
-        )
-    if req.response_format not in (None, {"type": "text"}):
-        raise InvalidInput(
-            'only response_format {"type": "text"} is supported', param="response_format"
+            "You can only either use constraints for structured outputs or tools, not both.",
+            param="structured_outputs",
         )
     if req.continue_final_message and req.add_generation_prompt:
         raise InvalidInput(
@@ -541,10 +627,13 @@ def prepare_chat(
             "--chat_template FILE", param="messages",
         )  # fmt: skip
     messages = chat_messages(req, _content_format(frontend.content_format, template))
+    extra = template_kwargs(req)
+    if req.tools and not (tool_mode == "none" and frontend.exclude_tools_when_tool_choice_none):
+        extra["tools"] = [tool.model_dump(exclude_none=True) for tool in req.tools]
     try:
         text = tok.apply_chat_template(
             messages, add_generation_prompt=req.add_generation_prompt, chat_template=template,
-            extra=_template_kwargs(req),
+            extra=extra,
         )  # fmt: skip
     except Exception as exc:  # template errors (jinja raise_exception) are the client's
         raise InvalidInput(f"cannot apply the chat template: {exc}", param="messages") from None
@@ -561,9 +650,20 @@ def prepare_chat(
     prompt_logprobs = _prompt_logprobs(req, limits, facts)
     if prompt_logprobs is None and req.echo:  # vLLM: echo reports the prompt's logprobs too
         prompt_logprobs = top or 0
+    request_parsing = parsing.for_request(req, ids) if parsing is not None else None
+    text_options = _text_options(req)
+    if request_parsing is not None:
+        adjust = request_parsing.adjustments
+        if adjust.structured is not None:  # tool_choice required/named: the tools' schema
+            structured, source = adjust.structured, "tools"
+        if adjust.skip_special_tokens is not None:
+            text_options = replace(text_options, skip_special_tokens=adjust.skip_special_tokens)
+        if not request_parsing.active:
+            request_parsing = None
     params = _sampling(
-        req, facts, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs
-    )
+        req, facts, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        structured=structured,
+    )  # fmt: skip
     echo_text = ""
     if req.echo and req.messages[-1].role == frontend.response_role:
         echo_text = _text_of(req.messages[-1].content)
@@ -571,12 +671,14 @@ def prepare_chat(
         kind="chat", request_id=_response_id("chatcmpl", headers, req), created=int(time.time()),
         model=req.model, prompts=[PromptInput(ids, text)], n=req.n, params=params,
         stops=_stops(req.stop, limits), echo=req.echo, stream=req.stream, logprobs=logprobs,
-        text=_text_options(req), echo_text=echo_text, priority=_priority(req, headers, limits),
-        prompt_logprobs=prompt_logprobs, **_frontend_fields(req, frontend),
+        text=text_options, echo_text=echo_text, priority=_priority(req, headers, limits),
+        prompt_logprobs=prompt_logprobs, structured_source=source, parsing=request_parsing,
+        tool_mode=tool_mode, parallel_tool_calls=req.parallel_tool_calls is not False,
+        include_reasoning=req.include_reasoning, **_frontend_fields(req, frontend),
     )  # fmt: skip
 
 
-def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+def template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
     """vLLM's: ``chat_template_kwargs``, then the request's template fields that are set
     (``reasoning_effort`` also turns ``enable_thinking`` on unless "none" or given)."""
     kwargs: dict[str, Any] = dict(req.chat_template_kwargs or {})

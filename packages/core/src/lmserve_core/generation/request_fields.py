@@ -22,7 +22,6 @@ _COMMON: dict[str, Any] = {
     "allowed_token_ids": None,
     "bad_words": [],
     "logprob_token_ids": None,
-    "structured_outputs": None,
     "session_id": None,
     "return_token_ids": None,
     "return_token_offsets": False,
@@ -48,7 +47,6 @@ NOT_IMPLEMENTED: dict[str, dict[str, Any]] = {
     "completion": {
         **_COMMON,
         "prompt_embeds": None,
-        "response_format": None,
     },
 }
 
@@ -58,13 +56,8 @@ def refuse_unimplemented(kind: str, extra: Mapping[str, Any] | None) -> None:
     fields) that lmserve does not implement and that is set to other than vLLM's default."""
     table = NOT_IMPLEMENTED[kind]
     for name, value in (extra or {}).items():
-        if name in table and value != table[name] and not _is_default_text_format(name, value):
+        if name in table and value != table[name]:
             raise InvalidInput(
                 f"{name!r} is not supported by lmserve (vLLM's default is {table[name]!r})",
                 param=name,
             )
-
-
-def _is_default_text_format(name: str, value: Any) -> bool:
-    # {"type": "text"} asks for nothing more than no response_format does.
-    return name == "response_format" and value == {"type": "text"}

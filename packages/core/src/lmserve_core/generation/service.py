@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from lmserve_core.errors import BackendError, ModelNotReady
+from lmserve_core.errors import BackendError, InvalidInput, ModelNotReady
 from lmserve_core.generation.backend import GenerationTokenizer, GenerativeBackend
+from lmserve_core.generation.chat_output import StreamedChoice, parsed_message
 from lmserve_core.generation.detokenizer import IncrementalDetokenizer
+from lmserve_core.generation.output_parsing import OutputParsing
 from lmserve_core.generation.params import GenerationRequest, TokenLogprob
 from lmserve_core.generation.prepare import (
     FrontendOptions,
@@ -64,6 +66,7 @@ class ChoiceDelta:
     generated_tokens: int = 0  # running count for this choice
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
     cached_tokens: int | None = None  # prompt tokens from the prefix cache (first delta)
+    token_ids: list[int] = field(default_factory=list)  # the tokens this delta adds
 
 
 class OpenAIGenerationService:
@@ -81,7 +84,12 @@ class OpenAIGenerationService:
         trust_request_chat_template: bool = False,
         options: FrontendOptions | None = None,
         observer: GenerationObserver | None = None,
+        output_parsing: OutputParsing | None = None,
+        structured_compile_timeout: float = 30.0,
     ) -> None:
+        """``output_parsing``: tool calls and reasoning in chat output (None: all content, and
+        only tool_choice "none"); ``structured_compile_timeout``: seconds a new output
+        constraint may take to compile before the request is refused."""
         self.backend = backend
         self.tokenizer = tokenizer
         self.facts = facts
@@ -89,6 +97,8 @@ class OpenAIGenerationService:
         self.trust_request_chat_template = trust_request_chat_template
         self.options = options or FrontendOptions()
         self.observer = observer
+        self.output_parsing = output_parsing
+        self.structured_compile_timeout = structured_compile_timeout
 
     # --- preparation (raises InvalidInput) ---------------------------------------------
     def prepare_completion(
@@ -105,8 +115,27 @@ class OpenAIGenerationService:
         return prepare_chat(
             req, self.tokenizer, self.facts, self.limits,
             trust_request_template=self.trust_request_chat_template, headers=headers,
-            frontend=self.options,
+            frontend=self.options, parsing=self.output_parsing,
         )  # fmt: skip
+
+    async def check_structured(self, prep: Prepared) -> None:
+        """Compile the request's output constraint (once per distinct constraint: backends
+        cache it) before anything is generated, so a bad schema is a 400 naming its field.
+        Compiling runs in a worker thread and is refused past the time limit."""
+        spec = prep.params.structured
+        if spec is None:
+            return
+        work = asyncio.to_thread(self.backend.check_structured_output, spec)
+        try:
+            await asyncio.wait_for(work, self.structured_compile_timeout)
+        except InvalidInput as exc:
+            raise InvalidInput(exc.message, param=prep.structured_source) from None
+        except TimeoutError:
+            raise InvalidInput(
+                f"the {spec.kind} constraint did not compile within "
+                f"{self.structured_compile_timeout:g} s; simplify it",
+                param=prep.structured_source,
+            ) from None
 
     # --- one choice ---------------------------------------------------------------------
     async def _choice(
@@ -135,6 +164,7 @@ class OpenAIGenerationService:
                 if event.queued_seconds is not None and self.observer:
                     self.observer.queue_time(event.queued_seconds)
                 if event.token_id is not None:
+                    delta.token_ids.append(event.token_id)
                     generated += 1
                     now = time.perf_counter()
                     if self.observer:
@@ -222,6 +252,7 @@ class OpenAIGenerationService:
     async def complete(self, prep: Prepared) -> CompletionResponse | ChatCompletionResponse:
         indices = [i for i, _, _ in self._choices(prep)]
         texts: dict[int, list[str]] = {i: [] for i in indices}
+        token_ids: dict[int, list[int]] = {i: [] for i in indices}
         lps: dict[int, list[TokenLogprob]] = {i: [] for i in indices}
         prompt_lps: dict[int, tuple[TokenLogprob | None, ...]] = {}
         finish: dict[int, FinishReason] = {}
@@ -232,6 +263,7 @@ class OpenAIGenerationService:
             if d.cached_tokens is not None:
                 cached[d.index] = d.cached_tokens
             texts[d.index].append(d.text)
+            token_ids[d.index].extend(d.token_ids)
             lps[d.index].extend(d.logprobs)
             if d.prompt_logprobs is not None:
                 prompt_lps[d.index] = d.prompt_logprobs
@@ -242,19 +274,29 @@ class OpenAIGenerationService:
         usage = self._usage(prep, sum(counts.values()), cached)
         self._observe(usage)
         if prep.kind == "chat":
+            chat_choices = []
+            for index in indices:
+                text, reason = "".join(texts[index]), finish.get(index, "length")
+                with_logprobs = prep.logprobs is not None
+                if prep.parsing is not None:
+                    message, reason = parsed_message(
+                        prep, prep.parsing, text, token_ids[index], reason
+                    )
+                    # vLLM: hidden reasoning takes the logprobs (which spell it out) along.
+                    with_logprobs = with_logprobs and prep.include_reasoning
+                else:
+                    message = ChatResponseMessage(role=prep.role, content=text)
+                if prep.echo_text:
+                    message.content = prep.echo_text + (message.content or "")
+                chat_choices.append(ChatCompletionChoice(
+                    index=index, message=message, finish_reason=reason,
+                    logprobs=self._chat_logprobs(lps[index], prep.tokens_as_ids) if with_logprobs else None,
+                    stop_reason=stop_reasons.get(index),
+                ))  # fmt: skip
             return ChatCompletionResponse(
                 id=prep.request_id, created=prep.created, model=prep.model, usage=usage,
                 prompt_logprobs=self._prompt_logprobs(prep, prompt_lps.get(0)),
-                choices=[
-                    ChatCompletionChoice(
-                        index=index,
-                        message=ChatResponseMessage(role=prep.role, content=prep.echo_text + "".join(texts[index])),
-                        logprobs=self._chat_logprobs(lps[index], prep.tokens_as_ids) if prep.logprobs is not None else None,
-                        finish_reason=finish.get(index, "length"),
-                        stop_reason=stop_reasons.get(index),
-                    )
-                    for index in indices
-                ],
+                choices=chat_choices,
             )  # fmt: skip
         choices = []
         for index in indices:
@@ -303,20 +345,33 @@ class OpenAIGenerationService:
                         echo = self._chat_chunk(prep, index, {"content": prep.echo_text})
                         yield self._with_usage(prep, echo, index, 0)
             echoed: set[int] = set()
+            parsed: dict[int, StreamedChoice] = {}
+            if prep.parsing is not None:
+                parsed = {i: StreamedChoice(prep, prep.parsing.new_choice())
+                          for i, _, _ in self._choices(prep)}  # fmt: skip
             async for d in deltas:
                 counts[d.index] = d.generated_tokens
                 if d.cached_tokens is not None:
                     cached[d.index] = d.cached_tokens
                 if prep.kind == "chat":
                     chat_lp = None
-                    if prep.logprobs is not None and d.logprobs:
+                    hide_logprobs = bool(parsed) and not prep.include_reasoning
+                    if prep.logprobs is not None and d.logprobs and not hide_logprobs:
                         chat_lp = self._chat_logprobs(d.logprobs, prep.tokens_as_ids)
-                    if not d.text and d.finish_reason is None and chat_lp is None:
-                        continue
-                    delta = {"content": d.text} if d.text else {}
-                    chunk = self._chat_chunk(
-                        prep, d.index, delta, chat_lp, d.finish_reason, d.stop_reason
-                    )
+                    finish = d.finish_reason
+                    choice = parsed.get(d.index)
+                    if choice is not None:
+                        fields = choice.delta(d.text, d.token_ids, finished=finish is not None)
+                        if finish is not None:
+                            finish = choice.finish_reason(finish)
+                        if fields is None and finish is None and chat_lp is None:
+                            continue
+                        delta = fields or {}
+                    else:
+                        if not d.text and finish is None and chat_lp is None:
+                            continue
+                        delta = {"content": d.text} if d.text else {}
+                    chunk = self._chat_chunk(prep, d.index, delta, chat_lp, finish, d.stop_reason)
                     yield self._with_usage(prep, chunk, d.index, d.generated_tokens)
                     continue
                 text = d.text
@@ -355,7 +410,7 @@ class OpenAIGenerationService:
     def _chat_chunk(
         prep: Prepared,
         index: int,
-        delta: dict[str, str],
+        delta: dict[str, Any],
         logprobs: ChatChoiceLogprobs | None = None,
         finish: FinishReason | None = None,
         stop_reason: int | str | None = None,

@@ -39,7 +39,8 @@ T = TypeVar("T")
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
     request.state.model = body.model
-    return await _respond(plane(request).admit_completion(body, _headers(request)), request)
+    admitted = await plane(request).admit_completion(body, _headers(request))
+    return await _respond(admitted, request)
 
 
 @router.post(
@@ -48,7 +49,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     request.state.model = body.model
-    return await _respond(plane(request).admit_chat(body, _headers(request)), request)
+    admitted = await plane(request).admit_chat(body, _headers(request))
+    return await _respond(admitted, request)
 
 
 def _headers(request: Request) -> RequestHeaders:
