@@ -126,7 +126,7 @@ class VLLMGenerator:
                 self.engine.vllm_config.structured_outputs_config,
                 self.engine.tokenizer,
             )
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # VLLMValidationError, xgrammar's RuntimeError, ...
             raise InvalidInput(f"the {spec.kind} constraint does not compile: {exc}") from None
 
     def _sampling(self, request: GenerationRequest) -> Any:
