@@ -208,12 +208,14 @@ async def run_load(
     max_duration_s: float | None = None,
     api_key: str | None = None,
     sample_texts: int = 0,
+    extra_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the load and return the metrics (times in ms, throughputs per second).
 
     ``timeout_s`` bounds each request; ``max_duration_s`` (optional) is the time cap after
     which no new request starts (requests in flight finish). ``sample_texts`` keeps the
-    generated text of the first N requests under ``"samples"``.
+    generated text of the first N requests under ``"samples"``. ``extra_body``: more request
+    fields (a ``response_format``, say), the same in every request.
     """
     url = check_local_url(base_url) + "/" + path.lstrip("/")
     if concurrency < 1 or requests < 1 or max_tokens < 1:
@@ -241,6 +243,7 @@ async def run_load(
                 index = next_index
                 next_index += 1
                 body = _payload(path, model, prompts[index % len(prompts)], max_tokens)
+                body.update(extra_body or {})
                 results.append(await _one_request(client, url, body, index))
 
         await asyncio.gather(*(worker() for _ in range(min(concurrency, requests))))
