@@ -47,9 +47,14 @@ def test_the_frontend_flags_lmserve_implements() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--tool-call-parser", "hermes"], "--tool-call-parser is a vLLM server flag that lmserve"),
-        (["--enable-auto-tool-choice"], "--enable-auto-tool-choice is a vLLM server flag"),
-        (["--reasoning-parser=deepseek_r1"], "--reasoning-parser is a vLLM server flag"),
+        (["--reasoning-config", "{}"], "--reasoning-config is a vLLM server flag that lmserve"),
+        (["--tool-server", "demo"], "--tool-server is a vLLM server flag"),
+        # The parser flags are lmserve's, checked as vllm serve checks them, before any load.
+        (["--enable-auto-tool-choice"], "--enable_auto_tool_choice requires --tool_call_parser"),
+        (["--tool-call-parser", "nosuch"], "--tool_call_parser 'nosuch' is not one of vLLM's"),
+        (["--reasoning-parser=nosuch"], "--reasoning_parser 'nosuch' is not one of vLLM's"),
+        (["--tool-parser-plugin", "/no/such/plugin.py", "--tool-call-parser", "hermes"],
+         "--tool_parser_plugin: no such file: /no/such/plugin.py"),
         (["--port", "9000"], "--port is vLLM's; lmserve's flag is --http_port"),
         (["--ssl-keyfile", "k.pem"], "--ssl-keyfile is a vLLM server flag"),
     ],

@@ -12,6 +12,7 @@ Loaded through the ``lmserve.output_parsers`` entry point (``lmserve_core.genera
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,17 +39,24 @@ _KINDS: tuple[tuple[str, StructuredKind], ...] = (
 
 
 def _import_plugins(settings: ServeSettings) -> None:
-    from vllm.reasoning import ReasoningParserManager
-    from vllm.tool_parsers import ToolParserManager
+    """Import the ``--*-parser-plugin`` files as vLLM does (their parsers register themselves);
+    one that does not import is a startup error here, where vLLM logs it and goes on."""
+    from vllm.utils.import_utils import import_plugin
 
-    try:
-        if settings.tool_parser_plugin:
-            ToolParserManager.import_tool_parser(settings.tool_parser_plugin)
-        if settings.reasoning_parser_plugin:
-            ReasoningParserManager.import_reasoning_parser(settings.reasoning_parser_plugin)
-    except Exception as exc:
-        flag = "tool_parser_plugin" if settings.tool_parser_plugin else "reasoning_parser_plugin"
-        raise ConfigurationError(f"--{flag}: cannot import it: {exc}", param=flag) from exc
+    for flag in ("tool_parser_plugin", "reasoning_parser_plugin"):
+        path = getattr(settings, flag)
+        if not path:
+            continue
+        if path.endswith(".py") and not os.path.isfile(path):
+            raise ConfigurationError(f"--{flag}: no such file: {path}", param=flag)
+        try:
+            module = import_plugin(path)
+        except Exception as exc:
+            module, reason = None, str(exc)
+        else:
+            reason = "see the log above"
+        if module is None:
+            raise ConfigurationError(f"--{flag}: cannot import it ({reason})", param=flag)
 
 
 def check(settings: ServeSettings) -> None:
