@@ -11,6 +11,14 @@ Decoder-only models share one padded DynamicCache ([B, H, T, D] per layer, left 
 explicit position ids). Encoder-decoder models (T5, BART) keep one group per sequence and
 are stepped round-robin: their learned/relative positions and cross-attention caches
 make merging unsafe, so they interleave without sharing forward passes.
+
+Structured outputs (``params.structured``): the grammar is compiled (or found in the
+engine's GrammarCache) before the request is queued, off the model thread; each such row gets
+its own xgrammar matcher when admitted. Every step, only the rows that have one fill the
+batch's token bitmask and are masked; the sampled token advances the matcher. A finished
+grammar allows only the row's EOS and stop tokens (vLLM's all_stop_token_ids), so the
+sequence ends there with finish_reason "stop" (with ignore_eos, EOS ends the grammar but not
+the sequence, which goes on unconstrained, as in vLLM).
 """
 
 from __future__ import annotations
@@ -24,14 +32,17 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmserve_backend_hf.sampler import RowState, prompt_logprobs, sample
-from lmserve_core.errors import BackendError, ModelNotReady
-from lmserve_core.generation.params import GenerationRequest, TokenEvent
+from lmserve_core.errors import BackendError, InvalidInput, ModelNotReady
+from lmserve_core.generation.params import GenerationRequest, StructuredOutput, TokenEvent
 from lmserve_core.observer import ServingObserver
+
+if TYPE_CHECKING:  # xgrammar (0.5 s to import) loads with the first structured request
+    from lmserve_backend_hf.structured import GrammarBitmask, GrammarCache
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +59,7 @@ class _Sequence:
     last_token: int = 0
     enqueued: float = field(default_factory=time.perf_counter)
     queued_seconds: float | None = None  # set when the engine admits it
+    compiled_grammar: Any = None  # xgrammar's CompiledGrammar, with params.structured
 
     @property
     def id(self) -> str:
@@ -104,7 +116,10 @@ class HFGenerationEngine:
         max_num_seqs: int = 32,
         max_prefill_tokens: int = 8192,
         observer: ServingObserver | None = None,
+        tokenizer: Any = None,
     ) -> None:
+        """``tokenizer``: the model's transformers tokenizer; structured outputs need it (an
+        engine built without one refuses them)."""
         self.model = model
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -128,6 +143,12 @@ class HFGenerationEngine:
         self.steps = 0
         self.max_step_size = 0
         self._observer = observer
+        # Structured outputs: the compiled grammars, and the batch's token bitmask (made on
+        # first use, by any thread for the cache, by the model thread for the bitmask).
+        self._tokenizer = tokenizer
+        self._grammars: GrammarCache | None = None
+        self._grammars_lock = threading.Lock()
+        self._bitmask: GrammarBitmask | None = None
 
     # --- GenerativeBackend ----------------------------------------------------------
     @property
@@ -160,6 +181,26 @@ class HFGenerationEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
 
+    def check_structured_output(self, spec: StructuredOutput) -> None:
+        self.grammar_cache.compile(spec)
+
+    @property
+    def grammar_cache(self) -> GrammarCache:
+        """The engine's compiled grammars (InvalidInput when it has no tokenizer)."""
+        if self._tokenizer is None:
+            raise InvalidInput(
+                "structured outputs are not available: the engine was built without the "
+                "model's tokenizer"
+            )
+        with self._grammars_lock:
+            if self._grammars is None:
+                from lmserve_backend_hf.structured import GrammarCache
+
+                self._grammars = GrammarCache(
+                    self._tokenizer, self._vocab_size, stop_token_ids=self.eos_token_ids
+                )
+            return self._grammars
+
     def check_health(self) -> None:
         if self._dead is not None:
             raise BackendError(f"the generation engine stopped: {self._dead}")
@@ -177,6 +218,13 @@ class HFGenerationEngine:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         seq = _Sequence(request, emit, self._row_state(request), self.eos_token_ids)
+        spec = request.params.structured
+        if spec is not None:
+            cache = self.grammar_cache
+            compiled = cache.get(spec)  # cached: no thread hop (the server checked it first)
+            if compiled is None:
+                compiled = await asyncio.to_thread(cache.compile, spec)
+            seq.compiled_grammar = compiled
         self._waiting.put(seq)
         try:
             while True:
@@ -254,8 +302,26 @@ class HFGenerationEngine:
             if seq.aborted:
                 continue
             seq.queued_seconds = time.perf_counter() - seq.enqueued
+            if seq.compiled_grammar is not None and not self._start_grammar(seq):
+                continue
             new.append(seq)
         return new
+
+    def _start_grammar(self, seq: _Sequence) -> bool:
+        """Give an admitted row its matcher; False (the request failed) if xgrammar cannot."""
+        from lmserve_backend_hf.structured import GrammarBitmask, RowGrammar
+
+        # vLLM's all_stop_token_ids: the grammar ends with EOS or a stop token.
+        stops = self.eos_token_ids | frozenset(seq.request.params.stop_token_ids)
+        try:
+            seq.row.grammar = RowGrammar(seq.compiled_grammar, stops)
+            if self._bitmask is None:
+                self._bitmask = GrammarBitmask(self._vocab_size, self.max_num_seqs)
+        except Exception as exc:
+            logger.exception("structured output matcher failed")
+            self._finish_error(seq, BackendError(f"structured output matcher failed: {exc}"))
+            return False
+        return True
 
     # prefill ------------------------------------------------------------------------
     def _prefill(self, seqs: list[_Sequence]) -> None:
@@ -385,15 +451,32 @@ class HFGenerationEngine:
     def _emit_sampled(
         self, seqs: list[_Sequence], logits: torch.Tensor, prompt_lps: tuple[Any, ...] | None
     ) -> None:
-        for i, (seq, (token, lp)) in enumerate(
-            zip(seqs, sample(logits, [s.row for s in seqs]), strict=True)
-        ):
+        sampled = sample(logits, [s.row for s in seqs], self._bitmask)
+        rejected: set[int] = set()
+        constrained = [(i, s.row.grammar) for i, s in enumerate(seqs) if s.row.grammar is not None]
+        if constrained:  # one call into xgrammar for all of them
+            from lmserve_backend_hf.structured import accept_tokens
+
+            ok = accept_tokens([g for _, g in constrained], [sampled[i][0] for i, _ in constrained])
+            rejected = {i for (i, _), good in zip(constrained, ok, strict=True) if not good}
+        for i, (seq, (token, lp)) in enumerate(zip(seqs, sampled, strict=True)):
+            if i in rejected:
+                # vLLM ends such a request with an error too (it cannot happen unless the
+                # grammar leaves no token the model has).
+                reason = "allows no token" if token < 0 else f"rejected token {token}"
+                self._finish_error(
+                    seq, BackendError(f"the structured output grammar {reason} at this point")
+                )
+                continue
             seq.row.add(token)
             seq.last_token = token
             params = seq.request.params
             finish = None
             stop_token = False
             stop_reason = None
+            # A grammar ends only on one of these (its stop tokens), so a finished grammar is
+            # a finished sequence, except for EOS under ignore_eos: as in vLLM the sequence
+            # goes on, unconstrained.
             if (token in seq.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 finish, stop_token = "stop", True
                 if token != self.primary_eos_id or params.ignore_eos:

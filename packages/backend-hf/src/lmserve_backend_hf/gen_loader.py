@@ -68,7 +68,7 @@ def load_generator(request: LoadRequest) -> LoadedGenerator:
         model, device=device, eos_token_ids=tokenizer.eos_token_ids, pad_token_id=int(pad),
         primary_eos_id=tokenizer.eos_token_id,
         max_model_len=context, vocab_size=vocab, max_num_seqs=settings.max_num_seqs,
-        observer=request.observer,
+        observer=request.observer, tokenizer=raw_tok,
     )  # fmt: skip
     facts = ModelFacts(max_model_len=context, vocab_size=vocab, is_encoder_decoder=engine.is_encoder_decoder,
                        default_sampling=sampling_defaults(gen_config))  # fmt: skip

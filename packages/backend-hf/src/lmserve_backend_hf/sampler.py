@@ -1,18 +1,24 @@
 """Per-row logits processing and sampling for a batch of sequences with their own params.
 
-Order as in vLLM: logit bias, then repetition / presence / frequency penalties;
-then greedy argmax, or temperature, top-k, top-p, min-p and a draw from the row's own
-(seeded) generator. Logprobs are the model's raw log-softmax, before any processing.
+Order as in vLLM: the structured-output grammar's mask (rows that have one), logit bias,
+then repetition / presence / frequency penalties; then greedy argmax, or temperature, top-k,
+top-p, min-p and a draw from the row's own (seeded) generator. Logprobs are the model's raw
+log-softmax, before any processing, the grammar's mask too (vLLM computes them after its
+grammar bitmask).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmserve_core.generation.params import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from lmserve_backend_hf.structured import GrammarBitmask, RowGrammar
 
 
 @dataclass
@@ -27,6 +33,8 @@ class RowState:
     # The tokens that would end the sequence (EOS, stop_token_ids): masked out until
     # ``params.min_tokens`` have been generated, as vLLM's min-tokens logits processor does.
     stop_ids: frozenset[int] = frozenset()
+    # The structured-output matcher (``params.structured``), set when the engine admits the row.
+    grammar: RowGrammar | None = None
 
     def add(self, token: int) -> None:
         self.output_ids.append(token)
@@ -48,7 +56,13 @@ class RowState:
 def _process_row(row: torch.Tensor, state: RowState) -> torch.Tensor:
     p = state.params
     if state.below_min_tokens:
-        row[torch.tensor(sorted(state.stop_ids), device=row.device)] = float("-inf")
+        stops = torch.tensor(sorted(state.stop_ids), device=row.device)
+        kept = row[stops] if state.grammar is not None else None
+        row[stops] = float("-inf")
+        # A grammar that can only end now (its mask allows nothing but stop tokens) wins over
+        # min_tokens: masking them too would leave no token to sample.
+        if kept is not None and bool(torch.isneginf(row).all()):
+            row[stops] = kept
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), device=row.device)
         row[ids] += torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype)
@@ -98,22 +112,30 @@ def _draw(row: torch.Tensor, state: RowState) -> int:
 
 
 def sample(
-    logits: torch.Tensor, states: Sequence[RowState]
+    logits: torch.Tensor, states: Sequence[RowState], bitmask: GrammarBitmask | None = None
 ) -> list[tuple[int, TokenLogprob | None]]:
-    """``logits`` [B, V] (float32); one (token, logprob) per row."""
+    """``logits`` [B, V] (float32); one (token, logprob) per row.
+
+    Rows with a ``grammar`` are masked in place in ``logits`` with ``bitmask`` (required when
+    any row has one); a row whose grammar allows no token at all gets token -1 (no logprob).
+    """
     want_lp = [s.params.logprobs is not None for s in states]
     raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+    dead = _apply_grammars(logits, states, bitmask)
     if all(s.plain_greedy for s in states):
         tokens = logits.argmax(dim=-1).tolist()
     else:
         tokens = []
         for i, state in enumerate(states):
-            if state.plain_greedy:
+            if i in dead or state.plain_greedy:
                 tokens.append(int(logits[i].argmax()))
             else:
                 tokens.append(_draw(_process_row(logits[i].clone(), state), state))
     out: list[tuple[int, TokenLogprob | None]] = []
     for i, (token, state) in enumerate(zip(tokens, states, strict=True)):
+        if i in dead:
+            out.append((-1, None))
+            continue
         lp = None
         if raw_lp is not None and want_lp[i]:
             k = state.params.logprobs or 0
@@ -124,6 +146,22 @@ def sample(
             lp = TokenLogprob(token, float(raw_lp[i, token]), top)
         out.append((token, lp))
     return out
+
+
+def _apply_grammars(
+    logits: torch.Tensor, states: Sequence[RowState], bitmask: GrammarBitmask | None
+) -> set[int]:
+    """Mask the grammar rows of ``logits`` in place; the rows left with no token at all."""
+    rows = [
+        (i, s.grammar)
+        for i, s in enumerate(states)
+        if s.grammar is not None and not s.grammar.terminated
+    ]
+    if not rows:
+        return set()
+    if bitmask is None:
+        raise ValueError("rows with a grammar need a GrammarBitmask")
+    return set(bitmask.apply(logits, rows))
 
 
 def prompt_logprobs(
