@@ -60,6 +60,8 @@ class _Sequence:
     enqueued: float = field(default_factory=time.perf_counter)
     queued_seconds: float | None = None  # set when the engine admits it
     compiled_grammar: Any = None  # xgrammar's CompiledGrammar, with params.structured
+    # The grammar waits for the end of the model's reasoning (request.reasoning says where).
+    grammar_waits: bool = False
 
     @property
     def id(self) -> str:
@@ -302,8 +304,11 @@ class HFGenerationEngine:
             if seq.aborted:
                 continue
             seq.queued_seconds = time.perf_counter() - seq.enqueued
-            if seq.compiled_grammar is not None and not self._start_grammar(seq):
-                continue
+            if seq.compiled_grammar is not None:
+                if not _reasoning_ended_in_prompt(seq.request):
+                    seq.grammar_waits = True  # vLLM's: the constraint starts after the reasoning
+                elif not self._start_grammar(seq):
+                    continue
             new.append(seq)
         return new
 
@@ -470,6 +475,10 @@ class HFGenerationEngine:
                 continue
             seq.row.add(token)
             seq.last_token = token
+            if seq.grammar_waits and _reasoning_ends_with(seq, token):
+                seq.grammar_waits = False  # the token after this one is the first constrained
+                if not self._start_grammar(seq):
+                    continue
             params = seq.request.params
             finish = None
             stop_token = False
@@ -539,6 +548,21 @@ class HFGenerationEngine:
                 break
             if seq is not None:
                 self._finish_error(seq, exc)
+
+
+def _reasoning_ended_in_prompt(request: GenerationRequest) -> bool:
+    gate = request.reasoning
+    if gate is None:
+        return True
+    if gate.ended_in_prompt is not None:
+        return gate.ended_in_prompt
+    return gate.ends_in(request.prompt_ids)  # vLLM's engine asks its parser about the prompt
+
+
+def _reasoning_ends_with(seq: _Sequence, token: int) -> bool:
+    gate = seq.request.reasoning
+    assert gate is not None
+    return gate.ends_with([*seq.request.prompt_ids, *seq.row.output_ids], [token])
 
 
 def _mergeable(cache: Any) -> bool:

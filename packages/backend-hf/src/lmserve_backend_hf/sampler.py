@@ -2,9 +2,9 @@
 
 Order as in vLLM: the structured-output grammar's mask (rows that have one), logit bias,
 then repetition / presence / frequency penalties; then greedy argmax, or temperature, top-k,
-top-p, min-p and a draw from the row's own (seeded) generator. Logprobs are the model's raw
-log-softmax, before any processing, the grammar's mask too (vLLM computes them after its
-grammar bitmask).
+top-p, min-p and a draw from the row's own (seeded) generator. Logprobs are the log-softmax of
+the model's logits after the grammar's mask (where a row has one) and before any other
+processing, as vLLM's.
 """
 
 from __future__ import annotations
@@ -120,8 +120,9 @@ def sample(
     any row has one); a row whose grammar allows no token at all gets token -1 (no logprob).
     """
     want_lp = [s.params.logprobs is not None for s in states]
-    raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
     dead = _apply_grammars(logits, states, bitmask)
+    # After the grammar's mask, as vLLM's sampler computes them (masked tokens are -inf).
+    raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
     if all(s.plain_greedy for s in states):
         tokens = logits.argmax(dim=-1).tolist()
     else:

@@ -93,6 +93,12 @@ def build_engine_args(
     args.max_num_seqs = settings.max_num_seqs
     args.max_logprobs = settings.max_logprobs
     args.scheduling_policy = settings.scheduling_policy.value
+    # vLLM's structured-output engine holds only what follows the reasoning to a constraint: it
+    # needs the reasoning parser, as `vllm serve --reasoning-parser` gives it.
+    if settings.reasoning_parser:
+        args.reasoning_parser = settings.reasoning_parser
+    if settings.reasoning_parser_plugin:
+        args.reasoning_parser_plugin = settings.reasoning_parser_plugin
     if settings.max_length is not None:
         args.max_model_len = settings.max_length
     if settings.dtype != "auto":

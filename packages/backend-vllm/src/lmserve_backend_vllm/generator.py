@@ -163,8 +163,14 @@ class VLLMGenerator:
         finished = False
         first = True
         try:
+            gate = request.reasoning
+            # With a reasoning parser, vLLM's engine starts a constraint where reasoning ends.
+            reasoning = {} if gate is None else {
+                "reasoning_ended": gate.ended_in_prompt, "reasoning_parser_kwargs": gate.parser_kwargs,
+            }  # fmt: skip
             stream = self.engine.generate({"prompt_token_ids": list(request.prompt_ids)}, self._sampling(request),
-                                          request_id=request.request_id, priority=request.priority)  # fmt: skip
+                                          request_id=request.request_id, priority=request.priority,
+                                          **reasoning)  # fmt: skip
             async for output in stream:
                 completion = output.outputs[0]
                 prompt_lps = None

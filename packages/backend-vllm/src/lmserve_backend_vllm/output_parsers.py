@@ -177,6 +177,32 @@ class VLLMRequestParsing:
         parser = self.owner._parser(self.request, self.template_kwargs)
         return VLLMChoiceParser(self, parser)
 
+    def reasoning_gate(self) -> VLLMReasoningGate | None:
+        if self.owner.parser_cls is None:
+            return None
+        parser = self.owner._parser(self.request, self.template_kwargs)
+        if parser.reasoning_parser is None:
+            return None
+        ended = self.request.resolve_reasoning_ended(parser, self.prompt_ids)
+        engine_kwargs = {"chat_template_kwargs": self.template_kwargs}
+        return VLLMReasoningGate(parser.reasoning_parser, ended, engine_kwargs)
+
+
+@dataclass
+class VLLMReasoningGate:
+    """vLLM's reasoning parser deciding where a sequence's reasoning ends (as vLLM's
+    structured-output manager asks it)."""
+
+    parser: Any  # vLLM's ReasoningParser, one per sequence
+    ended_in_prompt: bool | None
+    parser_kwargs: dict[str, Any]
+
+    def ends_in(self, token_ids: Sequence[int]) -> bool:
+        return bool(self.parser.is_reasoning_end(list(token_ids)))
+
+    def ends_with(self, token_ids: Sequence[int], delta_ids: Sequence[int]) -> bool:
+        return bool(self.parser.is_reasoning_end_streaming(list(token_ids), list(delta_ids)))
+
 
 class VLLMChoiceParser:
     """One vLLM ``Parser`` per choice: its stream state is per choice, as in vLLM's server."""

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lmserve_core.generation.params import StructuredOutput
+from lmserve_core.generation.params import ReasoningGate, StructuredOutput
 from lmserve_protocols.openai import ChatCompletionRequest
 
 
@@ -96,6 +96,10 @@ class RequestParsing(Protocol):
         ...
 
     def new_choice(self) -> ChoiceParser: ...
+
+    def reasoning_gate(self) -> ReasoningGate | None:
+        """A fresh gate for one sequence (None: no reasoning parser, constrain from the start)."""
+        ...
 
 
 class OutputParsing(Protocol):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -55,6 +56,33 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+class ReasoningGate(Protocol):
+    """Where a thinking model's reasoning ends (the server's reasoning parser, one per sequence).
+
+    With a reasoning parser, vLLM holds only the text after the reasoning to ``structured``: the
+    constraint starts with the token after the one that ends the reasoning. Backends do the same.
+    """
+
+    @property
+    def ended_in_prompt(self) -> bool | None:
+        """True: constrain from the first token; False: the reasoning is still open; None:
+        the backend asks ``ends_in`` about the prompt (vLLM's engine-side check)."""
+        ...
+
+    @property
+    def parser_kwargs(self) -> dict[str, Any]:
+        """What vLLM's engine builds its own copy of the parser with."""
+        ...
+
+    def ends_in(self, token_ids: Sequence[int]) -> bool:
+        """Whether the reasoning has ended within ``token_ids`` (the prompt)."""
+        ...
+
+    def ends_with(self, token_ids: Sequence[int], delta_ids: Sequence[int]) -> bool:
+        """Whether ``delta_ids``, the last of ``token_ids`` (prompt and output), end it."""
+        ...
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
@@ -62,6 +90,8 @@ class GenerationRequest:
     params: SamplingParams
     # With priority scheduling, lower starts first (then arrival order), as in vLLM.
     priority: int = 0
+    # With a reasoning parser and a constraint: the constraint waits for the reasoning's end.
+    reasoning: ReasoningGate | None = None
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ import functools
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from lmserve_core.errors import InvalidInput
 from lmserve_core.generation.backend import GenerationTokenizer
 from lmserve_core.generation.output_parsing import OutputParsing, RequestParsing
-from lmserve_core.generation.params import SamplingParams, StructuredOutput
+from lmserve_core.generation.params import ReasoningGate, SamplingParams, StructuredOutput
 from lmserve_core.generation.request_fields import refuse_unimplemented
 from lmserve_core.generation.structured import structured_output
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest, NamedToolChoice
@@ -116,6 +117,9 @@ class Prepared:
     tool_mode: ToolMode = "none"
     parallel_tool_calls: bool = True
     include_reasoning: bool = True
+    # With a constraint and a reasoning parser: a gate per sequence (the constraint starts where
+    # the reasoning ends, as in vLLM).
+    reasoning_gates: Callable[[], ReasoningGate | None] | None = None
 
     def choice_params(self, choice: int) -> SamplingParams:
         """n > 1 with a seed: each choice reproducible, and different from the others."""
@@ -652,12 +656,15 @@ def prepare_chat(
         prompt_logprobs = top or 0
     request_parsing = parsing.for_request(req, ids) if parsing is not None else None
     text_options = _text_options(req)
+    reasoning_gates: Callable[[], ReasoningGate | None] | None = None
     if request_parsing is not None:
         adjust = request_parsing.adjustments
         if adjust.structured is not None:  # tool_choice required/named: the tools' schema
             structured, source = adjust.structured, "tools"
         if adjust.skip_special_tokens is not None:
             text_options = replace(text_options, skip_special_tokens=adjust.skip_special_tokens)
+        if structured is not None:
+            reasoning_gates = request_parsing.reasoning_gate
         if not request_parsing.active:
             request_parsing = None
     params = _sampling(
@@ -674,6 +681,7 @@ def prepare_chat(
         text=text_options, echo_text=echo_text, priority=_priority(req, headers, limits),
         prompt_logprobs=prompt_logprobs, structured_source=source, parsing=request_parsing,
         tool_mode=tool_mode, parallel_tool_calls=req.parallel_tool_calls is not False,
+        reasoning_gates=reasoning_gates,
         include_reasoning=req.include_reasoning, **_frontend_fields(req, frontend),
     )  # fmt: skip
 

@@ -56,6 +56,12 @@ from lmserve_protocols.openai import (
 _Chunk = TypeVar("_Chunk", CompletionChunk, ChatCompletionChunk)
 
 
+def _finite(logprob: float) -> float:
+    """vLLM's floor: a token a constraint masked out has -inf, sent as -9999.0 (JSON has no
+    infinity)."""
+    return max(logprob, -9999.0)
+
+
 @dataclass
 class ChoiceDelta:
     index: int
@@ -152,7 +158,10 @@ class OpenAIGenerationService:
             spaces_between_special_tokens=options.spaces_between_special_tokens,
         )  # fmt: skip
         matcher = StopStringMatcher(prep.stops, include=options.include_stop_str_in_output)
-        request = GenerationRequest(f"{prep.request_id}-{index}", prompt.ids, params, prep.priority)
+        gate = prep.reasoning_gates() if prep.reasoning_gates is not None else None
+        request = GenerationRequest(
+            f"{prep.request_id}-{index}", prompt.ids, params, prep.priority, reasoning=gate
+        )
         stream = self.backend.generate(request)
         generated = 0
         started = last = time.perf_counter()
@@ -499,7 +508,7 @@ class OpenAIGenerationService:
 
     def _top_logprob(self, as_ids: bool, token_id: int, logprob: float) -> TopLogprob:
         text = self._logprob_token(as_ids, token_id)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+        return TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode("utf-8")))
 
     def _chat_logprobs(self, entries: list[TokenLogprob], as_ids: bool) -> ChatChoiceLogprobs:
         content = []
@@ -507,7 +516,7 @@ class OpenAIGenerationService:
             # vLLM: the chosen token's bytes are its text's, even when named "token_id:N".
             decoded = self._token_text(e.token_id)
             content.append(ChatTokenLogprob(
-                token=self._logprob_token(as_ids, e.token_id), logprob=e.logprob,
+                token=self._logprob_token(as_ids, e.token_id), logprob=_finite(e.logprob),
                 bytes=list(decoded.encode("utf-8")),
                 top_logprobs=[self._top_logprob(as_ids, tid, lp) for tid, lp in e.top],
             ))  # fmt: skip
@@ -528,16 +537,18 @@ class OpenAIGenerationService:
             for i, tid in enumerate(echo_prompt.ids):
                 tokens.append(self._logprob_token(as_ids, tid))
                 plp = prompt_lps[i] if prompt_lps is not None and i < len(prompt_lps) else None
-                token_lps.append(plp.logprob if plp else None)
+                token_lps.append(_finite(plp.logprob) if plp else None)
                 tops.append(
-                    {self._logprob_token(as_ids, t): lp for t, lp in plp.top[:k]} if plp else None
+                    {self._logprob_token(as_ids, t): _finite(lp) for t, lp in plp.top[:k]}
+                    if plp
+                    else None
                 )
         for e in entries:
             text = self._logprob_token(as_ids, e.token_id)
             tokens.append(text)
-            token_lps.append(e.logprob)
-            top = {self._logprob_token(as_ids, t): lp for t, lp in e.top[:k]}
-            top.setdefault(text, e.logprob)
+            token_lps.append(_finite(e.logprob))
+            top = {self._logprob_token(as_ids, t): _finite(lp) for t, lp in e.top[:k]}
+            top.setdefault(text, _finite(e.logprob))
             tops.append(top)
         offsets, pos = [], 0
         for t in tokens:

@@ -682,6 +682,9 @@ class _RequestParsing:
             return _AutoChoice(self.format)
         return _PassThrough()
 
+    def reasoning_gate(self) -> None:
+        return None  # no reasoning parsers without vLLM
+
 
 def _tool_mode(request: ChatCompletionRequest) -> ToolMode:
     choice: object = request.tool_choice
