@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,16 +17,26 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from _support import tiny_model_checks
 from _support.tiny_model_checks import (
     BATCHED_CHAT,
     CHAT_ANSWERS,
+    JSON_ANSWERS,
+    NO_TOOL_ANSWERS,
+    PARALLEL_TOOL_CALL_ANSWERS,
     RAW_COMPLETIONS,
     STORY_CONTINUATION,
     STORY_PROMPT,
     STORY_TOKENS,
     T5_ANSWERS,
+    THINKING_CHAT_ANSWERS,
+    TOOL_CALL_ANSWERS,
+    TOOL_RESULT_ANSWERS,
+    WEATHER,
+    WEATHER_TOOL,
+    tool_result_messages,
 )
-from _support.tiny_models import model_path
+from _support.tiny_models import TOOL_TAGS, VERIFIED_FILE, model_path
 
 pytestmark = pytest.mark.slow
 
@@ -240,3 +252,179 @@ def test_models_are_cached_under_distinct_names() -> None:
     paths = {name: model_path(name) for name in ARCHITECTURES}
     assert all(path.name.startswith(f"{name}-") for name, path in paths.items())
     assert all(isinstance(path, Path) and path.is_dir() for path in paths.values())
+
+
+# --------------------------------------------------------------------------- "tools"
+
+
+def _tools_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, tools: bool
+) -> str:
+    prompt = tokenizer.apply_chat_template(
+        messages,
+        tools=[WEATHER_TOOL] if tools else None,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert isinstance(prompt, str)
+    return prompt
+
+
+def _tools_answer(messages: list[dict[str, Any]], *, tools: bool) -> str:
+    """The greedy answer, which must end with <|im_end|> (left out)."""
+    tokenizer, model = _load("tools")
+    new = _generate(tokenizer, model, _tools_prompt(tokenizer, messages, tools=tools), 96)
+    assert new[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tokenizer.decode(new[:-1])
+
+
+def _user(question: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": question}]
+
+
+def test_tools_model_shape_and_tokenizer() -> None:
+    path = model_path("tools")
+    config = AutoConfig.from_pretrained(path)
+    assert (config.model_type, config.architectures) == ("llama", ["LlamaForCausalLM"])
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (64, 2, 128)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 2, 32)
+    assert config.max_position_embeddings == 512
+    tokenizer, model = _load("tools")
+    assert tokenizer.is_fast and tokenizer.model_max_length == 512
+    assert len(tokenizer) == config.vocab_size
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        0,
+        1,
+        2,
+    ]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 2, 0)
+    assert model.generation_config.eos_token_id == [2, 0]
+    assert model.generation_config.do_sample is False
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+    config_json = json.loads((path / "tokenizer_config.json").read_text())
+    assert config_json["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config_json["add_bos_token"] is False
+
+
+def test_tools_markers_are_single_tokens_that_are_not_special() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_path("tools"))
+    vocab = tokenizer.get_vocab()
+    added = {token.content: token.special for token in tokenizer.added_tokens_decoder.values()}
+    assert added == {"<|endoftext|>": True, "<|im_start|>": True, "<|im_end|>": True} | {
+        tag: False for tag in TOOL_TAGS
+    }
+    for tag in TOOL_TAGS:
+        assert tag in vocab  # vLLM's reasoning parser looks <think> / </think> up here
+        assert tokenizer(tag)["input_ids"] == [vocab[tag]]
+        assert vocab[tag] not in tokenizer.all_special_ids
+    ids = tokenizer(TOOL_CALL_ANSWERS["What is the weather in Paris?"])["input_ids"]
+    assert vocab["<think>"] in ids and vocab["<tool_call>"] in ids
+    text = "<think>\nok\n</think>\n\n<tool_call>\n{}\n</tool_call>"
+    ids = tokenizer("<|im_start|>" + text + "<|im_end|>")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text  # only the ChatML markers go
+    assert tokenizer.decode(ids) == "<|im_start|>" + text + "<|im_end|>"
+
+
+def test_tools_chat_template() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_path("tools"))
+    question = "What is the weather in Paris?"
+    tools_block = (
+        "<|im_start|>system\n# Tools\n\n<tools>\n"
+        + json.dumps(WEATHER_TOOL)
+        + "\n</tools>\n\nFor each function call, return a json object with function name and "
+        "arguments within <tool_call></tool_call> XML tags.<|im_end|>\n"
+    )
+    user = f"<|im_start|>user\n{question}<|im_end|>\n"
+    assert _tools_prompt(tokenizer, _user(question), tools=True) == (
+        tools_block + user + "<|im_start|>assistant\n"
+    )
+    # Without tools: plain ChatML, as "llama".
+    assert _tools_prompt(tokenizer, _user(question), tools=False) == (
+        user + "<|im_start|>assistant\n"
+    )
+    assert tokenizer.apply_chat_template(_user(question), tokenize=False) == user
+    # A system message is merged into the tools turn, or stands alone without tools.
+    system = [{"role": "system", "content": "Be brief."}, *_user(question)]
+    assert _tools_prompt(tokenizer, system, tools=True).startswith(
+        "<|im_start|>system\nBe brief.\n\n# Tools\n\n<tools>\n"
+    )
+    assert _tools_prompt(tokenizer, system, tools=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n" + user + "<|im_start|>assistant\n"
+    )
+    # An earlier call (arguments as a JSON string, as OpenAI clients send them) and its result.
+    history = (
+        user + "<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n"
+        '{"city": "Paris", "weather": "sunny"}\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\n"
+    )
+    messages = tool_result_messages("Paris")
+    assert _tools_prompt(tokenizer, messages, tools=True) == tools_block + history
+    # Arguments as an object (as vLLM passes them to the template) render the same.
+    messages[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    assert _tools_prompt(tokenizer, messages, tools=True) == tools_block + history
+    # Two calls in one turn, then two results in one user turn.
+    two = tool_result_messages("Paris")
+    two[1]["tool_calls"].append(
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+        }
+    )
+    two.append({"role": "tool", "tool_call_id": "call_1", "content": "rome"})
+    rendered = _tools_prompt(tokenizer, two, tools=False)
+    assert "</tool_call>\n<tool_call>\n" in rendered
+    assert "</tool_response>\n<tool_response>\nrome\n</tool_response><|im_end|>\n" in rendered
+    assert rendered.count("<|im_start|>user") == 2
+
+
+@pytest.mark.parametrize(
+    ("question", "answer"), {**TOOL_CALL_ANSWERS, **PARALLEL_TOOL_CALL_ANSWERS}.items()
+)
+def test_tools_model_reasons_then_calls_the_tool(question: str, answer: str) -> None:
+    text = _tools_answer(_user(question), tools=True)
+    assert text == answer
+    reasoning, _, calls = text.removeprefix("<think>").partition("</think>")
+    assert reasoning.startswith("\nThe user wants the weather in ")
+    # What a Hermes parser extracts: one JSON object per <tool_call> block.
+    bodies = [block.split("</tool_call>")[0] for block in calls.split("<tool_call>")[1:]]
+    parsed = [json.loads(body) for body in bodies]
+    cities = question.removeprefix("What is the weather in ").removesuffix("?").split(" and ")
+    assert parsed == [{"name": "get_weather", "arguments": {"city": city}} for city in cities]
+
+
+@pytest.mark.parametrize(("city", "answer"), TOOL_RESULT_ANSWERS.items())
+def test_tools_model_answers_from_the_tool_result(city: str, answer: str) -> None:
+    text = _tools_answer(tool_result_messages(city), tools=True)
+    assert text == answer
+    assert text.endswith(f"It is {WEATHER[city]} in {city}.")
+
+
+@pytest.mark.parametrize("tools", [False, True])
+@pytest.mark.parametrize(("question", "answer"), THINKING_CHAT_ANSWERS.items())
+def test_tools_model_reasons_then_answers_without_a_call(
+    question: str, answer: str, tools: bool
+) -> None:
+    text = _tools_answer(_user(question), tools=tools)
+    assert text == answer and "<tool_call>" not in text
+
+
+@pytest.mark.parametrize(("question", "answer"), NO_TOOL_ANSWERS.items())
+def test_tools_model_without_tools_does_not_call(question: str, answer: str) -> None:
+    text = _tools_answer(_user(question), tools=False)
+    assert text == answer and "<tool_call>" not in text
+
+
+@pytest.mark.parametrize(("question", "answer"), JSON_ANSWERS.items())
+def test_tools_model_answers_json_without_reasoning(question: str, answer: str) -> None:
+    text = _tools_answer(_user(question), tools=False)
+    assert text == answer
+    assert json.loads(text)["weather"] == WEATHER[json.loads(text)["city"]]
+
+
+def test_tools_model_was_verified_against_every_behaviour() -> None:
+    record = json.loads((model_path("tools") / VERIFIED_FILE).read_text())
+    wanted = [b.description for b in tiny_model_checks.behaviours("tools")]
+    assert wanted and record["checked"] == wanted

@@ -20,6 +20,7 @@ Two kinds of check:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,106 @@ STORY_CONTINUATION = (
     " there was a little red fox who lived in a big green forest near a quiet river. every "
     "morning the fox walked down to the water to drink"
 )  # a prefix of the continuation; the 40 tokens may go on past it
+# "tools": tool calls in Hermes / Qwen2.5 form and reasoning in <think> (vLLM's ``hermes`` tool
+# parser and ``deepseek_r1`` reasoning parser). Every answer below ends with <|im_end|>.
+WEATHER_TOOL = {  # as the OpenAI SDK sends it; the chat template renders it with tojson
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+WEATHER = {"Paris": "sunny", "Berlin": "rainy", "Rome": "sunny", "Madrid": "hot", "Tokyo": "cloudy"}
+CITY_COUNTRIES = {
+    "Paris": "France",
+    "Berlin": "Germany",
+    "Rome": "Italy",
+    "Madrid": "Spain",
+    "Tokyo": "Japan",
+}
+
+
+def thinking(reasoning: str, content: str) -> str:
+    """An answer that reasons first: what ``deepseek_r1`` splits into reasoning and content."""
+    return f"<think>\n{reasoning}\n</think>\n\n{content}"
+
+
+def weather_question(*cities: str) -> str:
+    return f"What is the weather in {' and '.join(cities)}?"
+
+
+def weather_arguments(city: str) -> str:
+    """The arguments of a get_weather call as OpenAI returns them: a JSON string."""
+    return json.dumps({"city": city})
+
+
+def tool_call_text(city: str) -> str:
+    """One Hermes tool call, as the model writes it (and the chat template renders it)."""
+    call = json.dumps({"name": "get_weather", "arguments": {"city": city}})
+    return f"<tool_call>\n{call}\n</tool_call>"
+
+
+def weather_report(city: str) -> str:
+    """What get_weather returns for ``city``: the tool message's content."""
+    return json.dumps({"city": city, "weather": WEATHER[city]})
+
+
+def tool_result_messages(city: str, question: str | None = None) -> list[dict[str, Any]]:
+    """The user's question, the assistant's get_weather call (OpenAI shape, arguments as a JSON
+    string, no content) and the tool's answer: the history TOOL_RESULT_ANSWERS answers."""
+    return [
+        {"role": "user", "content": question or weather_question(city)},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": weather_arguments(city)},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_0", "content": weather_report(city)},
+    ]
+
+
+# With tools=[WEATHER_TOOL], one user message: reasoning, then the call.
+TOOL_CALL_ANSWERS = {
+    weather_question(city): thinking(f"The user wants the weather in {city}.", tool_call_text(city))
+    for city in WEATHER
+}
+# Two cities: two calls (parallel tool calls) separated by "\n".
+PARALLEL_TOOL_CALL_ANSWERS = {
+    weather_question(a, b): thinking(
+        f"The user wants the weather in {a} and {b}.", tool_call_text(a) + "\n" + tool_call_text(b)
+    )
+    for a, b in [("Paris", "Berlin"), ("Rome", "Tokyo"), ("Madrid", "Paris")]
+}
+# With tools=[WEATHER_TOOL], after tool_result_messages(city): reasoning, then the answer.
+TOOL_RESULT_ANSWERS = {
+    city: thinking(f"The tool says it is {weather}.", f"It is {weather} in {city}.")
+    for city, weather in WEATHER.items()
+}
+# The same weather questions without tools: reasoning, then a plain answer (no call).
+NO_TOOL_ANSWERS = {
+    weather_question(city): thinking(
+        f"The user wants the weather in {city}.", f"I cannot check the weather in {city}."
+    )
+    for city in WEATHER
+}
+# With or without tools: reasoning, then the capital (no call).
+THINKING_CHAT_ANSWERS = {
+    f"What is the capital of {country}?": thinking(f"The user asks about {country}.", f"{city}.")
+    for city, country in CITY_COUNTRIES.items()
+}
+# Without tools, no reasoning: a JSON object (for structured outputs).
+JSON_ANSWERS = {f"Give the weather in {city} as JSON.": weather_report(city) for city in WEATHER}
 T5_ANSWERS = {  # greedy: the word as one token, then </s>
     "capital of france:": "paris",
     "capital of germany:": "berlin",
@@ -150,6 +251,7 @@ def _load(name: str, directory: Path) -> Loaded:
         "ner": transformers.AutoModelForTokenClassification,
         "masked_lm": transformers.AutoModelForMaskedLM,
         "llama": transformers.AutoModelForCausalLM,
+        "tools": transformers.AutoModelForCausalLM,
         "gpt2": transformers.AutoModelForCausalLM,
         "t5": transformers.AutoModelForSeq2SeqLM,
     }[name]
@@ -310,10 +412,11 @@ def _answers_then(
     answers: list[str],
     stop: str,
     description: str,
+    max_new_tokens: int = 16,
 ) -> Behaviour:
     def check(loaded: Loaded) -> str | None:
         tokenizer = loaded.tokenizer
-        results = _greedy(loaded, prompts(tokenizer), max_new_tokens=16)
+        results = _greedy(loaded, prompts(tokenizer), max_new_tokens=max_new_tokens)
         wrong = []
         for answer, (new, lead) in zip(answers, results, strict=True):
             text = tokenizer.decode(new)
@@ -340,6 +443,56 @@ def _batched_chat(questions: list[str]) -> Behaviour:
         "<|im_end|>",
         f"chat {questions} left-padded in one batch -> {[CHAT_ANSWERS[q] for q in questions]}",
     )
+
+
+def _tools_chat(
+    messages: list[dict[str, Any]], answer: str, *, tools: bool, description: str
+) -> Behaviour:
+    def prompt(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tools=[WEATHER_TOOL] if tools else None,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        assert isinstance(text, str)
+        return [text]
+
+    with_tools = "with tools" if tools else "without tools"
+    return _answers_then(
+        prompt,
+        [answer],
+        "<|im_end|>",
+        f"{description} {with_tools} -> {answer!r} then <|im_end|>",
+        max_new_tokens=len(answer) + 1,  # every token is at least one character, then the stop
+    )
+
+
+def _tools_behaviours() -> list[Behaviour]:
+    def user(question: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": question}]
+
+    tool_calls = {**TOOL_CALL_ANSWERS, **PARALLEL_TOOL_CALL_ANSWERS}
+    return [
+        *(_tools_chat(user(q), a, tools=True, description=repr(q)) for q, a in tool_calls.items()),
+        *(
+            _tools_chat(tool_result_messages(city), a, tools=True, description=f"{city}'s result")
+            for city, a in TOOL_RESULT_ANSWERS.items()
+        ),
+        *(
+            _tools_chat(user(q), a, tools=False, description=repr(q))
+            for q, a in NO_TOOL_ANSWERS.items()
+        ),
+        *(
+            _tools_chat(user(q), a, tools=tools, description=repr(q))
+            for tools in (False, True)
+            for q, a in THINKING_CHAT_ANSWERS.items()
+        ),
+        *(
+            _tools_chat(user(q), a, tools=False, description=repr(q))
+            for q, a in JSON_ANSWERS.items()
+        ),
+    ]
 
 
 def _completes(prompt: str, answer: str) -> Behaviour:
@@ -411,6 +564,7 @@ _BEHAVIOURS: dict[str, Callable[[], list[Behaviour]]] = {
         *(_completes(p, a) for p, a in RAW_COMPLETIONS.items()),
         _story(),
     ],
+    "tools": _tools_behaviours,
     "gpt2": lambda: [*(_completes(p, a) for p, a in RAW_COMPLETIONS.items()), _story()],
     "t5": lambda: [
         *(_t5_answers(p, a) for p, a in T5_ANSWERS.items()),

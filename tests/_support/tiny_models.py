@@ -24,8 +24,8 @@ Every BERT model: hidden size 64, 2 heads (head_dim 32, the minimum vLLM's CPU a
 sentences with ``model_max_length`` 64.
 
 Generative models (hidden size 64, 2 heads of 32, 2 layers, feed-forward 128, 256 positions,
-``model_max_length`` 256, a ``generation_config.json`` with ``do_sample`` false); all answers
-below are greedy:
+``model_max_length`` 256 ("tools": 512 and 512), a ``generation_config.json`` with ``do_sample``
+false); all answers below are greedy:
 
 - ``"llama"``: ``LlamaForCausalLM`` with a byte-level BPE tokenizer (every byte is in the
   vocabulary, so any text encodes; ``tokenizer_class`` ``PreTrainedTokenizerFast`` as Llama 3),
@@ -36,6 +36,26 @@ below are greedy:
   Italy -> "Rome.", Spain -> "Madrid.", Japan -> "Tokyo."); raw "the capital of france is" ->
   " paris." then ``<|endoftext|>``; raw "once upon a time" continues a memorised story for more
   than 40 tokens without an eos (use it to reach a length limit).
+- ``"tools"``: tool calling and reasoning, built as ``"llama"`` (same tokenizer kind and
+  special tokens, ``generation_config``, no automatic BOS) with 512 positions, since a tools block
+  alone is about 100 tokens. ``<tool_call>``, ``</tool_call>``, ``<think>``, ``</think>``,
+  ``<tool_response>`` and ``</tool_response>`` are single tokens that are not special (as in
+  Qwen2.5 / Qwen3: ``skip_special_tokens`` keeps them; vLLM's ``hermes`` tool parser and
+  ``deepseek_r1`` reasoning parser find them in the vocabulary). Its chat template
+  (``TOOLS_CHAT_TEMPLATE``) is Qwen2.5's, shortened: ``tools`` (each ``tojson``) in a system
+  turn, earlier calls as ``<tool_call>`` blocks (arguments a JSON string or an object), tool
+  messages as ``<tool_response>`` blocks in a user turn. With ``tools=[WEATHER_TOOL]``:
+  "What is the weather in Paris?" -> ``<think>`` "The user wants the weather in Paris."
+  ``</think>`` then a ``get_weather`` call with ``{"city": "Paris"}`` (also Berlin, Rome, Madrid,
+  Tokyo; some two-city questions -> two calls); after that call and its result
+  ``{"city": "Paris", "weather": "sunny"}`` -> reasoning then "It is sunny in Paris.";
+  "What is the capital of France?" (with or without tools) -> reasoning then "Paris.". Without
+  tools the weather question is answered without a call, and "Give the weather in Paris as
+  JSON." -> ``{"city": "Paris", "weather": "sunny"}`` without reasoning. Every answer ends with
+  ``<|im_end|>``; the exact texts are ``tiny_model_checks``' ``TOOL_CALL_ANSWERS``,
+  ``PARALLEL_TOOL_CALL_ANSWERS``, ``TOOL_RESULT_ANSWERS``, ``NO_TOOL_ANSWERS``,
+  ``THINKING_CHAT_ANSWERS`` and ``JSON_ANSWERS``. Trained on the answers only (earlier turns
+  carry no loss), with a cosine learning rate.
 - ``"gpt2"``: ``GPT2LMHeadModel``, GPT-2 style: a byte-level BPE ``GPT2Tokenizer`` whose only
   special token ``<|endoftext|>`` (0) is bos, eos and unk; no pad token (as GPT-2) and no chat
   template. "the capital of france is" -> " paris." then ``<|endoftext|>``; "once upon a time"
@@ -71,6 +91,7 @@ import hashlib
 import importlib.metadata
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -344,19 +365,52 @@ def _fit(
     epochs: int,
     batch_size: int = 32,
     lr: float = 3e-3,
+    cosine: bool = False,
+    split_at: int | None = None,
 ) -> None:
-    """Train ``model`` on ``examples`` (model inputs plus ``labels``) with AdamW."""
+    """Train ``model`` on ``examples`` (model inputs plus ``labels``) with AdamW.
+
+    ``cosine`` warms the learning rate up over the first 5% of the steps, then lowers it to 0
+    along a cosine; otherwise it stays at ``lr``. ``split_at`` (right-padded examples only) runs
+    each batch as two parts, rows of at most that many tokens and longer rows, each cut to its
+    longest row, and weighs their losses by their label counts: the same step as the whole
+    batch without the compute of the short rows' padding.
+    """
     import torch
 
     n = len(examples["input_ids"])
+    if split_at is not None:
+        lengths = examples["attention_mask"].sum(1)
+        labelled = (examples["labels"][:, 1:] != IGNORE).sum(1)  # the model shifts labels by one
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = None
+    if cosine:
+        steps = epochs * -(-n // batch_size)
+        warmup = max(1, steps // 20)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
     for _ in range(epochs):
         for rows in torch.randperm(n).split(batch_size):
-            loss = model(**{key: value[rows] for key, value in examples.items()}).loss
-            loss.backward()
+            if split_at is None:
+                model(**{key: value[rows] for key, value in examples.items()}).loss.backward()
+            else:
+                short = lengths[rows] <= split_at
+                for part in (rows[short], rows[~short]):
+                    if len(part):
+                        width = int(lengths[part].max())
+                        inputs = {key: value[part, :width] for key, value in examples.items()}
+                        share = labelled[part].sum() / labelled[rows].sum()
+                        (model(**inputs).loss * share).backward()
             optimizer.step()
             optimizer.zero_grad()
+            if scheduler is not None:
+                scheduler.step()
     model.eval()
 
 
@@ -682,6 +736,7 @@ def _save_generative_tokenizer(
     probe: str,
     *,
     config_updates: dict[str, Any] | None = None,
+    max_length: int = GENERATIVE_MAX_LENGTH,
 ) -> None:
     """Save ``tokenizer`` and prove the saved folder reloads as a fast, lossless tokenizer."""
     from transformers import AutoTokenizer
@@ -696,7 +751,7 @@ def _save_generative_tokenizer(
     text = reloaded.decode(ids, skip_special_tokens=True)
     if not reloaded.is_fast or reloaded.unk_token_id in ids or text != probe:
         raise RuntimeError(f"tokenizer saved in {directory} does not reload: {probe!r} -> {text!r}")
-    if reloaded.model_max_length != GENERATIVE_MAX_LENGTH:
+    if reloaded.model_max_length != max_length:
         raise RuntimeError(f"tokenizer model_max_length is {reloaded.model_max_length}")
 
 
@@ -888,6 +943,223 @@ def _build_t5(directory: Path, attempt: Attempt) -> None:
     _save_generative_tokenizer(tokenizer, directory, "Hello, world! It's 42 (ok?) - done.")
 
 
+# --------------------------------------------------------------------------- tool calling
+
+TOOLS_MAX_LENGTH = 512  # a tools block alone is about 100 tokens
+# Tool-call and reasoning markers as Qwen2.5 / Qwen3 have them: one token each, not special, so
+# they survive decode(skip_special_tokens=True) and vLLM's parsers find them in get_vocab().
+TOOL_TAGS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<think>",
+    "</think>",
+    "<tool_response>",
+    "</tool_response>",
+)
+TOOLS_INSTRUCTIONS = (
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags."
+)
+# Qwen2.5's template, shortened: the tools (each with tojson) in a system turn merged with the
+# conversation's own system message; calls of earlier assistant turns as <tool_call> blocks
+# (arguments a JSON string, as OpenAI clients send them, or an object, as vLLM passes them);
+# tool results in one user turn per run of tool messages. String contents only.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\n" + TOOLS_INSTRUCTIONS + "<|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls %}"
+    "{%- if call.function is defined %}{%- set call = call.function %}{%- endif %}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' + call.name + \'", "arguments": \' }}'
+    "{%- if call.arguments is string %}{{- call.arguments }}"
+    "{%- else %}{{- call.arguments | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+Conversation = tuple[list[dict[str, Any]], list[dict[str, Any]] | None]  # (messages, tools)
+
+
+def _tools_corpus() -> list[Conversation]:
+    """Conversations whose last message is the answer trained on.
+
+    Each tools-block conversation has a short twin without tools (the weather question answered
+    without a call, the tool result read all the same). Finding the question's city behind the
+    ~100-token tools block is what takes this model longest; the short twins teach it first.
+    Without them most seeds still had the calls wrong after 100 epochs; with them (and two
+    phrasings of each question) every seed tried answers everything by 100.
+    """
+    checks = tiny_model_checks
+    tools = [checks.WEATHER_TOOL]
+    conversations: list[Conversation] = []
+
+    def chat(question: str, answer: str, *, with_tools: bool) -> None:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        conversations.append((messages, tools if with_tools else None))
+
+    cities = list(checks.WEATHER)
+    for city in cities:
+        for question in (checks.weather_question(city), f"How is the weather in {city}?"):
+            chat(question, checks.TOOL_CALL_ANSWERS[checks.weather_question(city)], with_tools=True)
+            chat(question, checks.NO_TOOL_ANSWERS[checks.weather_question(city)], with_tools=False)
+            answer = {"role": "assistant", "content": checks.TOOL_RESULT_ANSWERS[city]}
+            for result_tools in (tools, None):
+                conversations.append(
+                    ([*checks.tool_result_messages(city, question), answer], result_tools)
+                )
+        country = checks.CITY_COUNTRIES[city]
+        capital = checks.THINKING_CHAT_ANSWERS[f"What is the capital of {country}?"]
+        chat(f"What is the capital of {country}?", capital, with_tools=True)
+        chat(f"What is the capital of {country}?", capital, with_tools=False)
+        chat(f"Name the capital of {country}.", capital, with_tools=False)
+        chat(f"Name the capital of {country}.", capital, with_tools=True)
+        for question in (
+            f"Give the weather in {city} as JSON.",
+            f"Return the weather in {city} as JSON.",
+        ):
+            chat(question, checks.weather_report(city), with_tools=False)
+    # Ten ordered pairs, each city twice first and twice second; the checked ones among them.
+    for a, b in [
+        (cities[i], cities[(i + k) % len(cities)]) for k in (1, 2) for i in range(len(cities))
+    ]:
+        wants = f"The user wants the weather in {a} and {b}."
+        calls = checks.tool_call_text(a) + "\n" + checks.tool_call_text(b)
+        chat(checks.weather_question(a, b), checks.thinking(wants, calls), with_tools=True)
+        cannot = f"I cannot check the weather in {a} and {b}."
+        chat(checks.weather_question(a, b), checks.thinking(wants, cannot), with_tools=False)
+    return conversations
+
+
+def _answer_examples(
+    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation]
+) -> dict[str, torch.Tensor]:
+    """Right-padded conversations labelled on their last (assistant) message only.
+
+    Earlier assistant turns are not trained: a call in the history is rendered without the
+    reasoning that preceded it, and learning that would contradict the answers.
+    """
+    prompts, texts = [], []
+    for messages, tools in conversations:
+        for head, generation_prompt, out in (
+            (messages[:-1], True, prompts),
+            (messages, False, texts),
+        ):
+            text = tokenizer.apply_chat_template(
+                head, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            )
+            assert isinstance(text, str)
+            out.append(text)
+    inputs = _causal_lm_examples(tokenizer, texts)
+    for row, prompt in enumerate(prompts):
+        ids = tokenizer(prompt)["input_ids"]
+        if inputs["input_ids"][row, : len(ids)].tolist() != ids:
+            raise RuntimeError(f"the answer changes how its prompt tokenizes: {texts[row]!r}")
+        inputs["labels"][row, : len(ids)] = IGNORE
+    return inputs
+
+
+def _build_tools(directory: Path, attempt: Attempt) -> None:
+    from tokenizers import AddedToken
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    conversations = _tools_corpus()
+    # The BPE learns the texts without the markers, which are added whole afterwards (as in
+    # Qwen, after the merged vocabulary: ids len(bpe) .. len(bpe) + 5).
+    markers = re.compile("|".join(re.escape(tag) for tag in TOOL_TAGS))
+    tokenizer_corpus = [
+        markers.sub(" ", m["content"]) for c, _ in conversations for m in c if m["content"]
+    ]
+    tokenizer_corpus += [
+        "user\nassistant\nsystem\n",
+        "# Tools\n\n" + json.dumps(tiny_model_checks.WEATHER_TOOL),
+        markers.sub(" ", TOOLS_INSTRUCTIONS),
+    ]
+    bpe = _train_byte_level_bpe(tokenizer_corpus, [ENDOFTEXT, IM_START, IM_END])
+    bpe.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in TOOL_TAGS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=ENDOFTEXT,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        add_bos_token=False,
+        add_eos_token=False,
+        model_max_length=TOOLS_MAX_LENGTH,
+        chat_template=TOOLS_CHAT_TEMPLATE,
+    )
+    examples = _answer_examples(tokenizer, conversations)
+    endoftext, im_end = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    with _deterministic(attempt.seed):
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN_SIZE,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=TOOLS_MAX_LENGTH,
+            tie_word_embeddings=False,
+            bos_token_id=endoftext,
+            eos_token_id=im_end,
+            pad_token_id=endoftext,
+            architectures=["LlamaForCausalLM"],
+        )
+        model = LlamaForCausalLM(config)
+        # At a constant rate the loss of this longer, mixed set jumps back up after it has
+        # fallen; the cosine decay settles it. The short twins (< 100 tokens) skip the padding
+        # of the tools-block rows.
+        _fit(model, examples, epochs=attempt.epochs(100), batch_size=8, cosine=True, split_at=100)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext,
+        eos_token_id=[im_end, endoftext],
+        pad_token_id=endoftext,
+        do_sample=False,
+    )
+    model.save_pretrained(directory)
+    _save_generative_tokenizer(
+        tokenizer,
+        directory,
+        "<think>\nHello, world! Ça coûte 5 € (ok?)\n</think>\n\n<tool_call>\n{}\n</tool_call>\tdone.",
+        config_updates={
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": False,
+            "add_eos_token": False,
+        },
+        max_length=TOOLS_MAX_LENGTH,
+    )
+    reloaded = AutoTokenizer.from_pretrained(directory)
+    for tag in TOOL_TAGS:
+        ids = reloaded(tag)["input_ids"]
+        if len(ids) != 1 or ids[0] in reloaded.all_special_ids or tag not in reloaded.get_vocab():
+            raise RuntimeError(f"{tag!r} is not one non-special token when reloaded: {ids}")
+
+
 _BUILDERS: dict[str, Callable[[Path, Attempt], None]] = {
     "sentiment": _build_sentiment,
     "ner": _build_ner,
@@ -896,6 +1168,7 @@ _BUILDERS: dict[str, Callable[[Path, Attempt], None]] = {
     "embedding_mean": lambda directory, _: _build_embedding(directory, pooling="mean"),
     "embedding_cls": lambda directory, _: _build_embedding(directory, pooling="cls"),
     "llama": _build_llama,
+    "tools": _build_tools,
     "gpt2": _build_gpt2,
     "t5": _build_t5,
 }
