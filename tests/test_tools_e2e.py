@@ -220,3 +220,31 @@ def test_bad_tools_and_constraints_are_400_naming_the_field(
     ok = httpx.post(server.url + "/openai/v1/chat/completions", timeout=60,
                     json={"model": "model", "messages": ASK, "max_tokens": 4})  # fmt: skip
     assert ok.status_code == 200
+
+
+def test_compact_json_is_honoured_or_refused_never_ignored(
+    server: ServerProcess, server_pool: Pool
+) -> None:
+    """disable_any_whitespace: the Hugging Face backend (xgrammar per request) gives compact
+    JSON; vLLM 0.32's engine reads it only from its server-wide config, so a request's is a 400
+    there rather than accepted and ignored (as vLLM's own server does)."""
+    on_vllm = "vllm" in server.args
+    plain = server_pool("--model_dir", str(model_path("tools")),
+                        *BACKENDS["vllm" if on_vllm else "huggingface"])  # fmt: skip
+    schema = {"type": "object", "properties": {"city": {"type": "string"},
+              "weather": {"type": "string"}}, "required": ["city", "weather"]}  # fmt: skip
+    body = {"model": "model", "prompt": "Give the weather in Paris as JSON.", "max_tokens": 40,
+            "temperature": 0,
+            "structured_outputs": {"json": schema, "disable_any_whitespace": True}}  # fmt: skip
+    r = httpx.post(plain.url + "/openai/v1/completions", json=body, timeout=120)
+    if on_vllm:
+        assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
+        assert "disable_any_whitespace" in r.json()["error"]["message"]
+        return
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert json.loads(text).keys() == {"city", "weather"}
+    assert not any(
+        c.isspace()
+        for c in text.replace(json.loads(text)["city"], "").replace(json.loads(text)["weather"], "")
+    )  # no whitespace outside the values

@@ -64,6 +64,20 @@ CASES: list[Case] = [
     ("chat/completions", {"messages": FRANCE, "max_tokens": 6, "request_id": "conformance-2"}),
     ("chat/completions", {"messages": FRANCE, "max_tokens": 6, "logprobs": True,
                           "return_tokens_as_token_ids": True}),
+    # Structured outputs, with no reasoning parser (test_vllm_conformance_tools_e2e has one).
+    ("completions", {"prompt": PROMPT, "max_tokens": 8,
+                     "structured_outputs": {"choice": [" rome.", " madrid."]}}),
+    ("completions", {"prompt": PROMPT, "max_tokens": 8, "logprobs": 2,
+                     "structured_outputs": {"regex": " [a-z]+ [a-z]+"}}),
+    ("completions", {"prompt": PROMPT, "max_tokens": 20, "structured_outputs": {
+        "json": {"type": "object", "properties": {"city": {"type": "string"}},
+                 "required": ["city"], "additionalProperties": False}}}),
+    ("chat/completions", {"messages": FRANCE, "max_tokens": 12, "logprobs": True,
+                          "top_logprobs": 2, "structured_outputs": {"grammar":
+                          'root ::= "The answer is " ("Paris" | "Rome") "."'}}),
+    ("chat/completions", {"messages": FRANCE, "max_tokens": 12,
+                          "response_format": {"type": "json_schema", "json_schema": {
+                              "name": "city", "schema": {"type": "string", "enum": ["Rome", "Oslo"]}}}}),
 ]  # fmt: skip
 
 

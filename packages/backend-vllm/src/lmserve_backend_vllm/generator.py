@@ -85,6 +85,12 @@ class VLLMGenerator:
         self._vocab_size = vocab_size
 
     @property
+    def _compact_json(self) -> bool:
+        """Whether the engine's structured-output config makes every JSON compact."""
+        config = self.engine.vllm_config.structured_outputs_config
+        return bool(getattr(config, "disable_any_whitespace", False))
+
+    @property
     def max_model_len(self) -> int:
         return self._max_model_len
 
@@ -119,6 +125,14 @@ class VLLMGenerator:
         engine sees the request), against the engine's structured-output backend."""
         from vllm import SamplingParams
 
+        if spec.disable_any_whitespace and not self._compact_json:
+            # vLLM 0.32's engine reads it from its server-wide config only and would ignore it
+            # here: refused rather than ignored (the Hugging Face backend honours it).
+            raise InvalidInput(
+                "structured_outputs.disable_any_whitespace is not applied per request by vLLM's "
+                "engine; start lmserve with --structured-outputs-config "
+                "'{\"disable_any_whitespace\": true}' or use the huggingface backend"
+            )
         params = SamplingParams(max_tokens=1, structured_outputs=structured_outputs(spec))
         try:
             params._validate_structured_outputs(

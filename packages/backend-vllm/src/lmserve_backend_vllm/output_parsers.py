@@ -157,6 +157,13 @@ class VLLMOutputParsing:
         )
         return VLLMRequestParsing(self, vllm_request, kwargs, list(prompt_ids), adjustments)
 
+    def reasoning_gate(self) -> VLLMReasoningGate | None:
+        if self.parser_cls is None:
+            return None
+        reasoning = self.parser_cls(self.tokenizer, None).reasoning_parser
+        # A completion: vLLM's engine asks its parser about the prompt (reasoning_ended None).
+        return None if reasoning is None else VLLMReasoningGate(reasoning, None, {})
+
     def _parser(self, vllm_request: Any, kwargs: dict[str, Any]) -> Any:
         return self.parser_cls(self.tokenizer, vllm_request.tools, chat_template_kwargs=kwargs)
 

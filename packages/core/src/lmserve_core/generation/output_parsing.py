@@ -108,3 +108,8 @@ class OutputParsing(Protocol):
     def for_request(
         self, request: ChatCompletionRequest, prompt_ids: Sequence[int]
     ) -> RequestParsing: ...
+
+    def reasoning_gate(self) -> ReasoningGate | None:
+        """A gate for one sequence of a plain completion (None: no reasoning parser). vLLM's
+        engine holds a completion's constraint back until the reasoning ends too."""
+        ...

@@ -361,6 +361,7 @@ def prepare_completion(
     *,
     headers: RequestHeaders | None = None,
     frontend: FrontendOptions | None = None,
+    parsing: OutputParsing | None = None,
 ) -> Prepared:
     headers = headers or RequestHeaders()
     frontend = frontend or FrontendOptions()
@@ -381,8 +382,10 @@ def prepare_completion(
         req, facts, max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs,
         structured=structured,
     )  # fmt: skip
+    gates = parsing.reasoning_gate if structured is not None and parsing is not None else None
     return Prepared(
         structured_source=source,
+        reasoning_gates=gates,
         kind="completion", request_id=_response_id("cmpl", headers, req), created=int(time.time()),
         model=req.model, prompts=prompts, n=req.n, params=params, stops=_stops(req.stop, limits),
         echo=req.echo, stream=req.stream, logprobs=req.logprobs, text=_text_options(req),

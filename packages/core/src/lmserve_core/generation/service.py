@@ -112,8 +112,9 @@ class OpenAIGenerationService:
     ) -> Prepared:
         """``headers``: what vLLM reads from the HTTP headers (X-Request-Id, X-Vllm-Priority)."""
         return prepare_completion(
-            req, self.tokenizer, self.facts, self.limits, headers=headers, frontend=self.options
-        )
+            req, self.tokenizer, self.facts, self.limits, headers=headers, frontend=self.options,
+            parsing=self.output_parsing,
+        )  # fmt: skip
 
     def prepare_chat(
         self, req: ChatCompletionRequest, *, headers: RequestHeaders | None = None

@@ -100,6 +100,13 @@ def structured_output(
                 f"the {kind} constraint is not valid JSON: {exc}", param=source
             ) from None
     options = params or StructuredOutputsParams()
+    if options.whitespace_pattern is not None:
+        # Only vLLM's outlines engine reads it; xgrammar (both backends here) has no equivalent.
+        raise InvalidInput(
+            "structured_outputs.whitespace_pattern is not supported (xgrammar, the grammar "
+            "engine here, has no equivalent); use disable_any_whitespace",
+            param="structured_outputs",
+        )
     spec = StructuredOutput(
         kind=kind,
         value=value,

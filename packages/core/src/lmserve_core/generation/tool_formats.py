@@ -722,6 +722,9 @@ class FormatOutputParsing:
         self.format = FORMATS[format_name] if format_name is not None else None
         self.enable_auto_tool_choice = enable_auto_tool_choice
 
+    def reasoning_gate(self) -> None:
+        return None  # no reasoning parsers without vLLM
+
     def for_request(
         self, request: ChatCompletionRequest, prompt_ids: Sequence[int]
     ) -> RequestParsing:
