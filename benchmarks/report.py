@@ -44,6 +44,8 @@ STEPS: dict[str, list[str]] = {
     "vllm-vs-hf": [PY, "vllm_vs_hf.py", "--json-out", str(RESULTS / "vllm-vs-hf.json")],
     "triton-bridge": [PY, "triton_bridge.py", "--json-out", str(RESULTS / "triton-bridge.json")],
     "soak": [PY, "soak.py", "--json-out", str(RESULTS / "soak.json")],
+    "structured-outputs": [PY, "structured_outputs.py",
+                           "--json-out", str(RESULTS / "structured-outputs.json")],
 }  # fmt: skip
 
 TARGET_ENCODER_RATIO = 0.85
@@ -112,6 +114,7 @@ def render() -> str:
     _cold_start_memory(w, enc, streams)
     _triton(w, load("triton-bridge"))
     _soak(w, load("soak"))
+    _structured(w, load("structured-outputs"))
     _micro(w, load("micro"))
     return "\n".join(out).rstrip() + "\n"
 
@@ -364,6 +367,33 @@ def _soak(w: Any, r: dict[str, Any] | None) -> None:
           f"{s['admitted_requests']:.0f} / {s['sequences_unfinished']:.0f} | "
           f"{r['exit_codes'][task]} |")  # fmt: skip
     w(f"\nResult: {'passed' if r['passed'] else 'FAILED'}.\n")
+
+
+TARGET_STRUCTURED = {"huggingface": 1.25, "vllm": 1.10}  # issue 17
+STRUCTURED_NAMES = {"huggingface": "Hugging Face (xgrammar mask per row)",
+                    "vllm": "vLLM (vLLM's own engine)"}  # fmt: skip
+
+
+def _structured(w: Any, r: dict[str, Any] | None) -> None:
+    if not r:
+        return
+    w("## Structured outputs: `json_schema` vs. unconstrained, 16 streams (issue 17)\n")
+    w(f"`benchmarks/structured_outputs.py` ({r['model']}, float32, one torch thread, greedy chat, "
+      f"{r['max_tokens']} tokens per request with EOS ignored, {r['requests']} requests at "
+      f"{r['streams']} streams per measurement; each round measures plain and constrained back "
+      "to back, alternating which goes first). The schema has one string field, so every token "
+      "is constrained; it is compiled once (warm-up) and cached. TPOT p50 in ms, ratio = "
+      "constrained / plain of the same round.\n")  # fmt: skip
+    rounds = max(len(b["rounds"]) for b in r["backends"].values())
+    w("| backend | " + " | ".join(f"round {i + 1} plain / json_schema" for i in range(rounds))
+      + " | median ratio | target |")  # fmt: skip
+    w("|---|" + "---|" * rounds + "---:|---:|")
+    for name, b in r["backends"].items():
+        cells = [f"{row['plain']['tpot_p50_ms']:.1f} / {row['json_schema']['tpot_p50_ms']:.1f}"
+                 for row in b["rounds"]]  # fmt: skip
+        w(f"| {STRUCTURED_NAMES.get(name, name)} | {' | '.join(cells)} | "
+          f"{b['median_ratio']:.2f} | ≤ {TARGET_STRUCTURED.get(name, 1.0):.2f} |")  # fmt: skip
+    w("")
 
 
 def _micro(w: Any, r: dict[str, Any] | None) -> None:
