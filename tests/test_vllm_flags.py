@@ -53,8 +53,10 @@ def test_the_frontend_flags_lmserve_implements() -> None:
         (["--enable-auto-tool-choice"], "--enable_auto_tool_choice requires --tool_call_parser"),
         (["--tool-call-parser", "nosuch"], "--tool_call_parser 'nosuch' is not one of vLLM's"),
         (["--reasoning-parser=nosuch"], "--reasoning_parser 'nosuch' is not one of vLLM's"),
-        (["--tool-parser-plugin", "/no/such/plugin.py", "--tool-call-parser", "hermes"],
-         "--tool_parser_plugin: no such file: /no/such/plugin.py"),
+        (
+            ["--tool-parser-plugin", "/no/such/plugin.py", "--tool-call-parser", "hermes"],
+            "--tool_parser_plugin: no such file: /no/such/plugin.py",
+        ),
         (["--port", "9000"], "--port is vLLM's; lmserve's flag is --http_port"),
         (["--ssl-keyfile", "k.pem"], "--ssl-keyfile is a vLLM server flag"),
     ],
