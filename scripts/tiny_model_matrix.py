@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINED = ["sentiment", "ner", "masked_lm", "llama", "gpt2", "t5"]
+TRAINED = ["sentiment", "ner", "masked_lm", "llama", "gpt2", "t5", "tools"]
 
 # Run in the child: build each model, print one JSON line per model.
 CHILD = """
