@@ -17,6 +17,7 @@ import pytest
 
 from _support.sdk import openai_client
 from _support.servers import ServerProcess
+from _support.tiny_model_checks import WEATHER_TOOL
 from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
@@ -27,18 +28,6 @@ PARSERS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
 BACKENDS = {
     "vllm": ("--backend", "vllm", "--kv-cache-memory-bytes", str(512 * 2**20)),
     "huggingface": ("--backend", "huggingface"),
-}
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 

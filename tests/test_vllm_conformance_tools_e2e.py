@@ -17,6 +17,7 @@ import pytest
 
 from _support.conformance import Case, compare
 from _support.servers import ServerProcess
+from _support.tiny_model_checks import WEATHER_TOOL as TOOL
 from _support.tiny_models import model_path
 from _support.vllm_reference import start_vllm_reference
 
@@ -25,18 +26,6 @@ Pool = Callable[..., ServerProcess]
 
 PARSERS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
            "--reasoning-parser", "deepseek_r1")  # fmt: skip
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOKYO = [{"role": "user", "content": "What is the weather in Tokyo?"}]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -765,11 +765,40 @@ def _causal_lm_examples(
     return inputs
 
 
+def _chatml_llama(vocab: int, positions: int, endoftext: int, im_end: int) -> Any:
+    """The tiny LlamaForCausalLM of the ChatML models ("llama", "tools"): 64 wide, two heads of
+    32 (vLLM's CPU attention needs head_dim >= 32), two layers, untied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        tie_word_embeddings=False,
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
+        pad_token_id=endoftext,
+        architectures=["LlamaForCausalLM"],
+    )
+    return LlamaForCausalLM(config)
+
+
+def _chatml_generation_config(endoftext: int, im_end: int) -> Any:
+    """Greedy, stopping on <|im_end|> and <|endoftext|> (as SmolLM2's)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext,
+        do_sample=False,
+    )  # fmt: skip
+
+
 def _build_llama(directory: Path, attempt: Attempt) -> None:
     from transformers import (
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
         PreTrainedTokenizerFast,
     )
 
@@ -796,33 +825,14 @@ def _build_llama(directory: Path, attempt: Attempt) -> None:
     texts += [line + ENDOFTEXT for line in plain]
     endoftext, im_end = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
     with _deterministic(attempt.seed):
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=HIDDEN_SIZE,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=GENERATIVE_MAX_LENGTH,
-            tie_word_embeddings=False,
-            bos_token_id=endoftext,
-            eos_token_id=im_end,
-            pad_token_id=endoftext,
-            architectures=["LlamaForCausalLM"],
-        )
-        model = LlamaForCausalLM(config)
+        model = _chatml_llama(len(tokenizer), GENERATIVE_MAX_LENGTH, endoftext, im_end)
         _fit(
             model,
             _causal_lm_examples(tokenizer, texts),
             epochs=attempt.epochs(150),
             batch_size=8,
         )
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext,
-        eos_token_id=[im_end, endoftext],
-        pad_token_id=endoftext,
-        do_sample=False,
-    )
+    model.generation_config = _chatml_generation_config(endoftext, im_end)
     model.save_pretrained(directory)
     _save_generative_tokenizer(
         tokenizer,
@@ -1083,9 +1093,6 @@ def _build_tools(directory: Path, attempt: Attempt) -> None:
     from tokenizers import AddedToken
     from transformers import (
         AutoTokenizer,
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
         PreTrainedTokenizerFast,
     )
 
@@ -1116,31 +1123,12 @@ def _build_tools(directory: Path, attempt: Attempt) -> None:
     examples = _answer_examples(tokenizer, conversations)
     endoftext, im_end = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
     with _deterministic(attempt.seed):
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=HIDDEN_SIZE,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=TOOLS_MAX_LENGTH,
-            tie_word_embeddings=False,
-            bos_token_id=endoftext,
-            eos_token_id=im_end,
-            pad_token_id=endoftext,
-            architectures=["LlamaForCausalLM"],
-        )
-        model = LlamaForCausalLM(config)
+        model = _chatml_llama(len(tokenizer), TOOLS_MAX_LENGTH, endoftext, im_end)
         # At a constant rate the loss of this longer, mixed set jumps back up after it has
         # fallen; the cosine decay settles it. The short twins (< 100 tokens) skip the padding
         # of the tools-block rows.
         _fit(model, examples, epochs=attempt.epochs(100), batch_size=8, cosine=True, split_at=100)
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext,
-        eos_token_id=[im_end, endoftext],
-        pad_token_id=endoftext,
-        do_sample=False,
-    )
+    model.generation_config = _chatml_generation_config(endoftext, im_end)
     model.save_pretrained(directory)
     _save_generative_tokenizer(
         tokenizer,
