@@ -76,8 +76,7 @@ CASES: list[Case] = [
     ("completions", {"prompt": "the weather in paris is", "max_tokens": 8,
                      "structured_outputs": {"regex": " [a-z]+"}}),
     ("completions", {"prompt": "Give the weather in Paris as JSON.", "max_tokens": 30,
-                     "structured_outputs": {"json": WEATHER_SCHEMA,
-                                            "disable_any_whitespace": True}}),
+                     "structured_outputs": {"json": WEATHER_SCHEMA}}),
     ("completions", {"prompt": "Give the weather in Paris as JSON.", "max_tokens": 30,
                      "response_format": {"type": "json_schema", "json_schema": {
                          "name": "weather", "schema": WEATHER_SCHEMA}}}),
