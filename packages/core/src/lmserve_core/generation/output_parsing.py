@@ -16,10 +16,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
+from lmserve_core.errors import InvalidInput
 from lmserve_core.generation.params import ReasoningGate, StructuredOutput
-from lmserve_protocols.openai import ChatCompletionRequest
+from lmserve_protocols.openai import ChatCompletionRequest, NamedToolChoice
+
+ToolMode = Literal["none", "auto", "required", "named"]
+
+
+def tool_mode(request: ChatCompletionRequest) -> ToolMode:
+    """The request's ``tool_choice`` after vLLM's checks and defaults ("auto" when tools come
+    without one); InvalidInput names ``tools`` or ``tool_choice``."""
+    if request.tools is not None and not request.tools:
+        raise InvalidInput(
+            "`tools` must not be an empty array. Either provide at least one tool or omit "
+            "the field entirely.", param="tools",
+        )  # fmt: skip
+    choice = request.tool_choice
+    if choice is None:
+        return "auto" if request.tools else "none"
+    if choice == "none":
+        return "none"
+    if not request.tools:
+        raise InvalidInput("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if all(tool.function.name != name for tool in request.tools):
+            raise InvalidInput(
+                f"The tool specified in `tool_choice` ({name!r}) does not match any of the "
+                "specified `tools`", param="tool_choice",
+            )  # fmt: skip
+        return "named"
+    return choice
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,18 @@ from typing import Any, Literal
 
 from lmserve_core.errors import InvalidInput
 from lmserve_core.generation.backend import GenerationTokenizer
-from lmserve_core.generation.output_parsing import OutputParsing, RequestParsing
+from lmserve_core.generation.output_parsing import (
+    OutputParsing,
+    RequestParsing,
+    ToolMode,
+    tool_mode,
+)
 from lmserve_core.generation.params import ReasoningGate, SamplingParams, StructuredOutput
 from lmserve_core.generation.request_fields import refuse_unimplemented
 from lmserve_core.generation.structured import structured_output
-from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
 
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
-ToolMode = Literal["none", "auto", "required", "named"]
 
 
 @dataclass(frozen=True)
@@ -556,30 +560,6 @@ def chat_messages(
     return out
 
 
-def _tool_mode(req: ChatCompletionRequest) -> ToolMode:
-    """vLLM's checks and defaults: tool_choice "auto" when tools come without one."""
-    if req.tools is not None and not req.tools:
-        raise InvalidInput(
-            "`tools` must not be an empty array. Either provide at least one tool or omit "
-            "the field entirely.", param="tools",
-        )  # fmt: skip
-    choice = req.tool_choice
-    if choice is None:
-        return "auto" if req.tools else "none"
-    if choice == "none":
-        return "none"
-    if not req.tools:
-        raise InvalidInput("When using `tool_choice`, `tools` must be set.", param="tool_choice")
-    if isinstance(choice, NamedToolChoice):
-        if all(tool.function.name != choice.function.name for tool in req.tools):
-            raise InvalidInput(
-                "The tool specified in `tool_choice` does not match any of the specified "
-                "`tools`", param="tool_choice",
-            )  # fmt: skip
-        return "named"
-    return choice
-
-
 def _check_tool_support(mode: ToolMode, frontend: FrontendOptions) -> None:
     """vLLM's rule for "auto"; "required" and a named function need no parser here (the output
     is held to the tools' schema), where vLLM asks for --tool-call-parser."""
@@ -604,10 +584,10 @@ def prepare_chat(
     headers = headers or RequestHeaders()
     frontend = frontend or FrontendOptions()
     _check_common("chat", req, limits)
-    tool_mode = _tool_mode(req)
-    _check_tool_support(tool_mode, frontend)
+    mode = tool_mode(req)
+    _check_tool_support(mode, frontend)
     structured, source = structured_output(req.response_format, req.structured_outputs)
-    if tool_mode == "named" and structured is not None and req.structured_outputs is not None:
+    if mode == "named" and structured is not None and req.structured_outputs is not None:
         raise InvalidInput(
             "You can only either use constraints for structured outputs or tools, not both.",
             param="structured_outputs",
@@ -635,7 +615,7 @@ def prepare_chat(
         )  # fmt: skip
     messages = chat_messages(req, _content_format(frontend.content_format, template))
     extra = template_kwargs(req)
-    if req.tools and not (tool_mode == "none" and frontend.exclude_tools_when_tool_choice_none):
+    if req.tools and not (mode == "none" and frontend.exclude_tools_when_tool_choice_none):
         extra["tools"] = [tool.model_dump(exclude_none=True) for tool in req.tools]
     try:
         text = tok.apply_chat_template(
@@ -683,7 +663,7 @@ def prepare_chat(
         stops=_stops(req.stop, limits), echo=req.echo, stream=req.stream, logprobs=logprobs,
         text=text_options, echo_text=echo_text, priority=_priority(req, headers, limits),
         prompt_logprobs=prompt_logprobs, structured_source=source, parsing=request_parsing,
-        tool_mode=tool_mode, parallel_tool_calls=req.parallel_tool_calls is not False,
+        tool_mode=mode, parallel_tool_calls=req.parallel_tool_calls is not False,
         reasoning_gates=reasoning_gates,
         include_reasoning=req.include_reasoning, **_frontend_fields(req, frontend),
     )  # fmt: skip

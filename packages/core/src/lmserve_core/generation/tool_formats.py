@@ -50,13 +50,14 @@ from lmserve_core.generation.output_parsing import (
     RequestAdjustments,
     RequestParsing,
     ToolCallDelta,
+    ToolMode,
+    tool_mode,
 )
 from lmserve_core.generation.params import StructuredOutput
 from lmserve_protocols.openai import ChatCompletionRequest
 
 Extracted = tuple[str | None, list[ParsedToolCall]]
 Extractor = Callable[[str], Extracted]
-ToolMode = Literal["none", "auto", "required", "named"]
 
 
 def _arguments(value: object) -> str:
@@ -686,25 +687,6 @@ class _RequestParsing:
         return None  # no reasoning parsers without vLLM
 
 
-def _tool_mode(request: ChatCompletionRequest) -> ToolMode:
-    choice: object = request.tool_choice
-    if choice is None:
-        return "auto" if request.tools else "none"
-    if choice == "none":
-        return "none"
-    if choice == "auto":
-        return "auto"
-    if choice == "required":
-        return "required"
-    if isinstance(choice, str):
-        raise InvalidInput(
-            f"Invalid value for `tool_choice`: {choice}! Only named tools, "
-            '"none", "auto" or "required" are supported.',
-            param="tool_choice",
-        )
-    return "named"
-
-
 class FormatOutputParsing:
     """``OutputParsing`` without vLLM: tool calls in one of ``FORMATS`` (no reasoning parsers).
 
@@ -728,12 +710,8 @@ class FormatOutputParsing:
     def for_request(
         self, request: ChatCompletionRequest, prompt_ids: Sequence[int]
     ) -> RequestParsing:
-        mode = _tool_mode(request)
+        mode = tool_mode(request)
         tools: Sequence[object] = request.tools or []
-        if mode != "none" and not tools:
-            raise InvalidInput(
-                "When using `tool_choice`, `tools` must be set.", param="tool_choice"
-            )
         if mode == "none":
             return _RequestParsing(RequestAdjustments(), active=False, mode=mode, format=None)
         try:
