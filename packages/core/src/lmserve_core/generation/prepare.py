@@ -125,6 +125,12 @@ class Prepared:
     # the reasoning ends, as in vLLM).
     reasoning_gates: Callable[[], ReasoningGate | None] | None = None
 
+    @property
+    def chat_logprobs_shown(self) -> bool:
+        """Chat logprobs go out when asked for, unless a parser hides the reasoning: vLLM leaves
+        them out then (they would spell the reasoning out)."""
+        return self.logprobs is not None and (self.parsing is None or self.include_reasoning)
+
     def choice_params(self, choice: int) -> SamplingParams:
         """n > 1 with a seed: each choice reproducible, and different from the others."""
         if self.params.seed is None or choice == 0:

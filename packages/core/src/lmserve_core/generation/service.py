@@ -287,20 +287,17 @@ class OpenAIGenerationService:
             chat_choices = []
             for index in indices:
                 text, reason = "".join(texts[index]), finish.get(index, "length")
-                with_logprobs = prep.logprobs is not None
                 if prep.parsing is not None:
                     message, reason = parsed_message(
                         prep, prep.parsing, text, token_ids[index], reason
                     )
-                    # vLLM: hidden reasoning takes the logprobs (which spell it out) along.
-                    with_logprobs = with_logprobs and prep.include_reasoning
                 else:
                     message = ChatResponseMessage(role=prep.role, content=text)
                 if prep.echo_text:
                     message.content = prep.echo_text + (message.content or "")
                 chat_choices.append(ChatCompletionChoice(
                     index=index, message=message, finish_reason=reason,
-                    logprobs=self._chat_logprobs(lps[index], prep.tokens_as_ids) if with_logprobs else None,
+                    logprobs=self._chat_logprobs(lps[index], prep.tokens_as_ids) if prep.chat_logprobs_shown else None,
                     stop_reason=stop_reasons.get(index),
                 ))  # fmt: skip
             return ChatCompletionResponse(
@@ -365,8 +362,7 @@ class OpenAIGenerationService:
                     cached[d.index] = d.cached_tokens
                 if prep.kind == "chat":
                     chat_lp = None
-                    hide_logprobs = bool(parsed) and not prep.include_reasoning
-                    if prep.logprobs is not None and d.logprobs and not hide_logprobs:
+                    if prep.chat_logprobs_shown and d.logprobs:
                         chat_lp = self._chat_logprobs(d.logprobs, prep.tokens_as_ids)
                     finish = d.finish_reason
                     choice = parsed.get(d.index)
