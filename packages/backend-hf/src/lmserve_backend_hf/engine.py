@@ -14,7 +14,8 @@ make merging unsafe, so they interleave without sharing forward passes.
 
 Structured outputs (``params.structured``): the grammar is compiled (or found in the
 engine's GrammarCache) before the request is queued, off the model thread; each such row gets
-its own xgrammar matcher when admitted. Every step, only the rows that have one fill the
+its own xgrammar matcher when admitted, or, with a reasoning parser, after the token that ends
+the reasoning (``request.reasoning``), as vLLM's engine starts it. Every step, only the rows that have one fill the
 batch's token bitmask and are masked; the sampled token advances the matcher. A finished
 grammar allows only the row's EOS and stop tokens (vLLM's all_stop_token_ids), so the
 sequence ends there with finish_reason "stop" (with ignore_eos, EOS ends the grammar but not

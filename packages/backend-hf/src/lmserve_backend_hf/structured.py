@@ -180,21 +180,23 @@ class GrammarCache:
 
     def get(self, spec: StructuredOutput) -> xgr.CompiledGrammar | None:
         """The compiled grammar of ``spec`` if it is cached (never compiles)."""
-        key = _cache_key(spec)
         with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-            return hit
+            return self._cached(_cache_key(spec))
+
+    def _cached(self, key: tuple[str, str, bool]) -> xgr.CompiledGrammar | None:
+        """The cached entry, marked recently used (the caller holds the lock)."""
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+        return hit
 
     def compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
         """The compiled grammar of ``spec`` (the same object while it stays cached); raises
         InvalidInput with xgrammar's reason when it does not compile."""
         key = _cache_key(spec)
         with self._lock:
-            hit = self._entries.get(key)
+            hit = self._cached(key)
             if hit is not None:
-                self._entries.move_to_end(key)
                 return hit
             pending = self._pending.get(key)
             owner = pending is None
