@@ -12,6 +12,7 @@ Loaded through the ``lmserve.output_parsers`` entry point (``lmserve_core.genera
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,16 +27,11 @@ from lmserve_core.generation.output_parsing import (
     RequestAdjustments,
     ToolCallDelta,
 )
-from lmserve_core.generation.params import StructuredKind, StructuredOutput
+from lmserve_core.generation.params import StructuredOutput
 from lmserve_core.generation.prepare import template_kwargs
+from lmserve_core.generation.structured import structured_output
 from lmserve_core.settings import ServeSettings
-from lmserve_protocols.openai import ChatCompletionRequest
-
-# vLLM's StructuredOutputsParams field -> lmserve's kind.
-_KINDS: tuple[tuple[str, StructuredKind], ...] = (
-    ("json", "json"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar"),
-    ("json_object", "json_object"), ("structural_tag", "structural_tag"),
-)  # fmt: skip
+from lmserve_protocols.openai import ChatCompletionRequest, StructuredOutputsParams
 
 
 def _import_plugins(settings: ServeSettings) -> None:
@@ -99,25 +95,13 @@ def create(settings: ServeSettings, tokenizer: GenerationTokenizer) -> VLLMOutpu
 
 
 def _structured(params: Any) -> StructuredOutput | None:
-    import json
-
+    """vLLM's ``StructuredOutputsParams`` (a parser's adjustment) as lmserve's constraint, read
+    the way a request's ``structured_outputs`` is (``lmserve_core.generation.structured``)."""
     if params is None:
         return None
-    for field, kind in _KINDS:
-        value = getattr(params, field, None)
-        if value is None or value is False:
-            continue
-        if kind == "choice" or (kind == "json" and not isinstance(value, str)):
-            value = json.dumps(value)
-        elif kind == "json_object":
-            value = ""
-        return StructuredOutput(
-            kind=kind, value=value,
-            disable_any_whitespace=params.disable_any_whitespace,
-            disable_additional_properties=params.disable_additional_properties,
-            whitespace_pattern=params.whitespace_pattern,
-        )  # fmt: skip
-    return None
+    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
+    spec, _ = structured_output(None, StructuredOutputsParams.model_validate(fields))
+    return spec
 
 
 class VLLMOutputParsing:
