@@ -105,17 +105,17 @@ class SizeRecorder:
     def batch(self, instances: int) -> None:
         self.sizes.append(instances)
 
-    def queue_time(self, seconds: float) -> None:
+    def queue_time(self, seconds: float, *, model: str | None = None) -> None:
         self.waits.append(seconds)
 
     def decode_step(self, sequences: int) -> None:
         raise AssertionError("an encoder batcher decodes nothing")
 
-    def first_token(self, seconds: float) -> None: ...
+    def first_token(self, seconds: float, *, model: str | None = None) -> None: ...
 
-    def inter_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float, *, model: str | None = None) -> None: ...
 
-    def tokens(self, prompt: int, generated: int) -> None: ...
+    def tokens(self, prompt: int, generated: int, *, model: str | None = None) -> None: ...
 
 
 def test_requests_arriving_during_a_batch_are_merged_into_the_next() -> None:

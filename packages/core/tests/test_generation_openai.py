@@ -231,16 +231,16 @@ class RecordingObserver:
         self.totals: list[tuple[int, int]] = []
         self.queued: list[float] = []
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, seconds: float, *, model: str | None = None) -> None:
         self.first.append(seconds)
 
-    def queue_time(self, seconds: float) -> None:
+    def queue_time(self, seconds: float, *, model: str | None = None) -> None:
         self.queued.append(seconds)
 
-    def inter_token(self, seconds: float) -> None:
+    def inter_token(self, seconds: float, *, model: str | None = None) -> None:
         self.inter.append(seconds)
 
-    def tokens(self, prompt: int, generated: int) -> None:
+    def tokens(self, prompt: int, generated: int, *, model: str | None = None) -> None:
         self.totals.append((prompt, generated))
 
 

@@ -215,6 +215,10 @@ def test_openapi_documents_every_route_with_its_response_schema(
             if path in ("/", "/metrics"):  # {"status": "alive"}; the Prometheus text format
                 continue
             ok = operation["responses"].get("200", {}).get("content", {})
+            if path.endswith("_lora_adapter"):  # vLLM's answer: "Success: ..." as plain text
+                if ok.get("text/plain", {}).get("schema") != {"type": "string"}:
+                    undocumented.append(f"{method.upper()} {path}")
+                continue
             ref = ok.get("application/json", {}).get("schema", {}).get("$ref")
             if ref is None or ref.rsplit("/", 1)[-1] not in components:
                 undocumented.append(f"{method.upper()} {path}")

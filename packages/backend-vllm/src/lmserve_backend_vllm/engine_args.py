@@ -99,6 +99,12 @@ def build_engine_args(
         args.reasoning_parser = settings.reasoning_parser
     if settings.reasoning_parser_plugin:
         args.reasoning_parser_plugin = settings.reasoning_parser_plugin
+    # LoRA: lmserve owns the flags (they mean the same on the Hugging Face backend).
+    args.enable_lora = settings.enable_lora
+    if settings.enable_lora:
+        args.max_loras = settings.max_loras
+        args.max_lora_rank = settings.max_lora_rank
+        args.max_cpu_loras = settings.max_cpu_loras
     if settings.max_length is not None:
         args.max_model_len = settings.max_length
     if settings.dtype != "auto":

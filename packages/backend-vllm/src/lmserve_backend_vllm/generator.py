@@ -20,6 +20,7 @@ from lmserve_core.generation.params import (
     TokenEvent,
     TokenLogprob,
 )
+from lmserve_core.lora import LoRAAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class VLLMGenerator:
         self.eos_token_ids = eos_token_ids
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
+        # The served adapters' vLLM LoRARequests, by lora_int_id.
+        self._loras: dict[int, Any] = {}
 
     @property
     def _compact_json(self) -> bool:
@@ -119,6 +122,44 @@ class VLLMGenerator:
 
     def num_unfinished(self) -> int:
         return int(self.engine.get_num_unfinished_requests())
+
+    # --- LoRA adapters (lmserve_core.lora.AdapterBackend) --------------------------------
+    async def add_adapter(self, adapter: LoRAAdapter) -> None:
+        """Load the adapter into vLLM's LoRA cache now (as vLLM's load_lora_adapter does), so a
+        folder vLLM cannot use is an error here rather than in a request."""
+        from vllm.lora.request import LoRARequest
+
+        if self.engine.vllm_config.lora_config is None:
+            raise InvalidInput("the vLLM engine runs without --enable-lora", param="lora_name")
+        lora = LoRARequest(lora_name=adapter.name, lora_int_id=adapter.int_id,
+                           lora_path=adapter.path)  # fmt: skip
+        if adapter.base_model_name is not None:
+            lora.base_model_name = adapter.base_model_name
+        try:
+            await self.engine.add_lora(lora)
+        except Exception as exc:
+            self.check_health()  # a dead engine is a 500, not the adapter's fault
+            raise InvalidInput(
+                f"vLLM cannot load the LoRA adapter {adapter.name!r} from {adapter.source!r}: "
+                f"{_first_line(exc)}", param="lora_path",
+            ) from exc  # fmt: skip
+        self._loras[adapter.int_id] = lora
+
+    async def remove_adapter(self, adapter: LoRAAdapter) -> None:
+        self._loras.pop(adapter.int_id, None)
+        try:
+            await self.engine.remove_lora(adapter.int_id)
+        except Exception as exc:  # evicted from vLLM's cache already: nothing left to free
+            logger.debug("vLLM remove_lora(%d): %s", adapter.int_id, exc)
+
+    def _lora_request(self, request: GenerationRequest) -> Any:
+        if request.adapter is None:
+            return None
+        lora = self._loras.get(request.adapter.int_id)
+        if lora is None:
+            raise InvalidInput(f"the LoRA adapter {request.adapter.name!r} is not loaded",
+                               param="model")  # fmt: skip
+        return lora
 
     def check_structured_output(self, spec: StructuredOutput) -> None:
         """vLLM's own check of a request's constraint (the one its server makes before the
@@ -184,6 +225,7 @@ class VLLMGenerator:
             }  # fmt: skip
             stream = self.engine.generate({"prompt_token_ids": list(request.prompt_ids)}, self._sampling(request),
                                           request_id=request.request_id, priority=request.priority,
+                                          lora_request=self._lora_request(request),
                                           **reasoning)  # fmt: skip
             async for output in stream:
                 completion = output.outputs[0]
@@ -239,3 +281,9 @@ class VLLMGenerator:
                 # Client gone or stop string reached: free the slot within one step.
                 with contextlib.suppress(Exception):
                     await self.engine.abort(request.request_id)
+
+
+def _first_line(exc: BaseException) -> str:
+    """vLLM's errors carry the engine's traceback text; the client gets the message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]

@@ -92,6 +92,10 @@ def load(request: LoadRequest) -> LoadedModel:
         "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
         **(node_watch.summary() if node_watch is not None else {}),
     }
+    if config.lora_config is not None:
+        details["lora"] = {"max_loras": config.lora_config.max_loras,
+                           "max_lora_rank": config.lora_config.max_lora_rank,
+                           "max_cpu_loras": config.lora_config.max_cpu_loras}  # fmt: skip
     logger.info("vLLM engine for %s (%s) ready in %.1f s: %s", source.display_name, task.value,
                 time.perf_counter() - started, details)  # fmt: skip
     if task in POOLING_TASKS:

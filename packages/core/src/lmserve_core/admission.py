@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 
 from lmserve_core.errors import Overloaded
 
@@ -28,18 +29,23 @@ MAX_RETRY_AFTER_S = 60
 class Ticket:
     """One admitted request; ``release()`` (idempotent) gives its units back."""
 
-    __slots__ = ("_gate", "_released", "_started", "weight")
+    __slots__ = ("_gate", "_on_release", "_released", "_started", "weight")
 
-    def __init__(self, gate: AdmissionGate, weight: int) -> None:
+    def __init__(
+        self, gate: AdmissionGate, weight: int, on_release: Callable[[], None] | None = None
+    ) -> None:
         self._gate = gate
         self.weight = weight
         self._started = time.monotonic()
         self._released = False
+        self._on_release = on_release
 
     def release(self) -> None:
         if not self._released:
             self._released = True
             self._gate._release(self.weight, time.monotonic() - self._started)
+            if self._on_release is not None:
+                self._on_release()
 
     def __enter__(self) -> Ticket:
         return self
@@ -70,8 +76,9 @@ class AdmissionGate:
         """Units waiting beyond those that can run now."""
         return max(0, self.in_flight - self.running_slots)
 
-    def admit(self, weight: int = 1) -> Ticket:
-        """A ticket for a request of ``weight`` units, or ``Overloaded``."""
+    def admit(self, weight: int = 1, on_release: Callable[[], None] | None = None) -> Ticket:
+        """A ticket for a request of ``weight`` units, or ``Overloaded``; ``on_release`` runs
+        when the ticket is released (an adapter's lease)."""
         weight = max(1, weight)
         if self.in_flight and self.in_flight + weight > self.capacity:
             self.rejected += 1
@@ -84,7 +91,7 @@ class AdmissionGate:
         self.in_flight += weight
         self.requests += 1
         self._idle.clear()
-        return Ticket(self, weight)
+        return Ticket(self, weight, on_release)
 
     def retry_after(self) -> int:
         """Whole seconds until the queue has likely moved by one request's worth."""

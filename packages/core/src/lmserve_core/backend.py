@@ -49,6 +49,8 @@ class LoadedEncoder:
     # batches on the wire; an in-process model wants neither.
     bucket_lengths: bool = False
     concurrent_batches: int = 1
+    # LoRA adapters the backend holds at once (--max-cpu-loras where it keeps all loaded).
+    max_adapters: int | None = None
 
 
 @dataclass
@@ -59,6 +61,8 @@ class LoadedGenerator:
     tokenizer: GenerationTokenizer
     facts: ModelFacts
     details: dict[str, Any] = field(default_factory=dict)
+    # LoRA adapters the backend holds at once (None: no limit, e.g. vLLM swaps them in).
+    max_adapters: int | None = None
 
 
 LoadedModel = LoadedEncoder | LoadedGenerator

@@ -4,6 +4,7 @@ LmserveError
 ├── InvalidInput          the request is malformed or asks for something impossible
 │   └── InputTooLong      more tokens than the model accepts (with truncation off)
 ├── ModelNotFound         no model of that name is served
+├── Conflict              the request clashes with the server's state (an adapter still busy)
 ├── ModelNotReady         the model is loading, failed, or the server is draining
 ├── ClientDisconnected    the client left before its answer was ready
 ├── Overloaded            the queue is full; retry later
@@ -35,6 +36,11 @@ class InputTooLong(InvalidInput):
 
 class ModelNotFound(LmserveError):
     """No model of the requested name is served here."""
+
+
+class Conflict(LmserveError):
+    """The request is valid but clashes with what the server is doing now (unloading a LoRA
+    adapter that requests still use when the wait runs out): retrying later can succeed."""
 
 
 class ModelNotReady(LmserveError):

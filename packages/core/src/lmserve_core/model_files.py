@@ -52,7 +52,7 @@ def resolve_model_source(
         local = Path(model_id).expanduser()
         if local.is_dir():
             return ModelSource(_check_dir(local, "model_id"), model_id)
-        return ModelSource(_download(model_id, revision), model_id, hub_id=model_id)
+        return ModelSource(download(model_id, revision), model_id, hub_id=model_id)
     if model_dir:
         return ModelSource(_check_dir(Path(model_dir).expanduser(), "model_dir"), model_dir)
     return _builtin_source(DEFAULT_MODEL)
@@ -80,13 +80,15 @@ def _check_dir(path: Path, flag: str) -> Path:
     return path
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def download(repo_id: str, revision: str | None, flag: str = "model_id") -> Path:
+    """A hub repository's files (the local cache with HF_HUB_OFFLINE=1); ``flag`` is the one
+    that named it (--model_id, --lora-modules), for the error."""
     # huggingface_hub is light but only needed for hub ids; import it here.
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - installed with transformers
         raise ConfigurationError(
-            "--model_id names a hub model but huggingface_hub is not installed", param="model_id"
+            f"--{flag} names a hub model but huggingface_hub is not installed", param=flag
         ) from exc
     try:
         return Path(
@@ -99,9 +101,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
         )
     except Exception as exc:
         raise ConfigurationError(
-            f"cannot fetch --model_id {repo_id!r} from the Hugging Face hub "
+            f"cannot fetch --{flag} {repo_id!r} from the Hugging Face hub "
             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}",
-            param="model_id",
+            param=flag,
         ) from exc
 
 

@@ -5,7 +5,8 @@ resolve the source and task (``ModelHost.from_settings``: ``plan_serving``, chea
 opens) -> ``load`` (loading -> ready, or failed) -> ``drain`` (readiness and new requests 503,
 in-flight requests get up to a timeout, what is left is aborted) -> ``close`` (the backend stops).
 
-The host is also the registry of served names and holds the admission gate.
+The host is also the registry of served names (the base model's and its LoRA adapters') and
+holds the admission gate.
 """
 
 from __future__ import annotations
@@ -15,13 +16,29 @@ import logging
 import time
 from enum import StrEnum
 
-from lmserve_core.admission import AdmissionGate
+from lmserve_core.admission import AdmissionGate, Ticket
 from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadRequest
 from lmserve_core.encoder import EncoderService
-from lmserve_core.errors import InvalidInput, LmserveError, ModelNotFound, ModelNotReady
+from lmserve_core.errors import (
+    ConfigurationError,
+    InvalidInput,
+    LmserveError,
+    ModelNotFound,
+    ModelNotReady,
+)
 from lmserve_core.generation.parsers import output_parsing
 from lmserve_core.generation.prepare import FrontendOptions, GenerationLimits
 from lmserve_core.generation.service import OpenAIGenerationService
+from lmserve_core.lora import (
+    AdapterBackend,
+    AdapterRegistry,
+    LoRAAdapter,
+    local_adapter_dir,
+    parse_lora_modules,
+    read_adapter_config,
+    target_modules,
+)
+from lmserve_core.model_files import download
 from lmserve_core.observer import ServingObserver
 from lmserve_core.plan import ServingPlan, load_backend_factory, load_converter, plan_serving
 from lmserve_core.settings import ServeSettings
@@ -63,6 +80,8 @@ class ModelHost:
         running = settings.max_num_seqs if plan.task.is_generative else settings.max_batch_size
         self.gate = AdmissionGate(running_slots=running, max_queued=settings.max_queued_requests)
         self.observer = observer
+        # LoRA adapters (--enable_lora): served under their own names next to these.
+        self.adapters = AdapterRegistry(self.names, max_rank=settings.max_lora_rank)
 
     @classmethod
     def from_settings(
@@ -158,6 +177,12 @@ class ModelHost:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
         self.loaded = loaded
+        self.adapters.max_adapters = loaded.max_adapters
+        try:
+            await self._load_static_adapters()
+        except LmserveError as exc:
+            self._fail(exc.message)
+            raise
         self.load_seconds = time.perf_counter() - started
         if self.state is not ModelState.loading:  # a stop signal came while loading
             return
@@ -184,6 +209,112 @@ class ModelHost:
             self.backend_name = fallback
             factory = load_backend_factory(fallback)
             return await asyncio.to_thread(factory, request)
+
+    # --- LoRA adapters ----------------------------------------------------------------
+    def _adapter_backend(self) -> AdapterBackend:
+        backend = self.loaded.backend if self.loaded is not None else None
+        if not self.settings.enable_lora:
+            raise InvalidInput("this server was started without --enable_lora", param="lora_name")
+        if not isinstance(backend, AdapterBackend):
+            raise InvalidInput(
+                f"the {self.backend_name} backend does not serve LoRA adapters", param="lora_name"
+            )
+        return backend
+
+    async def _load_static_adapters(self) -> None:
+        """--lora-modules, once the base model is loaded; an adapter that does not load is a
+        startup error naming the flag."""
+        modules = parse_lora_modules(self.settings.lora_modules or ())
+        for module in modules:
+            try:
+                await self.load_adapter(
+                    module.name, module.path, base_model_name=module.base_model_name
+                )
+            except LmserveError as exc:
+                raise ConfigurationError(
+                    f"--lora-modules {module.name}={module.path}: {exc.message}",
+                    param="lora_modules",
+                ) from exc
+        if modules:
+            logger.info("serving %d LoRA adapter(s): %s", len(modules),
+                        ", ".join(m.name for m in modules))  # fmt: skip
+
+    async def load_adapter(
+        self, name: str, source: str, *, base_model_name: str | None = None,
+        inplace: bool = False,
+    ) -> LoRAAdapter:  # fmt: skip
+        """Serve the PEFT LoRA folder (or hub id) ``source`` as ``name`` (vLLM's
+        load_lora_adapter: the same name twice is refused unless ``inplace``)."""
+        registry = self.adapters
+        async with registry.lock(name):
+            backend = self._adapter_backend()
+            if registry.loaded(name) and not inplace:
+                raise InvalidInput(
+                    f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                    "adapter in place, set 'load_inplace' to True.", param="lora_name",
+                )  # fmt: skip
+            registry.check_room(name)
+            directory = local_adapter_dir(source)
+            if directory is None:
+                try:
+                    directory = await asyncio.to_thread(download, source, None, "lora_modules")
+                except ConfigurationError as exc:
+                    raise ModelNotFound(exc.message, param="lora_path") from exc
+            config = await asyncio.to_thread(
+                read_adapter_config, directory, max_rank=self.settings.max_lora_rank
+            )
+            adapter = LoRAAdapter(
+                name=name, int_id=registry.next_id(), path=str(directory), source=source,
+                rank=int(config["r"]),
+                base_model_name=base_model_name if base_model_name in self.names else None,
+                target_modules=target_modules(config), task_type=config.get("task_type"),
+            )  # fmt: skip
+            if registry.loaded(name):  # in place: the old weights go once nothing uses them
+                old = await registry.drain(name, self.settings.shutdown_timeout)
+                await backend.remove_adapter(old)
+                registry.remove(name)
+            await backend.add_adapter(adapter)
+            registry.add(adapter)
+        logger.info("loaded LoRA adapter %r from %r (rank %d)", name, source, adapter.rank)
+        return adapter
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name``: new requests for it are 404 at once, those in flight finish
+        (up to --shutdown_timeout, else Conflict and it stays), then its weights go."""
+        registry = self.adapters
+        async with registry.lock(name):
+            backend = self._adapter_backend()
+            adapter = await registry.drain(name, self.settings.shutdown_timeout)
+            try:
+                await backend.remove_adapter(adapter)
+            finally:
+                registry.remove(name)
+        logger.info("unloaded LoRA adapter %r", name)
+
+    def adapter_for(self, name: str) -> LoRAAdapter | None:
+        """The adapter ``name`` is (None for the base model's names)."""
+        return None if name in self.names else self.adapters.get(name)
+
+    def served_name(self, name: str | None) -> str:
+        """The name metrics use for a requested one: the adapter's own, the primary name for
+        any base alias, "" for a name nothing answers to."""
+        if name is None:
+            return ""
+        if name in self.names:
+            return self.name
+        return name if self.adapters.get(name) is not None else ""
+
+    def admit(self, name: str, weight: int = 1) -> Ticket:
+        """An admission ticket for a request to ``name``; an adapter's requests also hold it
+        (an unload waits for them)."""
+        if name in self.names or self.adapters.get(name) is None:
+            return self.gate.admit(weight)
+        lease = self.adapters.lease(name)
+        try:
+            return self.gate.admit(weight, on_release=lease.release)
+        except BaseException:
+            lease.release()
+            raise
 
     def _fail(self, message: str) -> None:
         self.state = ModelState.failed
@@ -232,9 +363,14 @@ class ModelHost:
         except Exception:  # a dead engine must not break the metrics page
             return 0
 
+    @property
+    def all_names(self) -> list[str]:
+        """The base model's names, then each adapter's."""
+        return [*self.names, *self.adapters.names]
+
     def check_name(self, name: str) -> None:
-        if name not in self.names:
-            served = ", ".join(repr(n) for n in self.names)
+        if name not in self.names and self.adapters.get(name) is None:
+            served = ", ".join(repr(n) for n in self.all_names)
             raise ModelNotFound(f"model {name!r} is not served here (try {served})", param="model")
 
     def check_usable(self, name: str) -> None:

@@ -70,7 +70,36 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
         from lmserve_core.generation.parsers import check_parser_flags
 
         check_parser_flags(settings)
+    check_lora_flags(settings, backend, task)
     return ServingPlan(source, config, task, backend, reason, fallback)
+
+
+# The backends that serve LoRA adapters (lmserve_core.lora.AdapterBackend).
+LORA_BACKENDS = ("huggingface", "vllm")
+
+
+def check_lora_flags(settings: ServeSettings, backend: str, task: Task) -> None:
+    """The LoRA flags fit together and the backend serves adapters (before any port opens)."""
+    from lmserve_core.lora import parse_lora_modules
+
+    if settings.lora_modules and not settings.enable_lora:
+        raise ConfigurationError("--lora-modules needs --enable-lora", param="lora_modules")
+    parse_lora_modules(settings.lora_modules or ())
+    if settings.max_cpu_loras is not None and settings.max_cpu_loras < settings.max_loras:
+        raise ConfigurationError(
+            f"--max-cpu-loras {settings.max_cpu_loras} is below --max-loras {settings.max_loras}",
+            param="max_cpu_loras",
+        )
+    if settings.enable_lora and backend not in LORA_BACKENDS:
+        raise ConfigurationError(
+            f"--enable-lora: the {backend} backend does not serve LoRA adapters (use "
+            f"--backend {' or '.join(LORA_BACKENDS)})", param="enable_lora",
+        )  # fmt: skip
+    if settings.enable_lora and not task.is_generative:
+        raise ConfigurationError(
+            f"--enable-lora: adapters are served for text generation, not {task.value} yet",
+            param="enable_lora",
+        )
 
 
 def choose_predictor(settings: ServeSettings, task: Task) -> tuple[str, str, None]:

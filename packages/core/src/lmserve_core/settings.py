@@ -317,6 +317,53 @@ class ServeSettings(BaseModel):
             )
         ),
     ] = None
+    # --- LoRA adapters (vLLM's flags) ---------------------------------------------------
+    enable_lora: Annotated[
+        bool,
+        Field(**flag(
+            "Serve LoRA adapters next to the base model: a request picks one by 'model' "
+            "(vLLM's flag; on both backends).", group="lora",
+        )),
+    ] = False  # fmt: skip
+    lora_modules: Annotated[
+        list[str] | None,
+        Field(min_length=1, **flag(
+            "Adapters to serve from startup, as vLLM's --lora-modules: name=path, or JSON "
+            "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; path is a local PEFT "
+            "folder or a hub id. Several may follow the flag. Needs --enable_lora.",
+            group="lora",
+        )),
+    ] = None  # fmt: skip
+    max_loras: Annotated[
+        int,
+        Field(ge=1, **flag(
+            "Most distinct adapters in one batch (vLLM's flag): requests for more wait their "
+            "turn.", group="lora",
+        )),
+    ] = 1  # fmt: skip
+    max_lora_rank: Annotated[
+        int,
+        Field(ge=1, **flag(
+            "Highest adapter rank served (vLLM's flag); an adapter of a higher rank is refused. "
+            "The vLLM backend takes 1, 8, 16, 32, 64, 128, 256, 320 or 512.", group="lora",
+        )),
+    ] = 16  # fmt: skip
+    max_cpu_loras: Annotated[
+        int | None,
+        Field(ge=1, **flag(
+            "Adapters kept in memory (vLLM's flag, at least --max_loras). The Hugging Face "
+            "backend keeps every adapter loaded, so this is the most it serves at once; "
+            "default: no limit there, --max_loras on vLLM.", group="lora",
+        )),
+    ] = None  # fmt: skip
+    enable_lora_runtime_updates: Annotated[
+        bool,
+        Field(**flag(
+            "Serve POST /openai/v1/load_lora_adapter and /unload_lora_adapter (vLLM's bodies; "
+            "also on with VLLM_ALLOW_RUNTIME_LORA_UPDATING=true). Off by default: anyone "
+            "with the API key may then load files from this machine.", group="lora",
+        )),
+    ] = False  # fmt: skip
     enable_request_id_headers: Annotated[
         bool,
         Field(
@@ -595,6 +642,14 @@ class ServeSettings(BaseModel):
         if value is not None and any(not name.strip() for name in value):
             raise ValueError("names must not be empty")
         return value
+
+    @property
+    def lora_runtime_updates(self) -> bool:
+        """--enable_lora_runtime_updates, or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
+        import os
+
+        env = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower()
+        return self.enable_lora and (self.enable_lora_runtime_updates or env in ("1", "true"))
 
     @property
     def served_names(self) -> list[str]:

@@ -61,6 +61,34 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lmserve"
+    # vLLM's: the weights' source (the base model's id or folder, an adapter's path) and, for
+    # a LoRA adapter, the base model it runs on (null for the base model itself).
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """``POST /openai/v1/load_lora_adapter`` (vLLM's body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+    lora_path: str
+    # Replace the weights of an adapter already served under this name.
+    load_inplace: bool = False
+    # vLLM's flag for 3D-packed MoE adapter weights; refused when true (no MoE adapters here).
+    is_3d_lora_weight: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """``POST /openai/v1/unload_lora_adapter`` (vLLM's body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+    # When given, the adapter's engine id must match (ModelCard-less clients track it).
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):

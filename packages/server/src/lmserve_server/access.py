@@ -87,7 +87,8 @@ class AccessMiddleware:
             path = getattr(route, "path", None) or "unmatched"
             if not scraped:
                 self.metrics.in_flight.dec()
-                labels = (path, scope["method"], str(status))
+                requested = scope.get("path_params", {}).get("model_name") or state.get("model")
+                labels = (path, scope["method"], str(status), self.metrics.served_name(requested))
                 self.metrics.requests.labels(*labels).inc()
                 self.metrics.latency.labels(*labels).observe(seconds)
             self._log(scope, state, path, status, seconds, body)

@@ -7,7 +7,7 @@ Name checks, admission and token metrics happen here, once per request, for ever
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 
 from lmserve_core.admission import Ticket
 from lmserve_core.encoder import EncoderResult, EncoderService, RequestParams
-from lmserve_core.errors import InvalidInput
+from lmserve_core.errors import InvalidInput, ModelNotFound
 from lmserve_core.generation.prepare import Prepared, RequestHeaders
 from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.model_host import ModelHost
@@ -30,6 +30,9 @@ from lmserve_protocols.openai import (
     CompletionRequest,
     CompletionResponse,
     EmbeddingRequest,
+    LoadLoRAAdapterRequest,
+    ModelCard,
+    UnloadLoRAAdapterRequest,
     UsageInfo,
 )
 from lmserve_protocols.v2 import V2ModelMetadata, V2ServerMetadata, V2TensorMetadata
@@ -95,12 +98,25 @@ class DataPlane:
         return self._host.ready
 
     def model_names(self) -> list[str]:
-        """Every served name (--model_name, --served_model_name), the primary one first."""
-        return list(self._host.names)
+        """Every served name (--model_name, --served_model_name, the primary one first), then
+        each LoRA adapter's."""
+        return self._host.all_names
 
-    def model_cards(self) -> list[tuple[str, int]]:
-        """Each served name with its creation time (OpenAI's model list)."""
-        return [(name, self._host.created) for name in self._host.names]
+    def model_cards(self) -> list[ModelCard]:
+        """OpenAI's model list as vLLM gives it: each base name with the weights' source as
+        ``root``, then each adapter with its path as ``root`` and its base as ``parent``."""
+        host = self._host
+        generator = host.generator
+        context = generator.facts.max_model_len if generator is not None else None
+        root = host.plan.source.display_name
+        cards = [ModelCard(id=name, created=host.created, root=root, max_model_len=context)
+                 for name in host.names]  # fmt: skip
+        for adapter in host.adapters.adapters:
+            parent = adapter.base_model_name or host.name
+            cards.append(
+                ModelCard(id=adapter.name, created=host.created, root=adapter.source, parent=parent)
+            )
+        return cards
 
     def server_metadata(self) -> V2ServerMetadata:
         return V2ServerMetadata(name="lmserve", version=server_version(), extensions=V2_EXTENSIONS)
@@ -117,6 +133,12 @@ class DataPlane:
             "source": plan.source.display_name,
             **(loaded.details if loaded else {}),
         }
+        adapter = self._host.adapter_for(name)
+        if adapter is not None:
+            parameters["lora_adapter"] = {
+                "source": adapter.source, "rank": adapter.rank,
+                "base_model": adapter.base_model_name or self._host.name,
+            }  # fmt: skip
         if service is None:
             # Generative models speak OpenAI, not V2 tensors.
             parameters["routes"] = ["/openai/v1/completions", "/openai/v1/chat/completions"]
@@ -153,7 +175,7 @@ class DataPlane:
         """Every encoder request: one admission slot while it runs, its tokens counted."""
         with self._host.gate.admit():
             result = await infer()
-        self.metrics.input_tokens.inc(result.token_count)
+        self.metrics.input_tokens.labels(self._host.name).inc(result.token_count)
         return result
 
     async def infer_v2(
@@ -222,9 +244,44 @@ class DataPlane:
     ) -> AdmittedGeneration:
         # An output constraint that does not compile is a 400 before any slot is taken.
         await service.check_structured(prepared)
+        host = self._host
+        # The adapter 'model' names (None: the base), held by the ticket until the response
+        # ends (an unload waits for it).
+        prepared = replace(
+            prepared, adapter=host.adapter_for(prepared.model),
+            served_name=host.served_name(prepared.model),
+        )  # fmt: skip
         # One unit per sequence started: a request with n=4 weighs as much as four with n=1.
-        ticket = self._host.gate.admit(len(prepared.prompts) * prepared.n)
+        ticket = host.admit(prepared.model, len(prepared.prompts) * prepared.n)
         return AdmittedGeneration(service, prepared, ticket)
+
+    # --- LoRA adapters (vLLM's runtime updates) --------------------------------------
+    @property
+    def lora_runtime_updates(self) -> bool:
+        return self._host.settings.lora_runtime_updates
+
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> str:
+        """vLLM's load_lora_adapter, with its words on success."""
+        if not body.lora_name or not body.lora_path:
+            raise InvalidInput("Both 'lora_name' and 'lora_path' must be provided.")
+        if body.is_3d_lora_weight:
+            raise InvalidInput(
+                "3D (MoE) LoRA weights are not served here", param="is_3d_lora_weight"
+            )
+        await self._host.load_adapter(body.lora_name, body.lora_path, inplace=body.load_inplace)
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> str:
+        if not body.lora_name:
+            raise InvalidInput("'lora_name' needs to be provided to unload a LoRA adapter.")
+        adapter = self._host.adapters.get(body.lora_name)
+        if adapter is not None and body.lora_int_id not in (None, adapter.int_id):
+            raise ModelNotFound(
+                f"The lora adapter '{body.lora_name}' has id {adapter.int_id}, not "
+                f"{body.lora_int_id}.", param="lora_int_id",
+            )  # fmt: skip
+        await self._host.unload_adapter(body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     # --- metrics ---------------------------------------------------------------------
     def render_metrics(self) -> bytes:

@@ -20,6 +20,7 @@ from lmserve_core.errors import (
     BackendError,
     ClientDisconnected,
     ConfigurationError,
+    Conflict,
     InvalidInput,
     LmserveError,
     ModelNotFound,
@@ -48,6 +49,7 @@ _INTERNAL = Status(500, "internal_server_error", "INTERNAL")
 _STATUS: tuple[tuple[type[LmserveError], Status], ...] = (
     (InvalidInput, Status(400, "invalid_request_error", "INVALID_ARGUMENT")),
     (ModelNotFound, Status(404, "not_found_error", "NOT_FOUND")),
+    (Conflict, Status(409, "conflict_error", "FAILED_PRECONDITION")),
     (Overloaded, Status(429, "rate_limit_error", "RESOURCE_EXHAUSTED")),
     # nginx's "client closed request": the client left; nothing failed on this side.
     (ClientDisconnected, Status(499, "client_closed_request", "CANCELLED")),

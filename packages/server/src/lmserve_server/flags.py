@@ -31,6 +31,7 @@ _GROUP_TITLES = {
     "tokenizer": "tokenization",
     "generation": "generation (OpenAI completions and chat)",
     "openai": "vLLM's OpenAI server flags (both backends)",
+    "lora": "LoRA adapters (vLLM's flags, both backends)",
     "outputs": "outputs (encoder tasks)",
     "predictor": "Triton predictor (transformer mode)",
     "server": "server",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,17 +14,29 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class Metrics:
-    """One registry per app, so several apps (tests) never collide."""
+    """One registry per app, so several apps (tests) never collide.
+
+    Request, token and latency series carry a ``model`` label: the served name a request ran
+    under (the base model's primary name, or a LoRA adapter's), "" for requests that named no
+    served model (health, metadata of unknown names): the label's values stay bounded by what
+    is served.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The served name for a requested one ("" when it names nothing served); the app sets
+        # it to its model host's.
+        self.served_name: Callable[[str | None], str] = lambda name: ""
+        self.default_model = ""  # the base model's primary name (the app sets it)
         self.requests = Counter(
-            "lmserve_requests", "HTTP requests by route, method and status",
-            ["route", "method", "status"], registry=self.registry,
+            "lmserve_requests", "HTTP requests by route, method, status and served model",
+            ["route", "method", "status", "model"], registry=self.registry,
         )  # fmt: skip
         self.latency = Histogram(
-            "lmserve_request_duration_seconds", "HTTP request latency by route and status",
-            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "lmserve_request_duration_seconds",
+            "HTTP request latency by route, status and served model",
+            ["route", "method", "status", "model"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )  # fmt: skip
         self.in_flight = Gauge(
             "lmserve_requests_in_flight", "HTTP requests being served", registry=self.registry
@@ -34,24 +46,26 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
         )  # fmt: skip
         self.input_tokens = Counter(
-            "lmserve_prompt_tokens", "Input tokens processed", registry=self.registry
-        )
+            "lmserve_prompt_tokens", "Input tokens processed, by served model", ["model"],
+            registry=self.registry,
+        )  # fmt: skip
         self.queue_time_seconds = Histogram(
             "lmserve_queue_time_seconds",
             "Time a request waited before the model took it (encoder batch or generation engine)",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.time_to_first_token = Histogram(
             "lmserve_time_to_first_token_seconds", "Time from request to first generated token",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.inter_token_latency = Histogram(
             "lmserve_inter_token_latency_seconds", "Time between generated tokens",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.generation_tokens = Counter(
-            "lmserve_generation_tokens", "Tokens generated", registry=self.registry
-        )
+            "lmserve_generation_tokens", "Tokens generated, by served model", ["model"],
+            registry=self.registry,
+        )  # fmt: skip
         self.decode_batch_size = Histogram(
             "lmserve_decode_batch_size", "Sequences per generation forward pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
@@ -72,18 +86,19 @@ class Metrics:
     def decode_step(self, sequences: int) -> None:
         self.decode_batch_size.observe(sequences)
 
-    def first_token(self, seconds: float) -> None:
-        self.time_to_first_token.observe(seconds)
+    def first_token(self, seconds: float, *, model: str | None = None) -> None:
+        self.time_to_first_token.labels(model or self.default_model).observe(seconds)
 
-    def queue_time(self, seconds: float) -> None:
-        self.queue_time_seconds.observe(seconds)
+    def queue_time(self, seconds: float, *, model: str | None = None) -> None:
+        self.queue_time_seconds.labels(model or self.default_model).observe(seconds)
 
-    def inter_token(self, seconds: float) -> None:
-        self.inter_token_latency.observe(seconds)
+    def inter_token(self, seconds: float, *, model: str | None = None) -> None:
+        self.inter_token_latency.labels(model or self.default_model).observe(seconds)
 
-    def tokens(self, prompt: int, generated: int) -> None:
-        self.input_tokens.inc(prompt)
-        self.generation_tokens.inc(generated)
+    def tokens(self, prompt: int, generated: int, *, model: str | None = None) -> None:
+        label = model or self.default_model
+        self.input_tokens.labels(label).inc(prompt)
+        self.generation_tokens.labels(label).inc(generated)
 
 
 class AdmissionCollector(Collector):

@@ -6,7 +6,7 @@ A KServe manifest written for vLLM carries them. Those lmserve implements are it
 ``--enable-prompt-tokens-details``, ``--enable-force-include-usage``,
 ``--enable-request-id-headers``, ``--enable-auto-tool-choice``, ``--tool-call-parser``,
 ``--tool-parser-plugin``, ``--tool-strict-level``, ``--exclude-tools-when-tool-choice-none``,
-``--reasoning-parser``, ``--reasoning-parser-plugin``, ``--host``, ``--grpc-port``, ``--api-key``,
+``--reasoning-parser``, ``--reasoning-parser-plugin``, ``--lora-modules``, ``--host``, ``--grpc-port``, ``--api-key``,
 ``--allowed-origins``. A few have another name here (``USE_INSTEAD``). Every other one is a
 startup error that names it (exit 2): never accepted and ignored. ``tests/test_vllm_flags.py``
 checks the tables against the vLLM installed with the tests.
@@ -25,8 +25,6 @@ USE_INSTEAD: dict[str, str] = {
 NOT_IMPLEMENTED: frozenset[str] = frozenset({
     # The Responses API's built-in tools; a reasoning token budget.
     "--tool-server", "--reasoning-config",
-    # LoRA adapters by name.
-    "--lora-modules",
     # Request handling and logging.
     "--trust-request-mm-kwargs", "--default-chat-template-kwargs", "--max-log-len",
     "--enable-per-request-metrics", "--enable-server-load-tracking", "--sse-keep-alive-interval",

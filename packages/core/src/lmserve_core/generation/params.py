@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from lmserve_core.lora import LoRAAdapter
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -92,6 +95,9 @@ class GenerationRequest:
     priority: int = 0
     # With a reasoning parser and a constraint: the constraint waits for the reasoning's end.
     reasoning: ReasoningGate | None = None
+    # The LoRA adapter this request runs with (None: the base model); the backend has it
+    # loaded (AdapterBackend.add_adapter) for as long as a request names it.
+    adapter: LoRAAdapter | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from lmserve_core.generation.output_parsing import (
 from lmserve_core.generation.params import ReasoningGate, SamplingParams, StructuredOutput
 from lmserve_core.generation.request_fields import refuse_unimplemented
 from lmserve_core.generation.structured import structured_output
+from lmserve_core.lora import LoRAAdapter
 from lmserve_protocols.openai import ChatCompletionRequest, CompletionRequest
 
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -124,6 +125,10 @@ class Prepared:
     # With a constraint and a reasoning parser: a gate per sequence (the constraint starts where
     # the reasoning ends, as in vLLM).
     reasoning_gates: Callable[[], ReasoningGate | None] | None = None
+    # The LoRA adapter 'model' named (None: the base model), and the served name metrics use
+    # (the adapter's, or the base model's primary name whatever alias was asked for).
+    adapter: LoRAAdapter | None = None
+    served_name: str | None = None
 
     @property
     def chat_logprobs_shown(self) -> bool:

@@ -161,8 +161,10 @@ class OpenAIGenerationService:
         matcher = StopStringMatcher(prep.stops, include=options.include_stop_str_in_output)
         gate = prep.reasoning_gates() if prep.reasoning_gates is not None else None
         request = GenerationRequest(
-            f"{prep.request_id}-{index}", prompt.ids, params, prep.priority, reasoning=gate
-        )
+            f"{prep.request_id}-{index}", prompt.ids, params, prep.priority, reasoning=gate,
+            adapter=prep.adapter,
+        )  # fmt: skip
+        served = prep.served_name
         stream = self.backend.generate(request)
         generated = 0
         started = last = time.perf_counter()
@@ -172,16 +174,16 @@ class OpenAIGenerationService:
                     index, prompt_logprobs=event.prompt_logprobs, cached_tokens=event.cached_tokens
                 )
                 if event.queued_seconds is not None and self.observer:
-                    self.observer.queue_time(event.queued_seconds)
+                    self.observer.queue_time(event.queued_seconds, model=served)
                 if event.token_id is not None:
                     delta.token_ids.append(event.token_id)
                     generated += 1
                     now = time.perf_counter()
                     if self.observer:
                         if generated == 1:
-                            self.observer.first_token(now - started)
+                            self.observer.first_token(now - started, model=served)
                         else:
-                            self.observer.inter_token(now - last)
+                            self.observer.inter_token(now - last, model=served)
                     last = now
                     # The stop token's own text only with include_stop_str_in_output (vLLM).
                     if not event.is_stop_token or options.include_stop_str_in_output:
@@ -282,7 +284,7 @@ class OpenAIGenerationService:
                 finish[d.index] = d.finish_reason
                 stop_reasons[d.index] = d.stop_reason
         usage = self._usage(prep, sum(counts.values()), cached)
-        self._observe(usage)
+        self._observe(prep, usage)
         if prep.kind == "chat":
             chat_choices = []
             for index in indices:
@@ -397,7 +399,7 @@ class OpenAIGenerationService:
                 )
                 yield self._with_usage(prep, text_chunk, d.index, d.generated_tokens)
             usage = self._usage(prep, sum(counts.values()), cached)
-            self._observe(usage)
+            self._observe(prep, usage)
             if on_usage is not None:
                 on_usage(usage)
             if prep.include_usage:
@@ -454,9 +456,11 @@ class OpenAIGenerationService:
                                     total_tokens=prompt_tokens + generated)  # fmt: skip
         return chunk
 
-    def _observe(self, usage: UsageInfo) -> None:
+    def _observe(self, prep: Prepared, usage: UsageInfo) -> None:
         if self.observer:
-            self.observer.tokens(usage.prompt_tokens, usage.completion_tokens)
+            self.observer.tokens(
+                usage.prompt_tokens, usage.completion_tokens, model=prep.served_name
+            )
 
     def _usage(
         self, prep: Prepared, completion_tokens: int, cached: dict[int, int] | None = None

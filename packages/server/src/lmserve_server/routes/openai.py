@@ -12,7 +12,6 @@ from lmserve_protocols.openai import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
-    ModelCard,
     ModelList,
 )
 from lmserve_server.routes import json_response, plane
@@ -23,9 +22,7 @@ router = APIRouter(prefix="/openai/v1", tags=["openai"])
 
 @router.get("/models", responses=responses(ModelList, openai=True, errors=()))
 async def list_models(request: Request) -> Response:
-    cards = plane(request).model_cards()
-    models = [ModelCard(id=name, created=created) for name, created in cards]
-    return json_response(ModelList(data=models))
+    return json_response(ModelList(data=plane(request).model_cards()))
 
 
 @router.post("/embeddings", responses=responses(EmbeddingResponse, openai=True))

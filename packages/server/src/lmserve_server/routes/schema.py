@@ -11,7 +11,8 @@ from pydantic import BaseModel
 from lmserve_protocols.openai import OpenAIErrorResponse
 from lmserve_protocols.v2 import V2Error
 
-_ERRORS = {400: "bad input", 404: "unknown model", 413: "body too large", 429: "overloaded",
+_ERRORS = {400: "bad input", 404: "unknown model", 409: "conflicts with the server's state",
+           413: "body too large", 429: "overloaded",
            503: "loading, unhealthy or shutting down"}  # fmt: skip
 
 
