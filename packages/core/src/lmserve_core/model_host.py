@@ -82,6 +82,8 @@ class ModelHost:
         self.observer = observer
         # LoRA adapters (--enable_lora): served under their own names next to these.
         self.adapters = AdapterRegistry(self.names, max_rank=settings.max_lora_rank)
+        # --lora-modules' names: known (503 while loading, not 404) before they are loaded.
+        self._static_adapters = {m.name for m in parse_lora_modules(settings.lora_modules or ())}
 
     @classmethod
     def from_settings(
@@ -369,6 +371,8 @@ class ModelHost:
         return [*self.names, *self.adapters.names]
 
     def check_name(self, name: str) -> None:
+        if self.state is ModelState.loading and name in self._static_adapters:
+            return
         if name not in self.names and self.adapters.get(name) is None:
             served = ", ".join(repr(n) for n in self.all_names)
             raise ModelNotFound(f"model {name!r} is not served here (try {served})", param="model")
