@@ -18,19 +18,21 @@ import httpx
 from _support.servers import ServerProcess, free_port
 
 
-def start_vllm_reference(model_dir: Path, *args: str, timeout: float = 300) -> ServerProcess:
+def start_vllm_reference(
+    model_dir: Path, *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> ServerProcess:
     """vLLM's server on ``model_dir`` as ``model``, float32, eager, a small KV cache; its
-    OpenAI routes are under ``url + "/v1"``."""
+    OpenAI routes are under ``url + "/v1"``. ``env``: more environment (vLLM's switches)."""
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="vllm-reference-", suffix=".log")[1])
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    full_env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", "model", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(512 * 2**20),
            "--disable-uvicorn-access-log", *args]  # fmt: skip
     with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, list(args))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -273,6 +273,8 @@ class AdapterRegistry:
         if entry is None or entry.closing:
             raise ModelNotFound(f"The lora adapter '{name}' cannot be found.", param="lora_name")
         entry.closing = True
+        if entry.in_flight == 0:  # wait_for(..., 0) would time out even on a set event
+            return entry.adapter
         try:
             await asyncio.wait_for(entry.idle.wait(), timeout)
         except TimeoutError:

@@ -547,7 +547,8 @@ class ServeSettings(BaseModel):
             ge=0,
             **flag(
                 "Seconds that in-flight requests (streams too) get to finish after SIGTERM or "
-                "SIGINT; readiness and new requests answer 503 meanwhile. Then the server exits.",
+                "SIGINT; readiness and new requests answer 503 meanwhile. Then the server exits. "
+                "Unloading a LoRA adapter waits as long for its requests (then 409).",
                 group="server",
             ),
         ),
