@@ -209,8 +209,12 @@ async def run_load(
     api_key: str | None = None,
     sample_texts: int = 0,
     extra_body: dict[str, Any] | None = None,
+    models: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the load and return the metrics (times in ms, throughputs per second).
+
+    ``models``: request i names ``models[i % len(models)]`` instead of ``model`` (LoRA adapters
+    spread over the streams).
 
     ``timeout_s`` bounds each request; ``max_duration_s`` (optional) is the time cap after
     which no new request starts (requests in flight finish). ``sample_texts`` keeps the
@@ -242,7 +246,8 @@ async def run_load(
                     return
                 index = next_index
                 next_index += 1
-                body = _payload(path, model, prompts[index % len(prompts)], max_tokens)
+                name = models[index % len(models)] if models else model
+                body = _payload(path, name, prompts[index % len(prompts)], max_tokens)
                 body.update(extra_body or {})
                 results.append(await _one_request(client, url, body, index))
 

@@ -32,7 +32,8 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("timeout", 60)
+        return httpx.Client(base_url=self.url, **kwargs)  # type: ignore[arg-type]
 
     def stop(self) -> int:
         if self.proc.poll() is None:

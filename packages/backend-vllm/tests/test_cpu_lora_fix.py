@@ -1,0 +1,62 @@
+"""vLLM's CPU LoRA ops read slot -1 (a row without an adapter) as the last adapter's weights;
+lmserve's vLLM plugin makes them leave such rows alone, as vLLM's GPU kernels do."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+
+from lmserve_backend_vllm import cpu_lora_fix  # noqa: E402
+
+
+def _case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    a = torch.randn(3, 1, 2, 8)  # three adapter slots, rank 2 (vLLM's stacked layout)
+    b = torch.randn(3, 1, 8, 2)
+    indices = torch.tensor([0, -1, 2, -1])
+    return x, a, b, indices
+
+
+def test_the_bug_exists_in_the_unpatched_op() -> None:
+    """Slot -1 is the last slot: the reason for the fix (a newer vLLM may drop this test)."""
+    x, a, _, indices = _case()
+    original = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
+    out = torch.zeros(4, 2)
+    original(x, a, out, indices, 1.0)
+    assert torch.allclose(out[1], x[1] @ a[2, 0].T)  # row 1 ran with the last adapter
+
+
+def test_rows_without_an_adapter_are_left_as_they_were() -> None:
+    cpu_lora_fix.register()
+    cpu_lora_fix.register()  # vLLM may load plugins more than once per process
+    x, a, b, indices = _case()
+    shrunk = torch.full((4, 2), 7.0)
+    lora_ops.bgmv_shrink(x, a, shrunk, indices, 0.5)
+    assert torch.equal(shrunk[1], torch.full((2,), 7.0))
+    assert torch.allclose(shrunk[0], 0.5 * x[0] @ a[0, 0].T)
+    assert torch.allclose(shrunk[2], 0.5 * x[2] @ a[2, 0].T)
+    base = torch.randn(4, 8)
+    out = base.clone()
+    lora_ops.bgmv_expand(shrunk, b, out, indices, True)
+    assert torch.equal(out[1], base[1]) and torch.equal(out[3], base[3])
+    assert torch.allclose(out[0], base[0] + b[0, 0] @ shrunk[0])
+    sliced = base.clone()
+    lora_ops.bgmv_expand_slice(shrunk, b[:, :, :4], sliced, indices, 2, 4, True)
+    assert torch.equal(sliced[1], base[1])
+    assert torch.allclose(sliced[2, 2:6], base[2, 2:6] + b[2, 0, :4] @ shrunk[2])
+    # The prefill ops call the patched ones: a sequence without an adapter is untouched too.
+    seq = base.clone()
+    lora_ops.sgmv_expand(shrunk, b, seq, torch.tensor([0, 2]), torch.tensor([2, 2]),
+                         torch.tensor([-1, 0]), 2, 2, 4, True)  # fmt: skip
+    assert torch.equal(seq[:2], base[:2])
+    assert not torch.equal(seq[2:], base[2:])
+
+
+def test_vllm_finds_the_plugin() -> None:
+    plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(p.value == "lmserve_backend_vllm.cpu_lora_fix:register" for p in plugins)
