@@ -337,8 +337,8 @@ def test_metadata_health_and_listing(ner: ServerProcess) -> None:
         c.post("/v1/models/model:predict", json={"instances": []})
         metrics = c.get("/metrics").text
     assert (
-        'lmserve_requests_total{method="POST",route="/v1/models/{model_name}:predict",status="200"}'
-        in metrics
+        'lmserve_requests_total{method="POST",model="model",route="/v1/models/{model_name}:predict",'
+        'status="200"}' in metrics
     )
     assert 'status="400"' in metrics
     assert "lmserve_batch_size_bucket" in metrics

@@ -33,9 +33,10 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 
 def metric(server: ServerProcess, name: str) -> float:
+    """``name``'s value summed over its label sets (the served ``model``, ...); 0 when absent."""
     text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    found = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
+    return sum(float(v) for v in found)
 
 
 # --- answers ----------------------------------------------------------------------------

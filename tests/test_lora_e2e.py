@@ -185,8 +185,9 @@ BAD = {
     "no-config": (400, "no adapter_config.json"),
     "corrupt-config": (400, "cannot read"),
     "rank64": (400, "rank 64, above --max-lora-rank 16"),
-    "corrupt-weights": (400, "cannot load the LoRA adapter"),
-    "other-arch": (400, "cannot load the LoRA adapter"),
+    # Each backend says why in its own words, naming the adapter.
+    "corrupt-weights": (400, "LoRA adapter 'bad-corrupt-weights'"),
+    "other-arch": (400, "LoRA adapter 'bad-other-arch'"),
 }
 
 

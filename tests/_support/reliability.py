@@ -15,10 +15,13 @@ LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 1.0, "seed": 1}
 
 
 def metric(server: ServerProcess, name: str) -> float:
+    """``name``'s value summed over its label sets (the served ``model``, ...)."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
-    assert match is not None, f"{name} not in /metrics"
-    return float(match.group(1))
+    family = re.sub(r"_(total|count|sum|bucket)$", "", name)
+    assert f"# HELP {family} " in text, f"{name} not in /metrics"
+    # A labelled series has no sample until its first label set: then it is 0.
+    found = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
+    return sum(float(v) for v in found)
 
 
 def wait_for_metric(server: ServerProcess, name: str, value: float, timeout: float = 10) -> None:
