@@ -20,26 +20,39 @@ batch's token bitmask and are masked; the sampled token advances the matcher. A 
 grammar allows only the row's EOS and stop tokens (vLLM's all_stop_token_ids), so the
 sequence ends there with finish_reason "stop" (with ignore_eos, EOS ends the grammar but not
 the sequence, which goes on unconstrained, as in vLLM).
+
+LoRA adapters (``request.adapter``, with ``max_loras`` set): rows of different adapters and of
+the base model share groups and forward passes (PEFT's mixed-adapter batches, ``lora.py``); each
+group keeps its per-row ``adapter_names`` until its rows change. At most ``max_loras`` distinct
+adapters run at once (vLLM's rule): a request whose adapter would exceed that is held, in order,
+until a running adapter's last row leaves, while requests behind it for running adapters or the
+base model go on (vLLM's scheduler skips it the same way). Adding and removing adapters changes
+weights, so it runs on the model thread between iterations (``_exclusive``), never during a
+forward pass; with no adapter loaded the model is called exactly as without LoRA.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmserve_backend_hf.lora import BASE, PeftAdapters, RowAdapters
 from lmserve_backend_hf.sampler import RowState, prompt_logprobs, sample
 from lmserve_core.errors import BackendError, InvalidInput, ModelNotReady
 from lmserve_core.generation.params import GenerationRequest, StructuredOutput, TokenEvent
+from lmserve_core.lora import LoRAAdapter
 from lmserve_core.observer import ServingObserver
 
 if TYPE_CHECKING:  # xgrammar (0.5 s to import) loads with the first structured request
@@ -63,6 +76,7 @@ class _Sequence:
     compiled_grammar: Any = None  # xgrammar's CompiledGrammar, with params.structured
     # The grammar waits for the end of the model's reasoning (request.reasoning says where).
     grammar_waits: bool = False
+    lora_key: str = BASE  # PEFT's name of the row's adapter, set when admitted
 
     @property
     def id(self) -> str:
@@ -77,6 +91,9 @@ class _Group:
     cache: Any
     mask: torch.Tensor  # [B, T] decoder attention mask (1 = real token)
     encoder: dict[str, torch.Tensor] = field(default_factory=dict)  # enc-dec only
+    # PEFT's adapter_names for the rows (None: base rows only), rebuilt when the rows change.
+    adapters: RowAdapters | None = None
+    adapters_stale: bool = True
 
 
 class _WaitingQueue:
@@ -120,9 +137,11 @@ class HFGenerationEngine:
         max_prefill_tokens: int = 8192,
         observer: ServingObserver | None = None,
         tokenizer: Any = None,
+        max_loras: int | None = None,
     ) -> None:
         """``tokenizer``: the model's transformers tokenizer; structured outputs need it (an
-        engine built without one refuses them)."""
+        engine built without one refuses them). ``max_loras``: serve LoRA adapters, at most
+        this many distinct ones among running rows (None: no LoRA)."""
         self.model = model
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -152,6 +171,23 @@ class HFGenerationEngine:
         self._grammars: GrammarCache | None = None
         self._grammars_lock = threading.Lock()
         self._bitmask: GrammarBitmask | None = None
+        # LoRA: the adapters (weights change only on the model thread, see _exclusive) and
+        # the requests held back by max_loras, by adapter, each in queue order.
+        if max_loras is not None and max_loras < 1:
+            raise ValueError("max_loras must be at least 1")
+        self.max_loras = max_loras
+        self._lora: PeftAdapters | None = None
+        if max_loras is not None:
+            start = getattr(model.config, "decoder_start_token_id", None)
+            self._lora = PeftAdapters(model, device=device, decoder_start_token_id=start)
+        self._held: dict[str, deque[_Sequence]] = {}
+        self._held_count = 0
+        self._held_purged = 0.0
+        self._commands: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]]
+        ] = queue.SimpleQueue()
+        self._command_lock = threading.Lock()
+        self._accepting_commands = False  # the model thread runs and takes commands
 
     # --- GenerativeBackend ----------------------------------------------------------
     @property
@@ -171,7 +207,7 @@ class HFGenerationEngine:
         return sum(len(g.seqs) for g in self._groups)
 
     def num_unfinished(self) -> int:
-        return self.running + self._waiting.qsize()
+        return self.running + self._waiting.qsize() + self._held_count
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -210,10 +246,96 @@ class HFGenerationEngine:
         if self._thread is not None and not self._thread.is_alive() and not self._stopping.is_set():
             raise BackendError("the generation engine thread is not running")
 
+    # --- AdapterBackend -------------------------------------------------------------
+    async def add_adapter(self, adapter: LoRAAdapter) -> None:
+        """Load ``adapter`` (PEFT); its files are read off the model thread, and only putting
+        the weights into the model pauses generation. InvalidInput when it does not fit."""
+        lora = self._require_lora()
+        if lora.has(adapter):
+            return
+        prepared = await asyncio.to_thread(lora.prepare, adapter)
+
+        def install() -> None:
+            lora.install(prepared)
+            self._adapters_changed()
+
+        await asyncio.to_thread(self._exclusive, install)
+
+    async def remove_adapter(self, adapter: LoRAAdapter) -> None:
+        """Unload ``adapter``; a request that still uses it (the core drains them first) fails."""
+        lora = self._require_lora()
+
+        def remove() -> None:
+            self._fail_adapter_rows(adapter)
+            lora.remove(adapter)
+            self._adapters_changed()
+
+        await asyncio.to_thread(self._exclusive, remove)
+
+    @property
+    def adapters(self) -> list[LoRAAdapter]:
+        """The LoRA adapters loaded now."""
+        return [] if self._lora is None else self._lora.adapters
+
+    def _require_lora(self) -> PeftAdapters:
+        if self._lora is None:
+            raise InvalidInput(
+                "LoRA adapters are not enabled for this model (start it with --enable_lora)",
+                param="model",
+            )
+        return self._lora
+
+    def _exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` while no forward pass runs: on the model thread between two iterations,
+        or here when no model thread runs. Blocks (call it in a worker thread)."""
+        with self._command_lock:
+            if not self._accepting_commands:
+                return fn()
+            done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            self._commands.put((fn, done))
+            self._waiting.put(None)  # wake a model thread waiting for requests
+        return done.result()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                with torch.inference_mode(False):
+                    result = fn()
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(result)
+
+    def _adapters_changed(self) -> None:
+        for group in self._groups:
+            group.adapters_stale = True
+
+    def _fail_adapter_rows(self, adapter: LoRAAdapter) -> None:
+        """Rows and held requests of an adapter being removed end with an error (a guard: the
+        core waits for them before it removes an adapter)."""
+        gone = InvalidInput(f"the LoRA adapter {adapter.name!r} was unloaded", param="model")
+        for group in self._groups:
+            for seq in group.seqs:
+                if seq.request.adapter is not None and seq.request.adapter.int_id == adapter.int_id:
+                    self._finish_error(seq, gone)
+        for key in list(self._held):
+            for seq in self._held[key]:
+                if seq.request.adapter is not None and seq.request.adapter.int_id == adapter.int_id:
+                    self._finish_error(seq, gone)
+                    seq.aborted = True
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         self.check_health()
         if self._stopping.is_set() or self._loop is None:
             raise ModelNotReady("the generation engine is not running")
+        if request.adapter is not None:
+            self._require_lora().key(request.adapter)  # InvalidInput when not loaded
         events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         loop = self._loop
 
@@ -260,6 +382,8 @@ class HFGenerationEngine:
         return RowState(p, list(request.prompt_ids), generator=generator, stop_ids=stop_ids)
 
     def _run(self) -> None:
+        with self._command_lock:
+            self._accepting_commands = True
         try:
             with torch.inference_mode():
                 while not self._stopping.is_set():
@@ -270,8 +394,13 @@ class HFGenerationEngine:
             self._fail_all(BackendError(f"generation engine crashed: {exc}"))
         finally:
             self._fail_all(ModelNotReady("the server is shutting down"))
+            with self._command_lock:  # later adapter changes run in their caller's thread
+                self._accepting_commands = False
+                self._run_commands()
 
     def _iteration(self) -> None:
+        if not self._commands.empty():
+            self._run_commands()
         block = not self._groups
         new = self._admit(block)
         if new:
@@ -295,23 +424,118 @@ class HFGenerationEngine:
     def _admit(self, block: bool) -> list[_Sequence]:
         room = self.max_num_seqs - self.running
         new: list[_Sequence] = []
+        # Distinct adapters of the running and admitted rows (computed when first needed).
+        active: set[str] | None = None
+        if self._held and room > 0:
+            active = self._running_adapters()
+            self._admit_held(new, room, active)
         while len(new) < room:
             try:
                 seq = self._waiting.get(timeout=0.5 if (block and not new) else None)
             except queue.Empty:
                 break
-            if seq is None:  # stop() wake-up
+            if seq is None:  # stop() or adapter-change wake-up
                 break
             if seq.aborted:
                 continue
-            seq.queued_seconds = time.perf_counter() - seq.enqueued
-            if seq.compiled_grammar is not None:
-                if not _reasoning_ended_in_prompt(seq.request):
-                    seq.grammar_waits = True  # vLLM's: the constraint starts after the reasoning
-                elif not self._start_grammar(seq):
+            if seq.request.adapter is not None:
+                if active is None:
+                    active = self._running_adapters()
+                if not self._adapter_fits(seq, active):
                     continue
-            new.append(seq)
+            self._start(seq, new)
         return new
+
+    def _start(self, seq: _Sequence, new: list[_Sequence]) -> None:
+        seq.queued_seconds = time.perf_counter() - seq.enqueued
+        if seq.compiled_grammar is not None:
+            if not _reasoning_ended_in_prompt(seq.request):
+                seq.grammar_waits = True  # vLLM's: the constraint starts after the reasoning
+            elif not self._start_grammar(seq):
+                return
+        new.append(seq)
+
+    def _adapter_fits(self, seq: _Sequence, active: set[str]) -> bool:
+        """Give ``seq`` its adapter key; False when it failed (adapter not loaded) or is held
+        (its adapter would exceed max_loras)."""
+        assert seq.request.adapter is not None
+        try:
+            key = self._require_lora().key(seq.request.adapter)
+        except InvalidInput as exc:
+            self._finish_error(seq, exc)
+            return False
+        seq.lora_key = key
+        if key in active:
+            return True
+        if self.max_loras is not None and len(active) >= self.max_loras:
+            self._held.setdefault(key, deque()).append(seq)
+            self._held_count += 1
+            return False
+        active.add(key)
+        return True
+
+    def _admit_held(self, new: list[_Sequence], room: int, active: set[str]) -> None:
+        """Start held requests whose adapter fits now: oldest adapter first, each adapter's in
+        order. Work per step: the number of held adapters, not of held requests."""
+        now = time.perf_counter()
+        if now - self._held_purged > 1.0:  # drop aborted ones now and then (num_unfinished)
+            self._held_purged = now
+            for key in list(self._held):
+                kept = deque(s for s in self._held[key] if not s.aborted)
+                self._held_count -= len(self._held[key]) - len(kept)
+                if kept:
+                    self._held[key] = kept
+                else:
+                    del self._held[key]
+        for key in sorted(self._held, key=lambda k: _queue_order(self._held[k][0])):
+            if key not in active and self.max_loras is not None and len(active) >= self.max_loras:
+                continue
+            waiting = self._held[key]
+            while waiting and len(new) < room:
+                seq = waiting.popleft()
+                self._held_count -= 1
+                if seq.aborted:
+                    continue
+                adapter = seq.request.adapter
+                assert adapter is not None
+                if not self._require_lora().has(adapter):
+                    gone = f"the LoRA adapter {adapter.name!r} is not loaded"
+                    self._finish_error(seq, InvalidInput(gone, param="model"))
+                    continue
+                active.add(key)
+                self._start(seq, new)
+            if not waiting:
+                del self._held[key]
+            if len(new) >= room:
+                return
+
+    def _running_adapters(self) -> set[str]:
+        return {s.lora_key for g in self._groups for s in g.seqs if s.lora_key != BASE}
+
+    def _row_adapters(self, seqs: list[_Sequence]) -> RowAdapters | None:
+        lora = self._lora
+        if lora is None or not lora.loaded:
+            return None
+        return lora.row_adapters([s.lora_key for s in seqs])
+
+    def _group_adapters(self, group: _Group) -> RowAdapters | None:
+        if group.adapters_stale:
+            group.adapters = self._row_adapters(group.seqs)
+            group.adapters_stale = False
+        return group.adapters
+
+    def _call(self, module: Any, adapters: RowAdapters | None, **inputs: Any) -> Any:
+        """``module(**inputs)`` (the model or its encoder), with the rows' adapters when any
+        row has one; without, exactly the call the engine makes with LoRA off."""
+        if adapters is None:
+            return module(**inputs)
+        lora = self._lora
+        assert lora is not None
+        lora.current = adapters
+        try:
+            return module(**inputs)
+        finally:
+            lora.current = None
 
     def _start_grammar(self, seq: _Sequence) -> bool:
         """Give an admitted row its matcher; False (the request failed) if xgrammar cannot."""
@@ -362,9 +586,10 @@ class HFGenerationEngine:
             mask[i, length - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-            logits_to_keep=0 if full_logits else 1,
+        adapters = self._row_adapters(seqs)
+        out = self._call(
+            self.model, adapters, input_ids=ids, attention_mask=mask, position_ids=positions,
+            use_cache=True, logits_to_keep=0 if full_logits else 1,
         )  # fmt: skip
         logits = out.logits[:, -1, :].float()
         for i, seq in enumerate(seqs):
@@ -373,19 +598,25 @@ class HFGenerationEngine:
         if full_logits:
             k = seqs[0].request.params.prompt_logprobs or 0
             prompt_lps = prompt_logprobs(out.logits[0], prompts[0], k)
-        group = _Group(list(seqs), out.past_key_values, mask)
+        group = _Group(
+            list(seqs), out.past_key_values, mask, adapters=adapters, adapters_stale=False
+        )
         self._emit_sampled(group.seqs, logits, prompt_lps)
         self._merge(group)
 
     def _prefill_encoder_decoder(self, seq: _Sequence) -> None:
         prompt = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
         enc_mask = torch.ones_like(prompt)
-        encoder_outputs = self.model.get_encoder()(input_ids=prompt, attention_mask=enc_mask)
+        adapters = self._row_adapters([seq])
+        encoder = self.model.get_encoder()
+        encoder_outputs = self._call(encoder, adapters, input_ids=prompt, attention_mask=enc_mask)
         start = self.model.config.decoder_start_token_id
         if start is None:
             start = self.pad_token_id
         dec = torch.tensor([[start]], dtype=torch.long, device=self.device)
-        out = self.model(
+        out = self._call(
+            self.model,
+            adapters,
             encoder_outputs=encoder_outputs,
             attention_mask=enc_mask,
             decoder_input_ids=dec,
@@ -393,7 +624,8 @@ class HFGenerationEngine:
         )
         seq.length = 1
         group = _Group([seq], out.past_key_values, torch.ones((1, 1), dtype=torch.long, device=self.device),
-                       encoder={"encoder_outputs": encoder_outputs, "attention_mask": enc_mask})  # fmt: skip
+                       encoder={"encoder_outputs": encoder_outputs, "attention_mask": enc_mask},
+                       adapters=adapters, adapters_stale=False)  # fmt: skip
         self._emit_sampled(group.seqs, out.logits[:, -1, :].float(), None)
         self._groups.append(group)
 
@@ -419,6 +651,7 @@ class HFGenerationEngine:
             [_pad_left_2d(target.mask, total), _pad_left_2d(group.mask, total)], dim=0
         )
         target.seqs.extend(group.seqs)
+        target.adapters_stale = True
 
     def _decode(self) -> None:
         for group in list(self._groups):
@@ -432,18 +665,19 @@ class HFGenerationEngine:
             )
             ones = torch.ones((len(group.seqs), 1), dtype=group.mask.dtype, device=self.device)
             group.mask = torch.cat([group.mask, ones], dim=1)
+            adapters = self._group_adapters(group)
             if group.encoder:
-                out = self.model(
-                    decoder_input_ids=ids, decoder_attention_mask=group.mask,
+                out = self._call(
+                    self.model, adapters, decoder_input_ids=ids, decoder_attention_mask=group.mask,
                     past_key_values=group.cache, use_cache=True, **group.encoder,
                 )  # fmt: skip
             else:
                 positions = torch.tensor(
                     [[s.length] for s in group.seqs], dtype=torch.long, device=self.device
                 )
-                out = self.model(
-                    input_ids=ids, attention_mask=group.mask, position_ids=positions,
-                    past_key_values=group.cache, use_cache=True,
+                out = self._call(
+                    self.model, adapters, input_ids=ids, attention_mask=group.mask,
+                    position_ids=positions, past_key_values=group.cache, use_cache=True,
                 )  # fmt: skip
             group.cache = out.past_key_values
             for seq in group.seqs:
@@ -505,6 +739,7 @@ class HFGenerationEngine:
         index = {id(s): i for i, s in enumerate(group.seqs)}
         rows = [index[id(s)] for s in keep]
         group.seqs = keep
+        group.adapters_stale = True
         if not keep:
             return
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -542,6 +777,10 @@ class HFGenerationEngine:
             for seq in group.seqs:
                 self._finish_error(seq, exc)
         self._groups = []
+        held, self._held, self._held_count = self._held, {}, 0
+        for waiting in held.values():
+            for row in waiting:
+                self._finish_error(row, exc)
         while True:
             try:
                 seq = self._waiting.get()
@@ -549,6 +788,10 @@ class HFGenerationEngine:
                 break
             if seq is not None:
                 self._finish_error(seq, exc)
+
+
+def _queue_order(seq: _Sequence) -> tuple[int, float]:
+    return seq.request.priority, seq.enqueued
 
 
 def _reasoning_ended_in_prompt(request: GenerationRequest) -> bool:

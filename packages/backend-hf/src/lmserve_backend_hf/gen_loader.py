@@ -69,6 +69,7 @@ def load_generator(request: LoadRequest) -> LoadedGenerator:
         primary_eos_id=tokenizer.eos_token_id,
         max_model_len=context, vocab_size=vocab, max_num_seqs=settings.max_num_seqs,
         observer=request.observer, tokenizer=raw_tok,
+        max_loras=settings.max_loras if settings.enable_lora else None,
     )  # fmt: skip
     facts = ModelFacts(max_model_len=context, vocab_size=vocab, is_encoder_decoder=engine.is_encoder_decoder,
                        default_sampling=sampling_defaults(gen_config))  # fmt: skip
