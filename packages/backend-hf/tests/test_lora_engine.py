@@ -279,9 +279,9 @@ def test_bad_adapters_are_refused_and_serving_goes_on(
         ]  # fmt: skip
 
 
-def test_fast_path_is_pefts_mixed_batch_forward(adapter_dirs: dict[str, Path]) -> None:
-    """The engine's forward of plain linear LoRA layers gives exactly what PEFT's own
-    ``forward(adapter_names=...)`` gives, beside a layer PEFT runs itself (an embedding)."""
+def test_the_engines_names_give_pefts_mixed_batch_forward(adapter_dirs: dict[str, Path]) -> None:
+    """Names handed to the layers once per batch (``current``) give exactly what PEFT's own
+    ``forward(adapter_names=...)`` gives, linear and embedding LoRA layers alike."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -305,21 +305,20 @@ def test_fast_path_is_pefts_mixed_batch_forward(adapter_dirs: dict[str, Path]) -
     with torch.inference_mode():
         expected = reference(input_ids=ids, adapter_names=rows).logits
         plain = fresh().eval()(input_ids=ids).logits
-    for fast in (True, False):
-        model = fresh().eval()
-        lora = PeftAdapters(model, device=torch.device("cpu"), fast=fast)
-        served = [_adapter(name, i + 1, dirs[name]) for i, name in enumerate(names)]
-        for adapter in served:
-            lora.add(adapter)
-        keys = {name: lora.key(adapter) for name, adapter in zip(names, served, strict=True)}
-        lora.current = lora.row_adapters([keys.get(row, BASE) for row in rows])
-        with torch.inference_mode():
-            got = model(input_ids=ids).logits
-        lora.current = None
-        assert torch.equal(got, expected), fast
-        assert not torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
-        with torch.inference_mode():  # no names: the base model on every row
-            assert torch.equal(model(input_ids=ids).logits, plain)
+    model = fresh().eval()
+    lora = PeftAdapters(model, device=torch.device("cpu"))
+    served = [_adapter(name, i + 1, dirs[name]) for i, name in enumerate(names)]
+    for adapter in served:
+        lora.add(adapter)
+    keys = {name: lora.key(adapter) for name, adapter in zip(names, served, strict=True)}
+    lora.current = lora.row_adapters([keys.get(row, BASE) for row in rows])
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    lora.current = None
+    assert torch.equal(got, expected)
+    assert not torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    with torch.inference_mode():  # no names: the base model on every row
+        assert torch.equal(model(input_ids=ids).logits, plain)
 
 
 def test_encoder_decoder_adapters(tmp_path: Path) -> None:
