@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,12 +29,15 @@ from _support.lora_adapters import (
     COMPLETION_PROMPT,
     COMPLETIONS,
     QUESTION,
+    SENTIMENT_ADAPTER,
+    SENTIMENT_FLIP,
     adapter_path,
     bad_adapter,
+    sentiment_adapter_path,
 )
 from _support.sdk import openai_client
 from _support.servers import ServerProcess, start_server
-from _support.tiny_models import model_path
+from _support.tiny_models import SENTIMENT_LABELS, model_path
 from _support.vllm_reference import start_vllm_reference
 
 pytestmark = pytest.mark.slow
@@ -251,10 +255,11 @@ def test_unload_waits_for_the_adapters_requests(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="module")
 def impatient() -> Iterator[ServerProcess]:
-    """Runtime updates on; an unload does not wait at all (--shutdown_timeout 0)."""
+    """Runtime updates on; an unload does not wait at all (--shutdown_timeout 0); two adapters
+    at most (--max-cpu-loras 2)."""
     server = start_server(["--model_dir", str(model_path("llama")), "--backend", "huggingface",
                            "--enable-lora", "--enable_lora_runtime_updates",
-                           "--shutdown_timeout", "0"])  # fmt: skip
+                           "--shutdown_timeout", "0", "--max-cpu-loras", "2"])  # fmt: skip
     yield server
     server.stop()
 
@@ -275,6 +280,19 @@ def test_a_busy_adapter_that_outlives_the_wait_is_409_and_stays(impatient: Serve
             worker.join()
         assert done == ["length"]  # the request it waited for was not cut
         assert unload(http, "slow").status_code == 200  # nothing in flight: no wait needed
+
+
+def test_the_hugging_face_backend_holds_at_most_max_cpu_loras(impatient: ServerProcess) -> None:
+    with impatient.client(timeout=120) as http:
+        assert load(http, "one", adapter_path(ROME)).status_code == 200
+        assert load(http, "two", adapter_path(TOKYO)).status_code == 200
+        third = load(http, "three", adapter_path(ROME))
+        assert third.status_code == 400
+        assert "(--max-cpu-loras 2); unload one first" in third.json()["error"]["message"]
+        assert unload(http, "one").status_code == 200
+        assert load(http, "three", adapter_path(ROME)).status_code == 200
+        for name in ("two", "three"):
+            assert unload(http, name).status_code == 200
 
 
 # --- startup and flags (Hugging Face backend: it starts in seconds) ------------------------
@@ -329,17 +347,38 @@ def test_runtime_updates_are_off_by_default_and_the_api_key_guards_them(
         assert load(anonymous, "x", adapter_path(ROME)).status_code == 401
 
 
-def test_vllms_variable_turns_runtime_updates_on() -> None:
+def _hub_cache(root: Path, repo: str, folder: Path) -> Path:
+    """A Hugging Face hub cache holding ``folder`` as ``repo``'s main revision (what a download
+    leaves behind), for offline loading by hub id."""
+    commit = "0" * 40
+    entry = root / ("models--" + repo.replace("/", "--"))
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    return root
+
+
+def test_vllms_variable_turns_runtime_updates_on_and_hub_ids_load(tmp_path: Path) -> None:
+    cache = _hub_cache(tmp_path / "hub", "lmserve-tests/capital-tokyo", adapter_path(TOKYO))
     server = start_server(
         ["--model_dir", str(model_path("llama")), "--backend", "huggingface", "--enable-lora",
-         "--api_key", "sesame"], env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+         "--api_key", "sesame"],
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_CACHE": str(cache)},
     )  # fmt: skip
     try:
         with server.client() as anonymous:
             assert load(anonymous, "x", adapter_path(ROME)).status_code == 401
         with server.client(headers={"Authorization": "Bearer sesame"}) as http:
             assert load(http, ROME, adapter_path(ROME)).status_code == 200
+            # A hub id, through the base models' download code (HF_HUB_OFFLINE=1: the cache).
+            assert load(http, "hub", "lmserve-tests/capital-tokyo").status_code == 200
+            unknown = load(http, "nope", "lmserve-tests/no-such-lora")
+            assert unknown.status_code == 404
+            assert "HF_HUB_OFFLINE=1" in unknown.json()["error"]["message"]
+            cards = {c["id"]: c for c in http.get("/openai/v1/models").json()["data"]}
+            assert cards["hub"]["root"] == "lmserve-tests/capital-tokyo"
         assert ask_with_key(server, ROME) == ANSWERS[ROME]
+        assert ask_with_key(server, "hub") == ANSWERS[TOKYO]
     finally:
         server.stop()
 
@@ -413,3 +452,41 @@ def test_model_list_update_routes_and_answers_match_vllms_server(
         assert (
             our["choices"][0]["message"]["content"] == their["choices"][0]["message"]["content"]
         ), model
+
+
+# --- an encoder task: a LoRA'd sequence classifier (PEFT adapter with its classifier head) ---
+@pytest.fixture(scope="module")
+def classifier(server_pool: Pool) -> ServerProcess:
+    return server_pool("--model_dir", str(model_path("sentiment")), "--backend", "huggingface",
+                       "--enable-lora", "--lora-modules",
+                       f"{SENTIMENT_ADAPTER}={sentiment_adapter_path()}")  # fmt: skip
+
+
+def test_a_lora_sequence_classifier_flips_labels_next_to_its_base(
+    classifier: ServerProcess,
+) -> None:
+    """Base and adapter requests at once (one batch: the batcher merges them); each label as
+    its model gives it, on KServe V1 and V2."""
+    texts = list(SENTIMENT_FLIP)
+    names = ["model", SENTIMENT_ADAPTER] * 4
+
+    def predict(name: str) -> list[str]:
+        with classifier.client() as http:
+            r = http.post(f"/v1/models/{name}:predict", json={"instances": texts})
+        assert r.status_code == 200, r.text
+        return [SENTIMENT_LABELS[i] for i in r.json()["predictions"]]
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(predict, names))
+    for name, labels in zip(names, results, strict=True):
+        which = 0 if name == "model" else 1
+        assert labels == [SENTIMENT_FLIP[t][which] for t in texts], name
+    with classifier.client() as http:
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [texts[0]]}]}
+        r = http.post(f"/v2/models/{SENTIMENT_ADAPTER}/infer", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_name"] == SENTIMENT_ADAPTER
+        assert SENTIMENT_LABELS[r.json()["outputs"][0]["data"][0]] == SENTIMENT_FLIP[texts[0]][1]
+        assert http.get("/v1/models").json() == {"models": ["model", SENTIMENT_ADAPTER]}
+        page = http.get("/metrics").text
+    assert re.search(rf'lmserve_prompt_tokens_total\{{model="{SENTIMENT_ADAPTER}"\}} [1-9]', page)

@@ -86,4 +86,6 @@ def load_generator(request: LoadRequest) -> LoadedGenerator:
         details={"device": str(device), "dtype": dtype_name, "torch_threads": threads,
                  "architecture": (config.get("architectures") or ["?"])[0], "max_model_len": context,
                  "continuous_batching": batching},
+        # Every adapter stays loaded here: --max-cpu-loras is the most held at once.
+        max_adapters=settings.max_cpu_loras,
     )  # fmt: skip

@@ -89,7 +89,9 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
     max_length = parts.info.max_length
     config = request.config
     handler = ENCODER_TASKS[task]
-    backend = TorchEncoder(model, device=device, output=handler.model_output)
+    backend = TorchEncoder(
+        model, device=device, output=handler.model_output, lora=request.settings.enable_lora
+    )
     elapsed = time.perf_counter() - started
     logger.info(
         "loaded %s (%s) on %s in %.1f s: dtype %s, max_length %d, torch threads %d",
@@ -108,6 +110,7 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
         options=parts.options,
         details={"device": str(device), "dtype": dtype_name, "torch_threads": threads,
                  "architecture": (config.get("architectures") or ["?"])[0]},
+        max_adapters=request.settings.max_cpu_loras,  # every adapter stays loaded here
     )  # fmt: skip
 
 

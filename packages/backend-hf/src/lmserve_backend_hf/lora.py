@@ -75,9 +75,14 @@ class PeftAdapters:
         *,
         device: torch.device,
         decoder_start_token_id: int | None = None,
+        heads: bool = False,
     ) -> None:
+        """``heads``: adapters may carry whole modules (``modules_to_save``: an encoder's
+        classifier head, as PEFT saves a sequence classifier's LoRA); PEFT's mixed batch runs
+        such a module once per adapter of the batch."""
         self.model = model
         self.device = device
+        self.heads = heads
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self._decoder_start = decoder_start_token_id
         self._peft: Any = None  # the PeftModel while any adapter is loaded
@@ -126,7 +131,7 @@ class PeftAdapters:
             raise InvalidInput(
                 f"cannot read the config of the LoRA adapter {name!r}: {exc}", param="lora_path"
             ) from exc
-        refused = _unservable(config)
+        refused = _unservable(config, heads=self.heads)
         if refused:
             raise InvalidInput(
                 f"the LoRA adapter {name!r} cannot be served in mixed-adapter batches: {refused}",
@@ -220,10 +225,10 @@ class PeftAdapters:
         self.current = self.row_adapters([prepared.key])
         try:
             with torch.inference_mode():
-                logits = self.model(**inputs).logits
+                output = self.model(**inputs)[0]  # logits, or an encoder's hidden states
         finally:
             self.current = None
-        if not bool(torch.isfinite(logits).all()):
+        if not bool(torch.isfinite(output).all()):
             raise InvalidInput(
                 f"the LoRA adapter {prepared.adapter.name!r} gives non-finite logits (NaN or "
                 "inf weights?)",
@@ -240,7 +245,7 @@ class PeftAdapters:
         if key in self._peft.peft_config:
             self._peft.delete_adapter(key)
         else:  # add_adapter failed after wrapping some layers
-            for module in self._tuner_layers():
+            for module in [m for m in self.model.modules() if _is_lora_layer(m)]:
                 module.delete_adapter(key)
         self._cleanup()
 
@@ -262,7 +267,11 @@ class PeftAdapters:
         self._refresh()
 
     def _tuner_layers(self) -> list[Any]:
-        return [m for m in self.model.modules() if _is_lora_layer(m)]
+        """PEFT's LoRA layers and, with ``heads``, its wrappers of whole modules."""
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        return [m for m in self.model.modules()
+                if _is_lora_layer(m) or isinstance(m, AuxiliaryTrainingWrapper)]  # fmt: skip
 
     def _refresh(self) -> None:
         """No adapter active in PEFT's sense (only named rows get one), eval mode; every LoRA
@@ -290,13 +299,13 @@ class PeftAdapters:
         return args, kwargs
 
 
-def _unservable(config: Any) -> str:
+def _unservable(config: Any, *, heads: bool) -> str:
     """Why PEFT's mixed batches cannot serve this LoRA config ('' when they can)."""
     if getattr(config, "use_dora", False):
         return "DoRA (use_dora) is not supported with per-request adapters"
     if getattr(config, "alora_invocation_tokens", None):
         return "activated LoRA (alora_invocation_tokens) is not supported"
-    if getattr(config, "modules_to_save", None):
+    if getattr(config, "modules_to_save", None) and not heads:
         return (
             f"modules_to_save {list(config.modules_to_save)} is not supported (vLLM refuses it too)"
         )

@@ -95,11 +95,11 @@ def check_lora_flags(settings: ServeSettings, backend: str, task: Task) -> None:
             f"--enable-lora: the {backend} backend does not serve LoRA adapters (use "
             f"--backend {' or '.join(LORA_BACKENDS)})", param="enable_lora",
         )  # fmt: skip
-    if settings.enable_lora and not task.is_generative:
+    if settings.enable_lora and not task.is_generative and backend != "huggingface":
         raise ConfigurationError(
-            f"--enable-lora: adapters are served for text generation, not {task.value} yet",
-            param="enable_lora",
-        )
+            f"--enable-lora: the {backend} backend serves adapters for text generation; "
+            f"{task.value} adapters run on --backend huggingface", param="enable_lora",
+        )  # fmt: skip
 
 
 def choose_predictor(settings: ServeSettings, task: Task) -> tuple[str, str, None]:

@@ -163,19 +163,27 @@ class DataPlane:
     async def infer_texts(
         self, name: str, texts: Sequence[Any], parameters: Mapping[str, Any] | None
     ) -> EncoderResult:
-        return await self._infer_texts(self._host.require(name), texts, parameters)
+        return await self._infer_texts(name, self._host.require(name), texts, parameters)
 
     async def _infer_texts(
-        self, service: EncoderService, texts: Sequence[Any], parameters: Mapping[str, Any] | None
+        self,
+        name: str,
+        service: EncoderService,
+        texts: Sequence[Any],
+        parameters: Mapping[str, Any] | None,
     ) -> EncoderResult:
         texts = list(texts) if isinstance(texts, list | tuple) else texts
-        return await self._admitted(lambda: service.infer(texts, parameters))
+        adapter = self._host.adapter_for(name)
+        return await self._admitted(name, lambda: service.infer(texts, parameters, adapter))
 
-    async def _admitted(self, infer: Callable[[], Awaitable[EncoderResult]]) -> EncoderResult:
-        """Every encoder request: one admission slot while it runs, its tokens counted."""
-        with self._host.gate.admit():
+    async def _admitted(
+        self, name: str, infer: Callable[[], Awaitable[EncoderResult]]
+    ) -> EncoderResult:
+        """Every encoder request: one admission slot (and its adapter's lease) while it runs,
+        its tokens counted under the served name."""
+        with self._host.admit(name):
             result = await infer()
-        self.metrics.input_tokens.labels(self._host.name).inc(result.token_count)
+        self.metrics.input_tokens.labels(self._host.served_name(name)).inc(result.token_count)
         return result
 
     async def infer_v2(
@@ -191,7 +199,7 @@ class DataPlane:
             raise InvalidInput("a V2 request needs at least one input", param="inputs")
         # Text models read the first input (KServe's convention); its shape is [N] or [N, 1].
         texts = tensor_to_texts(inputs[0])
-        result = await self._infer_texts(service, texts, parameters)
+        result = await self._infer_texts(name, service, texts, parameters)
         outputs = [(o.name, o.datatype, o.data) for o in result.outputs]
         if requested_outputs:
             wanted = set(requested_outputs)
@@ -219,11 +227,10 @@ class DataPlane:
             )
         texts, token_rows = _split_embedding_input(body.input)
         if texts is not None:
-            return await self._infer_texts(service, texts, None)
-        rows = token_rows or []
-        return await self._admitted(
-            lambda: service.infer_encoded(service.encode_token_ids(rows, RequestParams()))
-        )
+            return await self._infer_texts(body.model, service, texts, None)
+        request = service.encode_token_ids(token_rows or [], RequestParams())
+        request.adapter = self._host.adapter_for(body.model)
+        return await self._admitted(body.model, lambda: service.infer_encoded(request))
 
     # --- generation ------------------------------------------------------------------
     async def admit_completion(

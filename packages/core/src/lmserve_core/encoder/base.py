@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lmserve_core.errors import InvalidInput
+from lmserve_core.lora import LoRAAdapter
 from lmserve_core.model_files import PoolingConfig
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import Encoding, TextTokenizer
@@ -88,6 +89,8 @@ class EncodedRequest:
     texts: list[str]
     encodings: list[Encoding]
     params: RequestParams
+    # The LoRA adapter the request's model name picked (None: the base model).
+    adapter: LoRAAdapter | None = None
 
     @property
     def size(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from lmserve_core.encoder.sequence_classification import SequenceClassification
 from lmserve_core.encoder.text_embedding import TextEmbedding
 from lmserve_core.encoder.token_classification import TokenClassification
 from lmserve_core.errors import BackendError, InputTooLong, InvalidInput
+from lmserve_core.lora import LoRAAdapter
 from lmserve_core.observer import ServingObserver
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import Encoding, TextTokenizer
@@ -53,6 +54,16 @@ class EncoderBackend(Protocol):
 
     def check_health(self) -> None:
         """Raise ``ModelNotReady`` when the model cannot serve now (a remote predictor down)."""
+        ...
+
+
+class AdapterEncoderBackend(EncoderBackend, Protocol):
+    """An encoder backend that serves LoRA adapters (``lmserve_core.lora.AdapterBackend``)."""
+
+    def forward_with_adapters(
+        self, inputs: Mapping[str, Int64Array], adapters: Sequence[LoRAAdapter | None]
+    ) -> FloatArray:
+        """``forward`` with one adapter per row (None: the base model), in one pass."""
         ...
 
 
@@ -145,8 +156,12 @@ class EncoderService:
 
     # --- request path ------------------------------------------------------------
     async def infer(
-        self, texts: Sequence[Any], parameters: Mapping[str, Any] | None
+        self,
+        texts: Sequence[Any],
+        parameters: Mapping[str, Any] | None,
+        adapter: LoRAAdapter | None = None,
     ) -> EncoderResult:
+        """``adapter``: the LoRA adapter the request's model name picked (None: the base)."""
         params = RequestParams.parse(parameters)
         checked = check_texts(texts)
         self._check_count(len(checked), "instances")
@@ -155,6 +170,7 @@ class EncoderService:
             request = self.encode(checked, params)
         else:
             request = await asyncio.to_thread(self.encode, checked, params)
+        request.adapter = adapter
         outputs = await self.batcher.submit(request)
         result = self.handler.postprocess(outputs, request, self.context)
         result.token_count = sum(len(e) for e in request.encodings)
@@ -234,7 +250,13 @@ class EncoderService:
             length=length,
             with_token_types=self.context.options.return_token_type_ids,
         )
-        outputs = self.backend.forward(inputs)
+        adapters = [req.adapter for req in requests for _ in range(req.size)]
+        if any(a is not None for a in adapters):
+            # Rows of different adapters and of the base share the pass (PEFT's mixed batch).
+            backend = cast(AdapterEncoderBackend, self.backend)
+            outputs = backend.forward_with_adapters(inputs, adapters)
+        else:
+            outputs = self.backend.forward(inputs)
         if outputs.shape[0] != len(encodings):
             raise BackendError(
                 f"the model returned {outputs.shape[0]} rows for {len(encodings)} inputs"
