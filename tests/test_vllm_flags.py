@@ -41,7 +41,7 @@ def test_the_frontend_flags_lmserve_implements() -> None:
     assert {"--response-role", "--enable-force-include-usage", "--return-tokens-as-token-ids",
             "--enable-prompt-tokens-details", "--chat-template-content-format",
             "--enable-request-id-headers", "--chat-template",
-            "--trust-request-chat-template"} <= implemented  # fmt: skip
+            "--trust-request-chat-template", "--lora-modules"} <= implemented  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """vLLM's CPU LoRA ops read slot -1 (a row without an adapter) as the last adapter's weights;
-lmserve's vLLM plugin makes them leave such rows alone, as vLLM's GPU kernels do."""
+lmserve's vLLM plugin makes them leave such rows alone, as vLLM's GPU kernels do, and computes
+each adapter's rows in one product: the same numbers as vLLM's ops wherever those are right."""
 
 from __future__ import annotations
 
@@ -55,6 +56,51 @@ def test_rows_without_an_adapter_are_left_as_they_were() -> None:
                          torch.tensor([-1, 0]), 2, 2, 4, True)  # fmt: skip
     assert torch.equal(seq[:2], base[:2])
     assert not torch.equal(seq[2:], base[2:])
+
+
+def test_grouped_ops_give_vllms_numbers_on_adapter_rows() -> None:
+    cpu_lora_fix.register()
+    torch.manual_seed(1)
+    x = torch.randn(6, 8)
+    a = torch.randn(3, 1, 4, 8)
+    b = torch.randn(3, 1, 10, 4)
+    indices = torch.tensor([2, 0, 0, 1, 2, 0])  # every row has an adapter: vLLM's ops are right
+    ops = {name: getattr(lora_ops, name) for name in ("bgmv_shrink", "bgmv_expand",
+                                                      "bgmv_expand_slice")}  # fmt: skip
+    for name, op in ops.items():
+        original = op.__wrapped__
+        for add in (True, False):
+            if name == "bgmv_shrink":
+                ours, theirs = torch.zeros(6, 4), torch.zeros(6, 4)
+                op(x, a, ours, indices, 0.3)
+                original(x, a, theirs, indices, 0.3)
+            else:
+                h = torch.randn(6, 4)
+                start = torch.randn(6, 12)
+                ours, theirs = start.clone(), start.clone()
+                extra = (1, 10) if name == "bgmv_expand_slice" else ()
+                op(h, b, ours, indices, *extra, add)
+                original(h, b, theirs, indices, *extra, add)
+            assert torch.allclose(ours, theirs, atol=1e-5), (name, add)
+    # One input row broadcast to every output row: vLLM's op, kept as it was.
+    out = torch.zeros(6, 12)
+    lora_ops.bgmv_expand(torch.randn(1, 4), b, out, torch.tensor([1]), True)
+    assert out.abs().sum() > 0 and torch.equal(out[0], out[5])
+
+
+def test_a_rewritten_index_buffer_is_grouped_again() -> None:
+    """Decode steps pass views of one buffer rewritten in place: the grouping cached for one
+    step must not serve the next."""
+    cpu_lora_fix.register()
+    x, a, _, _ = _case()
+    buffer = torch.tensor([0, 1, -1, 1, 2])
+    first = torch.zeros(4, 2)
+    lora_ops.bgmv_shrink(x, a, first, buffer[:4], 1.0)
+    buffer.copy_(torch.tensor([2, 2, 0, -1, 1]))
+    second = torch.zeros(4, 2)
+    lora_ops.bgmv_shrink(x, a, second, buffer[:4], 1.0)
+    expected = torch.stack([x[0] @ a[2, 0].T, x[1] @ a[2, 0].T, x[2] @ a[0, 0].T, torch.zeros(2)])
+    assert torch.allclose(second, expected)
 
 
 def test_vllm_finds_the_plugin() -> None:

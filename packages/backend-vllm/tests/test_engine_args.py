@@ -93,6 +93,18 @@ def test_lmserve_owns_the_shared_settings(monkeypatch: pytest.MonkeyPatch) -> No
     assert 1 <= default_cpu_kv_cache_gib() <= 4
 
 
+def test_lmserve_owns_the_lora_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--enable-lora and its limits are lmserve's (they mean the same on the Hugging Face
+    backend) and reach vLLM's engine as vLLM's own flags would."""
+    _isolate_kv_env(monkeypatch)
+    settings = ServeSettings(enable_lora=True, max_loras=4, max_lora_rank=8, max_cpu_loras=6)
+    args = build_engine_args(settings, "/models/x", on_cpu=True, runner=None)
+    assert (args.enable_lora, args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (
+        True, 4, 8, 6,
+    )  # fmt: skip
+    assert build_engine_args(ServeSettings(), "/m", on_cpu=True, runner=None).enable_lora is False
+
+
 def test_explicit_engine_choices_win_over_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     _isolate_kv_env(monkeypatch)
     settings = ServeSettings(engine_args=("--no-enforce-eager", "--kv-cache-memory-bytes", "4096"))

@@ -1,48 +1,137 @@
-"""A fix for vLLM's CPU LoRA kernels: rows without an adapter must stay the base model's.
+"""A fix for vLLM's CPU LoRA ops: rows without an adapter stay the base model's, and each
+adapter's rows take one matrix product instead of one weight copy per token.
 
 vLLM marks a token that runs without LoRA with the adapter slot index -1. Its GPU kernels skip
-such rows; the PyTorch kernels its CPU backend uses (``vllm.lora.ops.torch_ops``) index the
-stacked weights with it, and ``weights[-1]`` is the *last* slot: in a batch that mixes base
-requests with adapter requests, the base rows run with whichever adapter holds that slot (vLLM
-0.32's own server on CPU answers base requests with an adapter's answer; tests/test_lora_e2e.py
-shows it). Here every op leaves the rows marked -1 as it found them, which is what the GPU
-kernels do.
+such rows; the PyTorch ops its CPU backend uses (``vllm.lora.ops.torch_ops``) index the stacked
+weights with it, and ``weights[-1]`` is the *last* slot: in a batch that mixes base requests with
+adapter requests, the base rows ran with whichever adapter held that slot (vLLM 0.32's own server
+on CPU answered base requests with an adapter's answer; tests/test_lora_e2e.py shows it). Those
+ops also gather a full ``[out, in]`` weight matrix for every token (``weights[indices]``), which
+on a prompt of a few hundred tokens moves gigabytes per step.
+
+Here the three row ops group the rows by slot: for each adapter of the batch one product of its
+rows with its weights, rows marked -1 left as they were (what the GPU kernels do). The sgmv
+(prefill) ops call them through their module, so they are fixed too. A shape the grouped form
+does not cover (one input row broadcast to many) keeps vLLM's op, with the -1 rows restored.
 
 It is a vLLM general plugin (entry point group ``vllm.general_plugins``): vLLM runs it in every
-process it starts (API server, engine core, workers) before any model loads. It changes nothing
-when no row is -1, and nothing on GPUs (their kernels live elsewhere).
+process it starts (API server, engine core, workers) before any model loads. GPUs use other
+kernels and are untouched.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # vLLM has imported torch by the time these run
+    import torch
 
 logger = logging.getLogger(__name__)
 
-# op name -> position of (output_tensor, lora_indices_tensor) in its arguments.
-_BGMV = {"bgmv_shrink": (2, 3), "bgmv_expand": (2, 3), "bgmv_expand_slice": (2, 3)}
-_PATCHED = "__lmserve_base_rows_kept__"
+_PATCHED = "__lmserve_grouped_by_slot__"
 
 
-def _keeping_base_rows(
-    op: Callable[..., Any], output_at: int, indices_at: int
-) -> Callable[..., Any]:
-    @functools.wraps(op)
+# The last grouping: (the index buffer it came from, its version, offset, rows) and the groups.
+_plan: tuple[Any, int, int, int, list[tuple[int, torch.Tensor]]] | None = None
+
+
+def _slots(indices: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(slot, its rows) for each adapter slot in ``indices``; -1 (no adapter) left out.
+
+    Every LoRA layer of a decode step gets a view of the same index buffer (the punica
+    wrapper's, rewritten in place between steps, which bumps its version): for those the
+    grouping is worked out once per step, not once per layer. Any other index tensor (the
+    prefill ops' own) is grouped afresh."""
+    global _plan
+    base = indices._base
+    if base is not None:
+        key = (indices.storage_offset(), indices.shape[0])
+        plan = _plan
+        if plan is not None and plan[0] is base and plan[1] == base._version and plan[2:4] == key:
+            return iter(plan[4])
+    groups = [(slot, (indices == slot).nonzero(as_tuple=True)[0])
+              for slot in indices.unique().tolist() if slot >= 0]  # fmt: skip
+    if base is not None:
+        _plan = (base, base._version, *key, groups)
+    return iter(groups)
+
+
+def _weights(stacked: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    weights = stacked[slot]
+    if weights.dim() == 3:  # [1, out, in] in vLLM's stacked layout
+        weights = weights.squeeze(0)
+    return weights.to(dtype)
+
+
+def bgmv_shrink(
+    inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor, scaling: float = 1.0,
+) -> None:  # fmt: skip
+    x = inputs.to(output_tensor.dtype)
+    for slot, rows in _slots(lora_indices_tensor):
+        w = _weights(lora_a_weights, slot, output_tensor.dtype)
+        output_tensor[rows, : w.shape[0]] = scaling * (x[rows] @ w.T)
+
+
+def bgmv_expand(
+    inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor, add_inputs: bool = True,
+) -> None:  # fmt: skip
+    x = inputs.to(output_tensor.dtype)
+    for slot, rows in _slots(lora_indices_tensor):
+        w = _weights(lora_b_weights, slot, output_tensor.dtype)
+        # vLLM's: the adapter and the model may pad their output dimension differently.
+        width = min(w.shape[0], output_tensor.shape[1])
+        out = x[rows] @ w[:width].T
+        if add_inputs:
+            output_tensor[rows, :width] += out
+        else:
+            output_tensor[rows, :width] = out
+
+
+def bgmv_expand_slice(
+    inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+    lora_indices_tensor: torch.Tensor, slice_offset: int, slice_size: int,
+    add_inputs: bool = True,
+) -> None:  # fmt: skip
+    x = inputs.to(output_tensor.dtype)
+    end = slice_offset + slice_size
+    for slot, rows in _slots(lora_indices_tensor):
+        out = x[rows] @ _weights(lora_b_weights, slot, output_tensor.dtype).T
+        if add_inputs:
+            output_tensor[rows, slice_offset:end] += out
+        else:
+            output_tensor[rows, slice_offset:end] = out
+
+
+_GROUPED: dict[str, Callable[..., None]] = {
+    "bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
+    "bgmv_expand_slice": bgmv_expand_slice,
+}  # fmt: skip
+
+
+def _row_wise(grouped: Callable[..., None], original: Callable[..., Any]) -> Callable[..., Any]:
+    """``grouped`` when inputs, output and indices have a row each; else vLLM's ``original``
+    with the rows marked -1 put back as they were."""
+
     def run(*args: Any, **kwargs: Any) -> Any:
-        output, indices = args[output_at], args[indices_at]
+        inputs, output, indices = args[0], args[2], args[3]
+        rows = indices.shape[0]
+        if inputs.shape[0] == rows and output.shape[0] == rows:
+            return grouped(*args, **kwargs)
         base = indices < 0
-        if not bool(base.any()) or output.shape[0] != indices.shape[0]:
-            return op(*args, **kwargs)
+        if not bool(base.any()) or output.shape[0] != rows:
+            return original(*args, **kwargs)
         kept = output[base].clone()
-        # Any valid slot computes something for those rows; it is thrown away below.
-        args = (*args[:indices_at], indices.clamp(min=0), *args[indices_at + 1 :])
-        result = op(*args, **kwargs)
+        args = (*args[:3], indices.clamp(min=0), *args[4:])
+        result = original(*args, **kwargs)
         output[base] = kept
         return result
 
+    run.__wrapped__ = original  # type: ignore[attr-defined]
+    run.__name__ = original.__name__
     setattr(run, _PATCHED, True)
     return run
 
@@ -56,12 +145,12 @@ def register() -> None:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:  # a vLLM without these modules has nothing to fix here
         return
-    for name, (output_at, indices_at) in _BGMV.items():
+    for name, grouped in _GROUPED.items():
         original = getattr(lora_ops, name)
         if getattr(original, _PATCHED, False):
             continue
-        fixed = _keeping_base_rows(original, output_at, indices_at)
+        fixed = _row_wise(grouped, original)
         for module in (lora_ops, torch_ops, punica_cpu):
             if getattr(module, name, None) is original:
                 setattr(module, name, fixed)
-    logger.debug("vLLM's CPU LoRA ops leave rows without an adapter untouched")
+    logger.debug("vLLM's CPU LoRA ops: grouped by adapter slot, rows without one untouched")
