@@ -157,6 +157,25 @@ async def _unload_times_out() -> None:
         await registry.drain("a", timeout=1)
 
 
+def test_a_load_in_place_serves_the_new_weights_while_the_old_finish() -> None:
+    asyncio.run(_in_place())
+
+
+async def _in_place() -> None:
+    registry = AdapterRegistry(["model"], max_rank=16)
+    registry.add(_adapter("a", 1))
+    lease = registry.lease("a")
+    old = registry.replace(_adapter("a", 2))
+    assert old is not None and old.adapter.int_id == 1
+    assert registry.get("a") == _adapter("a", 2)  # new requests: the new weights
+    released = asyncio.ensure_future(old.released())
+    await asyncio.sleep(0.02)
+    assert not released.done()  # a request still runs on the old weights
+    lease.release()
+    await asyncio.wait_for(released, 1)
+    assert registry.replace(_adapter("b", 3)) is None
+
+
 def _settings(**values: object) -> ServeSettings:
     return ServeSettings.model_validate({"model_dir": "/m", **values})
 

@@ -285,5 +285,27 @@ class AdapterRegistry:
             ) from None
         return entry.adapter
 
+    def replace(self, adapter: LoRAAdapter) -> AdapterLeases | None:
+        """Serve ``adapter`` under its name from now on (a load in place); the leases of the
+        adapter it replaces, which the caller waits for before freeing its weights."""
+        old = self._entries.get(adapter.name)
+        self._entries[adapter.name] = _Entry(adapter)
+        return None if old is None else AdapterLeases(old)
+
     def remove(self, name: str) -> None:
         self._entries.pop(name, None)
+
+
+class AdapterLeases:
+    """What still holds a replaced adapter."""
+
+    def __init__(self, entry: _Entry) -> None:
+        self._entry = entry
+
+    @property
+    def adapter(self) -> LoRAAdapter:
+        return self._entry.adapter
+
+    async def released(self) -> None:
+        """Once no request holds it any more."""
+        await self._entry.idle.wait()

@@ -31,6 +31,7 @@ from lmserve_core.generation.prepare import FrontendOptions, GenerationLimits
 from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.lora import (
     AdapterBackend,
+    AdapterLeases,
     AdapterRegistry,
     LoRAAdapter,
     local_adapter_dir,
@@ -84,6 +85,8 @@ class ModelHost:
         self.adapters = AdapterRegistry(self.names, max_rank=settings.max_lora_rank)
         # --lora-modules' names: known (503 while loading, not 404) before they are loaded.
         self._static_adapters = {m.name for m in parse_lora_modules(settings.lora_modules or ())}
+        # Adapters replaced in place, freed once their last request is over.
+        self._retiring: set[asyncio.Future[None]] = set()
 
     @classmethod
     def from_settings(
@@ -271,14 +274,24 @@ class ModelHost:
                 base_model_name=base_model_name if base_model_name in self.names else None,
                 target_modules=target_modules(config), task_type=config.get("task_type"),
             )  # fmt: skip
-            if registry.loaded(name):  # in place: the old weights go once nothing uses them
-                old = await registry.drain(name, self.settings.shutdown_timeout)
-                await backend.remove_adapter(old)
-                registry.remove(name)
-            await backend.add_adapter(adapter)
-            registry.add(adapter)
+            await backend.add_adapter(adapter)  # a failure leaves the old one serving
+            if registry.loaded(name):  # in place: new requests get the new weights at once
+                old = registry.replace(adapter)
+                if old is not None:  # the old weights go once its requests are over
+                    task = asyncio.ensure_future(self._retire(backend, old))
+                    self._retiring.add(task)
+                    task.add_done_callback(self._retiring.discard)
+            else:
+                registry.add(adapter)
         logger.info("loaded LoRA adapter %r from %r (rank %d)", name, source, adapter.rank)
         return adapter
+
+    async def _retire(self, backend: AdapterBackend, old: AdapterLeases) -> None:
+        try:
+            await old.released()
+            await backend.remove_adapter(old.adapter)
+        except Exception:  # a backend that stopped meanwhile: nothing left to free
+            logger.exception("could not free the replaced LoRA adapter %r", old.adapter.name)
 
     async def unload_adapter(self, name: str) -> None:
         """Stop serving ``name``: new requests for it are 404 at once, those in flight finish
