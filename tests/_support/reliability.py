@@ -18,7 +18,7 @@ def metric(server: ServerProcess, name: str) -> float:
     """``name``'s value summed over its label sets (the served ``model``, ...)."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
     family = re.sub(r"_(total|count|sum|bucket)$", "", name)
-    assert f"# HELP {family} " in text, f"{name} not in /metrics"
+    assert f"# HELP {family} " in text or f"# HELP {name} " in text, f"{name} not in /metrics"
     # A labelled series has no sample until its first label set: then it is 0.
     found = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
     return sum(float(v) for v in found)
