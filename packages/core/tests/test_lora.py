@@ -109,7 +109,7 @@ def _adapter(name: str, int_id: int = 1) -> LoRAAdapter:
 
 
 def test_registry_refuses_base_names_and_holds_at_most_max_adapters() -> None:
-    registry = AdapterRegistry(["model", "alias"], max_rank=16, max_adapters=1)
+    registry = AdapterRegistry(["model", "alias"], max_adapters=1)
     with pytest.raises(InvalidInput, match="conflicts with a served base model"):
         registry.add(_adapter("alias"))
     registry.add(_adapter("a"))
@@ -125,7 +125,7 @@ def test_unload_waits_for_the_adapters_requests() -> None:
 
 
 async def _unload_waits() -> None:
-    registry = AdapterRegistry(["model"], max_rank=16)
+    registry = AdapterRegistry(["model"])
     registry.add(_adapter("a"))
     lease = registry.lease("a")
     drain = asyncio.ensure_future(registry.drain("a", timeout=10))
@@ -145,7 +145,7 @@ def test_an_unload_that_runs_out_of_time_leaves_the_adapter_serving() -> None:
 
 
 async def _unload_times_out() -> None:
-    registry = AdapterRegistry(["model"], max_rank=16)
+    registry = AdapterRegistry(["model"])
     registry.add(_adapter("a"))
     lease = registry.lease("a")
     with pytest.raises(Conflict, match="1 request\\(s\\) in flight"):
@@ -162,7 +162,7 @@ def test_a_load_in_place_serves_the_new_weights_while_the_old_finish() -> None:
 
 
 async def _in_place() -> None:
-    registry = AdapterRegistry(["model"], max_rank=16)
+    registry = AdapterRegistry(["model"])
     registry.add(_adapter("a", 1))
     lease = registry.lease("a")
     old = registry.replace(_adapter("a", 2))

@@ -207,12 +207,9 @@ class AdapterLease:
 class AdapterRegistry:
     """The adapters a model host serves, by name. Base names are never adapter names."""
 
-    def __init__(
-        self, base_names: Sequence[str], *, max_rank: int, max_adapters: int | None = None
-    ) -> None:
+    def __init__(self, base_names: Sequence[str], *, max_adapters: int | None = None) -> None:
         """``max_adapters``: the most served at once (the backend's --max-cpu-loras rule)."""
         self.base_names = tuple(base_names)
-        self.max_rank = max_rank
         self.max_adapters = max_adapters
         self._entries: dict[str, _Entry] = {}
         self._ids = itertools.count(1)

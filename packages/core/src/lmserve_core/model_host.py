@@ -82,9 +82,11 @@ class ModelHost:
         self.gate = AdmissionGate(running_slots=running, max_queued=settings.max_queued_requests)
         self.observer = observer
         # LoRA adapters (--enable_lora): served under their own names next to these.
-        self.adapters = AdapterRegistry(self.names, max_rank=settings.max_lora_rank)
-        # --lora-modules' names: known (503 while loading, not 404) before they are loaded.
-        self._static_adapters = {m.name for m in parse_lora_modules(settings.lora_modules or ())}
+        self.adapters = AdapterRegistry(self.names)
+        # --lora-modules, loaded after the base model; their names are known (503 while
+        # loading, not 404) before that.
+        self._static_modules = parse_lora_modules(settings.lora_modules or ())
+        self._static_adapters = {m.name for m in self._static_modules}
         # Adapters replaced in place, freed once their last request is over.
         self._retiring: set[asyncio.Future[None]] = set()
 
@@ -229,7 +231,7 @@ class ModelHost:
     async def _load_static_adapters(self) -> None:
         """--lora-modules, once the base model is loaded; an adapter that does not load is a
         startup error naming the flag."""
-        modules = parse_lora_modules(self.settings.lora_modules or ())
+        modules = self._static_modules
         for module in modules:
             try:
                 await self.load_adapter(
