@@ -13,7 +13,14 @@ from typing import Any
 from lmserve_core.backend import LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
 from lmserve_core.errors import ConfigurationError
-from lmserve_core.model_files import config_max_length, read_json, read_pooling_config
+from lmserve_core.model_files import (
+    config_max_length,
+    cross_encoder_activation,
+    matryoshka_dimensions,
+    num_labels,
+    read_json,
+    read_pooling_config,
+)
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import TextTokenizer
@@ -30,7 +37,20 @@ def model_info(
         max_length=max_length(requested_max_length, config, path, tokenizer_max),
         hidden_size=config.get("hidden_size") or config.get("dim") or config.get("d_model"),
         vocab_size=config.get("vocab_size"),
+        score_activation=cross_encoder_activation(path, config),
+        matryoshka_dimensions=matryoshka_dimensions(path, config),
     )
+
+
+def check_reranker(config: dict[str, Any], name: str) -> None:
+    """A reranker scores with one logit (a sentence-transformers CrossEncoder's shape)."""
+    labels = num_labels(config)
+    if labels not in (None, 1):
+        raise ConfigurationError(
+            f"{name!r} has {labels} output labels; --task rerank needs a cross-encoder with "
+            "one (serve it with --task sequence_classification)",
+            param="task",
+        )
 
 
 # The tokenizer outputs lmserve can send to a graph (Triton's, or ONNX Runtime's in-process).
@@ -40,7 +60,8 @@ DEFAULT_TENSOR_INPUTS = ("input_ids", "attention_mask")
 
 def encoder_options(settings: ServeSettings, *, token_type_ids: bool = False) -> EncoderOptions:
     """``token_type_ids``: send them even without ``--return_token_type_ids`` (a predictor
-    whose graph takes them as an input)."""
+    whose graph takes them as an input, or a reranker: BERT-style cross-encoders tell the query
+    from the document by them)."""
     return EncoderOptions(
         add_special_tokens=not settings.disable_special_tokens,
         return_token_type_ids=settings.return_token_type_ids or token_type_ids,
@@ -125,11 +146,16 @@ def encoder_parts(
     tokenizer, tokenizer_max = load_encoder_tokenizer(request, quiet=quiet)
     if task is Task.fill_mask and tokenizer.mask_token_id is None:
         raise ConfigurationError("fill_mask needs a tokenizer with a mask token", param="task")
+    if task is Task.rerank:
+        check_reranker(request.config, source.display_name)
     info = model_info(
         request.config, source.path,
         requested_max_length=settings.max_length, tokenizer_max=tokenizer_max,
     )  # fmt: skip
-    options = encoder_options(settings, token_type_ids="token_type_ids" in input_names)
+    # A graph backend sends what --tensor_input_names lists; an in-process reranker gets them
+    # whenever its forward takes them (TorchEncoder drops what it does not).
+    types = "token_type_ids" in input_names or (task is Task.rerank and not input_names)
+    options = encoder_options(settings, token_type_ids=types)
     return EncoderParts(tokenizer, info, options, list(input_names))
 
 

@@ -30,6 +30,7 @@ def _model_class(task: Task) -> Any:
         Task.token_classification: transformers.AutoModelForTokenClassification,
         Task.fill_mask: transformers.AutoModelForMaskedLM,
         Task.text_embedding: transformers.AutoModel,
+        Task.rerank: transformers.AutoModelForSequenceClassification,
     }[task]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmserve_core.errors import ConfigurationError
-from lmserve_core.hf_adapters import strip_lowercase
+from lmserve_core.hf_adapters import encode_pairs_document_first, strip_lowercase
 from lmserve_core.tokenizer import Encoding
 
 __all__ = ["RustTokenizer", "load_rust_tokenizer"]
@@ -36,7 +36,7 @@ class RustTokenizer:
         self._base.no_truncation()
         # enable_truncation() mutates the tokenizer and encode_batch runs on many threads:
         # one private copy per truncation length instead of a shared, re-configured one.
-        self._truncating: dict[int, Any] = {}
+        self._truncating: dict[tuple[int, str], Any] = {}
         self._lock = threading.Lock()
         self._truncation_side = str(config.get("truncation_side") or "right")
         pad = self._special_id("pad_token")
@@ -73,19 +73,18 @@ class RustTokenizer:
     def padding_side(self) -> str:
         return str(self._config.get("padding_side") or "right")
 
-    def _for_length(self, max_length: int | None) -> Any:
+    def _for_length(self, max_length: int | None, strategy: str = "longest_first") -> Any:
         if max_length is None:
             return self._base
         with self._lock:
-            tok = self._truncating.get(max_length)
+            tok = self._truncating.get((max_length, strategy))
             if tok is None:
                 tok = type(self._base).from_str(self._base.to_str())
                 tok.no_padding()
                 tok.enable_truncation(
-                    max_length, stride=0, strategy="longest_first",
-                    direction=self._truncation_side,
-                )  # fmt: skip
-                self._truncating[max_length] = tok
+                    max_length, stride=0, strategy=strategy, direction=self._truncation_side
+                )
+                self._truncating[(max_length, strategy)] = tok
             return tok
 
     def encode_batch(
@@ -98,16 +97,24 @@ class RustTokenizer:
             encoded = [tokenizer.encode(texts[0], add_special_tokens=add_special_tokens)]
         else:
             encoded = tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        return [
-            Encoding(
-                ids=list(e.ids),
-                type_ids=list(e.type_ids),
-                offsets=[(int(a), int(b)) for a, b in e.offsets],
-                special_tokens_mask=list(e.special_tokens_mask),
-                word_ids=list(e.word_ids),
-            )
-            for e in encoded
-        ]
+        return [_encoding(e) for e in encoded]
+
+    def encode_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        add_special_tokens: bool,
+        max_length: int | None,
+    ) -> list[Encoding]:
+        def encode(chunk: Sequence[tuple[str, str]], strategy: str) -> list[Encoding]:
+            tokenizer = self._for_length(max_length, strategy)
+            if len(chunk) == 1:  # no rayon pool for one pair (see encode_batch)
+                q, d = chunk[0]
+                return [_encoding(tokenizer.encode(q, d, add_special_tokens=add_special_tokens))]
+            encoded = tokenizer.encode_batch(list(chunk), add_special_tokens=add_special_tokens)
+            return [_encoding(e) for e in encoded]
+
+        return encode_pairs_document_first(pairs, encode)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         text = str(self._base.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -115,6 +122,16 @@ class RustTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return str(self._base.id_to_token(int(token_id)))
+
+
+def _encoding(e: Any) -> Encoding:
+    return Encoding(
+        ids=list(e.ids),
+        type_ids=list(e.type_ids),
+        offsets=[(int(a), int(b)) for a, b in e.offsets],
+        special_tokens_mask=list(e.special_tokens_mask),
+        word_ids=list(e.word_ids),
+    )
 
 
 def clean_up_tokenization(text: str) -> str:

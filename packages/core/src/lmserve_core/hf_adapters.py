@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from lmserve_core.tokenizer import Encoding
@@ -53,10 +53,42 @@ class HFTokenizer:
     def encode_batch(
         self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None
     ) -> list[Encoding]:
+        return self._encode(
+            list(texts), None, add_special_tokens=add_special_tokens,
+            truncation=max_length is not None, max_length=max_length,
+        )  # fmt: skip
+
+    def encode_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        add_special_tokens: bool,
+        max_length: int | None,
+    ) -> list[Encoding]:
+        def encode(chunk: Sequence[tuple[str, str]], truncation: Any) -> list[Encoding]:
+            return self._encode(
+                [q for q, _ in chunk], [d for _, d in chunk],
+                add_special_tokens=add_special_tokens,
+                truncation=truncation if max_length is not None else False,
+                max_length=max_length,
+            )  # fmt: skip
+
+        return encode_pairs_document_first(pairs, encode)
+
+    def _encode(
+        self,
+        texts: list[str],
+        pairs: list[str] | None,
+        *,
+        add_special_tokens: bool,
+        truncation: Any,
+        max_length: int | None,
+    ) -> list[Encoding]:
         enc = self._tok(
-            list(texts),
+            texts,
+            pairs,
             add_special_tokens=add_special_tokens,
-            truncation=max_length is not None,
+            truncation=truncation,
             max_length=max_length,
             padding=False,
             return_token_type_ids=True,
@@ -84,6 +116,27 @@ class HFTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return str(self._tok.convert_ids_to_tokens(int(token_id)))
+
+
+def encode_pairs_document_first(
+    pairs: Sequence[tuple[str, str]],
+    encode: Callable[[Sequence[tuple[str, str]], str], list[Encoding]],
+) -> list[Encoding]:
+    """Pairs truncated document first (``only_second``); a pair whose query alone is too long
+    for that (the tokenizer raises) is cut on both sides instead (``longest_first``).
+
+    ``encode(pairs, strategy)`` tokenizes with a truncation strategy (a no-op when the caller
+    does not truncate at all)."""
+    try:
+        return encode(pairs, "only_second")
+    except Exception:
+        out = []
+        for pair in pairs:
+            try:
+                out.extend(encode([pair], "only_second"))
+            except Exception:
+                out.extend(encode([pair], "longest_first"))
+        return out
 
 
 class HFGenerationTokenizer:

@@ -17,6 +17,7 @@ from lmserve_core.builtin_models import (
     locate_builtin,
 )
 from lmserve_core.errors import ConfigurationError
+from lmserve_core.tasks import Task, infer_task
 
 PoolingMode = Literal["mean", "cls", "max", "mean_sqrt_len", "lasttoken", "weightedmean"]
 
@@ -124,6 +125,91 @@ def read_model_config(path: Path) -> dict[str, Any]:
 
 def is_sentence_transformer(path: Path) -> bool:
     return (path / "modules.json").is_file()
+
+
+ST_CONFIG = "config_sentence_transformers.json"
+
+
+def _st_config(path: Path) -> dict[str, Any]:
+    file = path / ST_CONFIG
+    return read_json(file) if file.is_file() else {}
+
+
+def is_cross_encoder(path: Path, config: dict[str, Any]) -> bool:
+    """A sentence-transformers CrossEncoder: ``model_type`` in its config (v5+), or the keys
+    older versions wrote into ``config.json``."""
+    if _st_config(path).get("model_type") == "CrossEncoder":
+        return True
+    st = config.get("sentence_transformers")
+    return "sbert_ce_default_activation_function" in config or (
+        isinstance(st, dict) and "activation_fn" in st
+    )
+
+
+def num_labels(config: dict[str, Any]) -> int | None:
+    """The classifier's output count as transformers reads it (``id2label``, else
+    ``num_labels``); None when the config says neither."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    value = config.get("num_labels")
+    return value if isinstance(value, int) else None
+
+
+def infer_model_task(path: Path, config: dict[str, Any]) -> Task:
+    """The task a model's files say it does (``infer_task`` over what they contain)."""
+    return infer_task(
+        config.get("architectures"),
+        is_sentence_transformer=is_sentence_transformer(path),
+        is_cross_encoder=is_cross_encoder(path, config),
+        num_labels=num_labels(config),
+    )
+
+
+ScoreActivation = Literal["sigmoid", "identity", "tanh"]
+# sentence-transformers stores the activation as an import path; these are torch's.
+_ACTIVATIONS: dict[str, ScoreActivation] = {
+    "Sigmoid": "sigmoid",
+    "Identity": "identity",
+    "Tanh": "tanh",
+}
+
+
+def cross_encoder_activation(path: Path, config: dict[str, Any]) -> ScoreActivation:
+    """The activation ``CrossEncoder.predict`` applies to a one-label model's logit: the one
+    its config names (v4+: ``config_sentence_transformers.json`` or ``config.json``'s
+    ``sentence_transformers``; before: ``sbert_ce_default_activation_function``), else
+    sigmoid, as sentence-transformers defaults for one label."""
+    named = _st_config(path).get("activation_fn")
+    st = config.get("sentence_transformers")
+    if named is None and isinstance(st, dict):
+        named = st.get("activation_fn")
+    if named is None:
+        named = config.get("sbert_ce_default_activation_function")
+    if named is None:
+        return "sigmoid"
+    short = str(named).rsplit(".", 1)[-1]
+    if short not in _ACTIVATIONS:
+        raise ConfigurationError(
+            f"the cross-encoder's activation {named!r} is not one lmserve applies "
+            f"({', '.join(sorted(_ACTIVATIONS))})",
+            param="model_dir",
+        )
+    return _ACTIVATIONS[short]
+
+
+def matryoshka_dimensions(path: Path, config: dict[str, Any]) -> tuple[int, ...] | None:
+    """The output sizes a Matryoshka embedding model was trained to give, as vLLM reads them
+    (``matryoshka_dimensions`` in ``config.json``, or ``is_matryoshka``: any size) and as a
+    sentence-transformers config may declare them; None when the model declares none.
+    An empty tuple means any size up to the full one."""
+    for source in (config, _st_config(path)):
+        dims = source.get("matryoshka_dimensions")
+        if isinstance(dims, list) and dims and all(isinstance(d, int) and d > 0 for d in dims):
+            return tuple(sorted(set(dims)))
+        if source.get("is_matryoshka") is True:
+            return ()
+    return None
 
 
 @dataclass(frozen=True)

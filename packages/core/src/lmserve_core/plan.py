@@ -19,11 +19,11 @@ from lmserve_core.builtin_models import BuiltinModel
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_files import (
     ModelSource,
-    is_sentence_transformer,
+    infer_model_task,
     resolve_model_source,
 )
 from lmserve_core.settings import Backend, ServeSettings
-from lmserve_core.tasks import Task, infer_task
+from lmserve_core.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,7 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
     config = source.config()
     inferred: Task | None
     try:
-        inferred = infer_task(
-            config.get("architectures"),
-            is_sentence_transformer=is_sentence_transformer(source.path),
-        )
+        inferred = infer_model_task(source.path, config)
     except ConfigurationError:
         if settings.task is None:
             raise

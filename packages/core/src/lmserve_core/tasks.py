@@ -17,6 +17,8 @@ class Task(StrEnum):
     token_classification = "token_classification"
     sequence_classification = "sequence_classification"
     text_embedding = "text_embedding"
+    # Cross-encoders: a relevance score per (query, document) pair (vLLM's "score").
+    rerank = "rerank"
 
     @property
     def is_generative(self) -> bool:
@@ -38,6 +40,10 @@ _ALIASES: dict[str, Task] = {
     "text-embedding": Task.text_embedding,
     "embedding": Task.text_embedding,
     "embed": Task.text_embedding,
+    "score": Task.rerank,
+    "reranker": Task.rerank,
+    "text-ranking": Task.rerank,
+    "cross-encoder": Task.rerank,
 }
 
 
@@ -68,12 +74,22 @@ _ARCHITECTURE_SUFFIXES: tuple[tuple[str, Task], ...] = (
 )
 
 
-def infer_task(architectures: Sequence[str] | None, *, is_sentence_transformer: bool) -> Task:
+def infer_task(
+    architectures: Sequence[str] | None,
+    *,
+    is_sentence_transformer: bool,
+    is_cross_encoder: bool = False,
+    num_labels: int | None = None,
+) -> Task:
     """Infer the task from ``config.architectures`` (docs/behaviour.md §2); a pure string table.
 
-    A sentence-transformers directory (``modules.json``) is an embedding model whatever
-    its architecture says, since its pooling config is what makes it one.
+    A sentence-transformers CrossEncoder directory is a reranker; any other
+    sentence-transformers directory (``modules.json``) is an embedding model whatever its
+    architecture says, since its pooling config is what makes it one. A sequence classifier
+    with a single output label scores pairs (vLLM's rule): a reranker.
     """
+    if is_cross_encoder:
+        return Task.rerank
     if is_sentence_transformer:
         return Task.text_embedding
     if not architectures:
@@ -84,6 +100,8 @@ def infer_task(architectures: Sequence[str] | None, *, is_sentence_transformer: 
     arch = architectures[0]
     for suffix, task in _ARCHITECTURE_SUFFIXES:
         if arch.endswith(suffix):
+            if task is Task.sequence_classification and num_labels == 1:
+                return Task.rerank
             return task
     raise ConfigurationError(
         f"cannot infer a supported task from architecture {arch!r}; "

@@ -44,6 +44,18 @@ class TextTokenizer(Protocol):
         """Tokenize; truncate to ``max_length`` tokens when it is not None."""
         ...
 
+    def encode_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        add_special_tokens: bool,
+        max_length: int | None,
+    ) -> list[Encoding]:
+        """Tokenize (query, document) pairs as one sequence each (the second segment's
+        ``type_ids`` 1). Over ``max_length`` (when not None) the document is cut first; only a
+        query too long on its own is cut too (``longest_first``)."""
+        ...
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str: ...
 
     def id_to_token(self, token_id: int) -> str: ...

@@ -140,8 +140,8 @@ def export_main(argv: Sequence[str], prog: str = "lmserve export") -> None:
     from pathlib import Path
 
     from lmserve_core.errors import LmserveError
-    from lmserve_core.model_files import is_sentence_transformer, resolve_model_source
-    from lmserve_core.tasks import infer_task, parse_task
+    from lmserve_core.model_files import infer_model_task, resolve_model_source
+    from lmserve_core.tasks import parse_task
 
     parser = export_parser(prog)
     ns = build_model(parser, parser.parse_args(list(argv)), ExportSettings)
@@ -159,10 +159,7 @@ def export_main(argv: Sequence[str], prog: str = "lmserve export") -> None:
         if ns.task:
             task = parse_task(ns.task)
         else:
-            task = infer_task(
-                source.config().get("architectures"),
-                is_sentence_transformer=is_sentence_transformer(source.path),
-            )
+            task = infer_model_task(source.path, source.config())
             progress(f"task {task.value} (from the model config; --task overrides it)")
         report = export_onnx(
             source.path,

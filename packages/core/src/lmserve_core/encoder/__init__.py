@@ -9,6 +9,7 @@ from lmserve_core.encoder.base import (
     RequestParams,
 )
 from lmserve_core.encoder.service import ENCODER_TASKS, EncoderBackend, EncoderService
+from lmserve_core.encoder.truncation import Truncation
 
 __all__ = [
     "ENCODER_TASKS",
@@ -20,4 +21,5 @@ __all__ = [
     "ModelInfo",
     "OutputTensor",
     "RequestParams",
+    "Truncation",
 ]

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from lmserve_core.errors import InvalidInput
 from lmserve_core.lora import LoRAAdapter
-from lmserve_core.model_files import PoolingConfig
+from lmserve_core.model_files import PoolingConfig, ScoreActivation
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import Encoding, TextTokenizer
 
@@ -30,6 +30,11 @@ class ModelInfo:
     max_length: int = 512
     hidden_size: int | None = None
     vocab_size: int | None = None
+    # rerank: what CrossEncoder.predict applies to the logit (model_files.cross_encoder_activation).
+    score_activation: ScoreActivation = "sigmoid"
+    # text_embedding: the Matryoshka sizes the model declares (model_files.matryoshka_dimensions):
+    # None for none, () for any size up to hidden_size.
+    matryoshka_dimensions: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,13 @@ class RequestParams:
     truncate: bool = True
     top_k: int | None = None
     aggregation_strategy: str = "simple"
+    # text_embedding: L2-normalise (TEI's ``normalize``, vLLM's ``use_activation``), and keep
+    # only the first ``dimensions`` values first (Matryoshka; checked against the model).
+    normalize: bool = True
+    dimensions: int | None = None
+    # rerank: the raw logit instead of the activated score (vLLM's ``use_activation: false``,
+    # TEI's ``raw_scores``).
+    raw_scores: bool = False
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> RequestParams:

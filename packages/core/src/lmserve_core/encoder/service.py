@@ -20,9 +20,11 @@ from lmserve_core.encoder.base import (
     TaskContext,
 )
 from lmserve_core.encoder.fill_mask import FillMask
+from lmserve_core.encoder.rerank import Rerank
 from lmserve_core.encoder.sequence_classification import SequenceClassification
 from lmserve_core.encoder.text_embedding import TextEmbedding
 from lmserve_core.encoder.token_classification import TokenClassification
+from lmserve_core.encoder.truncation import Truncation
 from lmserve_core.errors import BackendError, InputTooLong, InvalidInput
 from lmserve_core.lora import LoRAAdapter
 from lmserve_core.observer import ServingObserver
@@ -31,7 +33,13 @@ from lmserve_core.tokenizer import Encoding, TextTokenizer
 
 ENCODER_TASKS: dict[Task, EncoderTask] = {
     handler.task: handler
-    for handler in (SequenceClassification(), TokenClassification(), FillMask(), TextEmbedding())
+    for handler in (
+        SequenceClassification(),
+        TokenClassification(),
+        FillMask(),
+        TextEmbedding(),
+        Rerank(),
+    )
 }
 
 Int64Array = np.ndarray
@@ -157,43 +165,107 @@ class EncoderService:
     # --- request path ------------------------------------------------------------
     async def infer(
         self,
-        texts: Sequence[Any],
+        instances: Sequence[Any],
         parameters: Mapping[str, Any] | None,
         adapter: LoRAAdapter | None = None,
     ) -> EncoderResult:
-        """``adapter``: the LoRA adapter the request's model name picked (None: the base)."""
+        """KServe V1/V2 instances: texts, or (query, document) pairs for a reranker.
+        ``adapter``: the LoRA adapter the request's model name picked (None: the base)."""
         params = RequestParams.parse(parameters)
-        checked = check_texts(texts)
-        self._check_count(len(checked), "instances")
-        if sum(len(t) for t in checked) <= INLINE_TOKENIZE_CHARS:
-            # Tens of microseconds with a Rust tokenizer: less than the hop to a thread.
-            request = self.encode(checked, params)
-        else:
-            request = await asyncio.to_thread(self.encode, checked, params)
-        request.adapter = adapter
-        outputs = await self.batcher.submit(request)
-        result = self.handler.postprocess(outputs, request, self.context)
-        result.token_count = sum(len(e) for e in request.encodings)
-        return result
+        if self.task is Task.rerank:
+            return await self.score_pairs(check_pairs(instances), params, adapter)
+        return await self.infer_texts(check_texts(instances), params, adapter)
 
-    def encode(self, texts: list[str], params: RequestParams) -> EncodedRequest:
+    async def infer_texts(
+        self,
+        texts: list[str],
+        params: RequestParams,
+        adapter: LoRAAdapter | None = None,
+        truncation: Truncation | None = None,
+    ) -> EncoderResult:
+        """``truncation``: a per-request token limit (vLLM's ``truncate_prompt_tokens``)."""
+        self._check_count(len(texts), "instances")
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+            # Tens of microseconds with a Rust tokenizer: less than the hop to a thread.
+            request = self.encode(texts, params, truncation)
+        else:
+            request = await asyncio.to_thread(self.encode, texts, params, truncation)
+        request.adapter = adapter
+        return await self.infer_encoded(request)
+
+    async def score_pairs(
+        self,
+        pairs: list[tuple[str, str]],
+        params: RequestParams,
+        adapter: LoRAAdapter | None = None,
+        truncation: Truncation | None = None,
+    ) -> EncoderResult:
+        """A reranker's score for each (query, document) pair, in order. ``truncation``: a
+        per-request limit on each pair's tokens (its side is the document's)."""
+        if self.task is not Task.rerank:
+            raise InvalidInput(f"a {self.task.value} model does not score pairs", param="model")
+        self._check_count(len(pairs), "instances")
+        if sum(len(q) + len(d) for q, d in pairs) <= INLINE_TOKENIZE_CHARS:
+            request = self.encode_pairs(pairs, params, truncation)
+        else:
+            request = await asyncio.to_thread(self.encode_pairs, pairs, params, truncation)
+        request.adapter = adapter
+        return await self.infer_encoded(request)
+
+    def encode(
+        self, texts: list[str], params: RequestParams, truncation: Truncation | None = None
+    ) -> EncodedRequest:
         max_length = self.info.max_length
-        opts = self.context.options
-        if params.truncate:
+        add_special = self.context.options.add_special_tokens
+        if truncation is not None:
+            encodings = truncation.apply(self.tokenizer, texts, add_special, max_length)
+        elif params.truncate:
             encodings = self.tokenizer.encode_batch(
-                texts, add_special_tokens=opts.add_special_tokens, max_length=max_length
+                texts, add_special_tokens=add_special, max_length=max_length
             )
         else:
             encodings = self.tokenizer.encode_batch(
-                texts, add_special_tokens=opts.add_special_tokens, max_length=None
+                texts, add_special_tokens=add_special, max_length=None
             )
-            for i, enc in enumerate(encodings):
-                if len(enc) > max_length:
-                    raise InputTooLong(
-                        f"instance {i} has {len(enc)} tokens, more than the model's maximum "
-                        f"of {max_length} (truncate is false)",
-                        param="truncate",
-                    )
+            self._check_lengths(encodings)
+        return self._request(texts, encodings, params)
+
+    def encode_pairs(
+        self,
+        pairs: list[tuple[str, str]],
+        params: RequestParams,
+        truncation: Truncation | None = None,
+    ) -> EncodedRequest:
+        """Pairs truncated document first when too long (``truncate`` false: a 400)."""
+        max_length = self.info.max_length
+        if truncation is not None:
+            if truncation.side is not None:
+                raise InvalidInput(
+                    "truncation_side does not apply to pairs: the document is cut first",
+                    param="truncation_side",
+                )
+            max_length = truncation.limit(max_length)
+        encodings = self.tokenizer.encode_pairs(
+            pairs, add_special_tokens=self.context.options.add_special_tokens,
+            max_length=max_length if params.truncate or truncation else None,
+        )  # fmt: skip
+        if not params.truncate:
+            self._check_lengths(encodings)
+        return self._request([q for q, _ in pairs], encodings, params)
+
+    def _check_lengths(self, encodings: Sequence[Encoding]) -> None:
+        max_length = self.info.max_length
+        for i, enc in enumerate(encodings):
+            if len(enc) > max_length:
+                raise InputTooLong(
+                    f"instance {i} has {len(enc)} tokens, more than the model's maximum "
+                    f"of {max_length} (truncate is false)",
+                    param="truncate",
+                )
+
+    def _request(
+        self, texts: list[str], encodings: list[Encoding], params: RequestParams
+    ) -> EncodedRequest:
         request = EncodedRequest(texts, encodings, params)
         if any(len(e) == 0 for e in encodings):
             raise InvalidInput("an instance tokenized to no tokens at all", param="instances")
@@ -201,7 +273,10 @@ class EncoderService:
         return request
 
     def encode_token_ids(
-        self, rows: Sequence[Sequence[int]], params: RequestParams
+        self,
+        rows: Sequence[Sequence[int]],
+        params: RequestParams,
+        truncation: Truncation | None = None,
     ) -> EncodedRequest:
         """Pre-tokenized input (OpenAI embeddings accept token ids)."""
         self._check_count(len(rows), "input")
@@ -213,6 +288,10 @@ class EncoderService:
             if vocab is not None and any(t < 0 or t >= vocab for t in row):
                 raise InvalidInput(f"input {i} has token ids outside [0, {vocab})", param="input")
             ids = list(row)
+            if truncation is not None:
+                keep = truncation.limit(self.info.max_length)
+                if len(ids) > keep:
+                    ids = ids[-keep:] if truncation.side == "left" else ids[:keep]
             if len(ids) > self.info.max_length:
                 if not params.truncate:
                     raise InputTooLong(
@@ -222,14 +301,13 @@ class EncoderService:
                 ids = ids[: self.info.max_length]
             n = len(ids)
             encodings.append(Encoding(ids, [0] * n, [(0, 0)] * n, [0] * n, [None] * n))
-        return EncodedRequest([""] * len(encodings), encodings, params)
+        return self._request([""] * len(encodings), encodings, params)
 
     async def infer_encoded(self, request: EncodedRequest) -> EncoderResult:
         outputs = await self.batcher.submit(request)
         result = self.handler.postprocess(outputs, request, self.context)
-        return EncoderResult(
-            result.predictions, result.outputs, sum(len(e) for e in request.encodings)
-        )
+        result.token_count = sum(len(e) for e in request.encodings)
+        return result
 
     def _check_count(self, count: int, param: str) -> None:
         if self.max_instances is not None and count > self.max_instances:
@@ -270,6 +348,29 @@ class EncoderService:
             trim = self.handler.sequence_output and part.ndim == 3
             results.append(part[:, : req.seq_len] if trim else part)
         return results
+
+
+def check_pairs(instances: Sequence[Any]) -> list[tuple[str, str]]:
+    """A reranker's instances: ``[query, document]`` lists, or ``{"text", "text_pair"}``
+    objects (the transformers pipeline's pair input)."""
+    if not isinstance(instances, list | tuple) or len(instances) == 0:
+        raise InvalidInput("expected a non-empty list of [query, document] pairs",
+                           param="instances")  # fmt: skip
+    pairs = []
+    for i, item in enumerate(instances):
+        if isinstance(item, dict) and set(item) == {"text", "text_pair"}:
+            item = [item["text"], item["text_pair"]]
+        if not (isinstance(item, list | tuple) and len(item) == 2
+                and all(isinstance(t, str) for t in item)):  # fmt: skip
+            raise InvalidInput(
+                f"instance {i} must be a [query, document] pair of strings (or "
+                '{"text": query, "text_pair": document}) for a rerank model',
+                param="instances",
+            )
+        if not item[0] or not item[1]:
+            raise InvalidInput(f"instance {i} has an empty query or document", param="instances")
+        pairs.append((item[0], item[1]))
+    return pairs
 
 
 def check_texts(texts: Sequence[Any]) -> list[str]:

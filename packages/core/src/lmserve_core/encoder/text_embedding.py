@@ -11,9 +11,11 @@ from lmserve_core.encoder.base import (
     EncoderResult,
     EncoderTask,
     FloatArray,
+    ModelInfo,
     OutputTensor,
     TaskContext,
 )
+from lmserve_core.errors import InvalidInput
 from lmserve_core.model_files import PoolingMode
 from lmserve_core.tasks import Task
 
@@ -58,16 +60,47 @@ class TextEmbedding(EncoderTask):
     task = Task.text_embedding
     model_output = "last_hidden_state"
 
+    def validate(self, request: EncodedRequest, ctx: TaskContext) -> None:
+        dims = request.params.dimensions
+        if dims is not None:
+            check_dimensions(dims, ctx.info)
+
     def postprocess(
         self, outputs: FloatArray, request: EncodedRequest, ctx: TaskContext
     ) -> EncoderResult:
         if outputs.ndim == 2:  # already pooled by the backend (vLLM's pooling runner)
-            vectors = l2_normalize(outputs.astype(np.float32))
-            return EncoderResult(vectors.tolist, [OutputTensor("output-0", "FP32", vectors)])
-        pooled = pool(outputs.astype(np.float32), attention_mask(request, outputs.shape[1]),
-                      ctx.info.pooling.mode)  # fmt: skip
-        vectors = l2_normalize(pooled)
+            pooled = outputs.astype(np.float32)
+        else:
+            pooled = pool(outputs.astype(np.float32), attention_mask(request, outputs.shape[1]),
+                          ctx.info.pooling.mode)  # fmt: skip
+        params = request.params
+        if params.dimensions is not None:
+            # Matryoshka: the leading values are the smaller embedding; normalised after the cut.
+            pooled = np.ascontiguousarray(pooled[:, : params.dimensions])
+        vectors = l2_normalize(pooled) if params.normalize else pooled
         return EncoderResult(vectors.tolist, [OutputTensor("output-0", "FP32", vectors)])
 
     def output_metadata(self, ctx: TaskContext) -> list[tuple[str, str, list[int]]]:
         return [("output-0", "FP32", [-1, ctx.info.hidden_size or -1])]
+
+
+def check_dimensions(dims: int, info: ModelInfo) -> None:
+    """``dimensions`` must be a size the model was trained to give (Matryoshka), or its own."""
+    full = info.hidden_size
+    if dims == full:
+        return
+    declared = info.matryoshka_dimensions
+    if declared is None:
+        raise InvalidInput(
+            f"this model does not support matryoshka representation: 'dimensions' can only "
+            f"be its native {full}",
+            param="dimensions",
+        )
+    if dims < 1 or (full is not None and dims > full):
+        raise InvalidInput(f"'dimensions' must be in [1, {full}]", param="dimensions")
+    if declared and dims not in declared:
+        sizes = ", ".join(str(d) for d in declared)
+        raise InvalidInput(
+            f"'dimensions' {dims} is not one this model was trained for ({sizes})",
+            param="dimensions",
+        )

@@ -48,6 +48,13 @@ NOT_IMPLEMENTED: dict[str, dict[str, Any]] = {
         **_COMMON,
         "prompt_embeds": None,
     },
+    # /tokenize and /detokenize (lmserve_protocols.tokenize): text only, no media.
+    "tokenize_completion": {},
+    "tokenize_chat": {
+        "media_io_kwargs": None,
+        "mm_processor_kwargs": None,
+    },
+    "detokenize": {},
 }
 
 
