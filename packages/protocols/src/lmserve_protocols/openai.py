@@ -24,16 +24,33 @@ class OpenAIErrorResponse(BaseModel):
 
 
 class EmbeddingRequest(BaseModel):
-    """``POST /openai/v1/embeddings``: text(s) or token ids to embed."""
+    """``POST /openai/v1/embeddings``: text(s) or token ids to embed (OpenAI's fields, vLLM's
+    extensions, and TEI's ``normalize`` / ``truncate``)."""
 
-    # Unknown fields are tolerated, as OpenAI SDKs add new ones over time.
+    # Unknown fields are kept so the server can refuse vLLM's unimplemented ones by name (and
+    # tolerate what OpenAI SDKs add over time).
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: str | None = None  # vLLM: the served model when left out
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
+    # Matryoshka models: the first ``dimensions`` values, normalised again.
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+    request_id: str | None = None
+    add_special_tokens: bool = True
+    # vLLM: keep this many tokens of each input (-1: the model's maximum), cut on
+    # ``truncation_side`` (default: the tokenizer's side, special tokens kept).
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    # vLLM: false returns the pooled vector unnormalised (TEI spells it ``normalize``).
+    use_activation: bool | None = None
+    # Byte order of ``base64`` floats (native is little-endian on every platform lmserve runs).
+    endianness: Literal["native", "big", "little"] = "native"
+    # TEI: ``normalize`` false as ``use_activation`` false; ``truncate`` false refuses an input
+    # longer than the model takes (a 400) where lmserve otherwise truncates it.
+    normalize: bool | None = None
+    truncate: bool | None = None
 
 
 class EmbeddingData(BaseModel):

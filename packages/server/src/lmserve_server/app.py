@@ -15,7 +15,7 @@ from lmserve_server.dataplane import DataPlane, server_version
 from lmserve_server.errors import install_error_handlers
 from lmserve_server.limits import BodyLimitMiddleware
 from lmserve_server.metrics import AdmissionCollector, Metrics
-from lmserve_server.routes import generation, health, lora, openai, v1, v2
+from lmserve_server.routes import generation, health, lora, openai, retrieval, tokenize, v1, v2
 from lmserve_server.routes import metrics as metrics_route
 from lmserve_server.routes.schema import add_stream_schemas
 from lmserve_server.security import ApiKeyMiddleware
@@ -57,7 +57,7 @@ def create_app(settings: ServeSettings, host: ModelHost, metrics: Metrics) -> Fa
     metrics.served_name = host.served_name
     install_error_handlers(app)
     _finish_openapi_schema(app)
-    for module in (health, v1, v2, openai, generation, lora, metrics_route):
+    for module in (health, v1, v2, openai, generation, lora, retrieval, tokenize, metrics_route):
         app.include_router(module.router)
     # add_middleware wraps: the last added runs first. Request order: CORS (answers
     # preflights) -> request id, metrics and access log (401s and 413s too) -> API key -> body limit (before

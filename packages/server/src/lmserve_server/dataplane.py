@@ -9,18 +9,27 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from prometheus_client import generate_latest
 
 from lmserve_core.admission import Ticket
-from lmserve_core.encoder import EncoderResult, EncoderService, RequestParams
-from lmserve_core.errors import InvalidInput, ModelNotFound
+from lmserve_core.encoder import EncoderResult, EncoderService, RequestParams, Truncation
+from lmserve_core.errors import InvalidInput, ModelNotFound, ModelNotReady
 from lmserve_core.generation.prepare import Prepared, RequestHeaders
+from lmserve_core.generation.request_fields import refuse_unimplemented
 from lmserve_core.generation.service import OpenAIGenerationService
 from lmserve_core.model_host import ModelHost
+from lmserve_core.scoring import cosine_scores, input_text, input_texts, pair_up, ranking
 from lmserve_core.tasks import Task
+from lmserve_core.tokenize import (
+    EncoderTokenizing,
+    GeneratorTokenizing,
+    Tokenizing,
+    detokenize,
+    tokenize,
+)
 from lmserve_core.v2_codec import DecodedTensor, tensor_to_texts
 from lmserve_protocols.openai import (
     ChatCompletionChunk,
@@ -34,6 +43,23 @@ from lmserve_protocols.openai import (
     ModelCard,
     UnloadLoRAAdapterRequest,
     UsageInfo,
+)
+from lmserve_protocols.scoring import (
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResponseData,
+)
+from lmserve_protocols.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 from lmserve_protocols.v2 import V2ModelMetadata, V2ServerMetadata, V2TensorMetadata
 from lmserve_server.metrics import Metrics
@@ -96,6 +122,11 @@ class DataPlane:
     def model_ready(self, name: str) -> bool:
         self._host.check_name(name)
         return self._host.ready
+
+    def model_name(self, requested: str | None) -> str:
+        """The name a request means: its ``model``, or the served model when it names none
+        (vLLM's rule for every route but completions and chat)."""
+        return requested or self._host.name
 
     def model_names(self) -> list[str]:
         """Every served name (--model_name, --served_model_name, the primary one first), then
@@ -197,9 +228,12 @@ class DataPlane:
         service = self._host.require(name)
         if not inputs:
             raise InvalidInput("a V2 request needs at least one input", param="inputs")
-        # Text models read the first input (KServe's convention); its shape is [N] or [N, 1].
-        texts = tensor_to_texts(inputs[0])
-        result = await self._infer_texts(name, service, texts, parameters)
+        # Text models read the first input (KServe's convention); its shape is [N] or [N, 1]
+        # ([N, 2]: query and document, for a reranker).
+        instances: list[Any] = tensor_to_texts(inputs[0])
+        if service.task is Task.rerank:
+            instances = _pairs_of(inputs[0], instances)
+        result = await self._infer_texts(name, service, instances, parameters)
         outputs = [(o.name, o.datatype, o.data) for o in result.outputs]
         if requested_outputs:
             wanted = set(requested_outputs)
@@ -213,24 +247,100 @@ class DataPlane:
 
     async def embed(self, body: EmbeddingRequest) -> EncoderResult:
         """OpenAI embeddings: strings or token id lists, on a text embedding model."""
-        service = self._host.require(body.model)
+        name = body.model or self._host.name
+        refuse_unimplemented("embedding", body.model_extra)
+        if body.model_extra and "messages" in body.model_extra:
+            raise InvalidInput(
+                "chat-form embeddings ('messages') are not supported; send 'input'",
+                param="messages",
+            )
+        service = self._host.require(name)
         if service.task is not Task.text_embedding:
             raise InvalidInput(
-                f"model {body.model!r} serves {service.task.value}, not text_embedding",
-                param="model",
+                f"model {name!r} serves {service.task.value}, not text_embedding", param="model"
             )
-        dim = service.info.hidden_size
-        if body.dimensions is not None and body.dimensions != dim:
-            raise InvalidInput(
-                f"this model does not support 'dimensions' other than its native {dim}",
-                param="dimensions",
-            )
+        params = RequestParams(
+            truncate=body.truncate is not False,
+            normalize=_normalize(body),
+            dimensions=body.dimensions,
+            add_special_tokens=body.add_special_tokens,
+        )
+        truncation = _truncation(body.truncate_prompt_tokens, body.truncation_side)
         texts, token_rows = _split_embedding_input(body.input)
+        adapter = self._host.adapter_for(name)
         if texts is not None:
-            return await self._infer_texts(body.model, service, texts, None)
-        request = service.encode_token_ids(token_rows or [], RequestParams())
-        request.adapter = self._host.adapter_for(body.model)
-        return await self._admitted(body.model, lambda: service.infer_encoded(request))
+            return await self._admitted(
+                name, lambda: service.infer_texts(texts, params, adapter, truncation)
+            )
+        request = service.encode_token_ids(token_rows or [], params, truncation)
+        request.adapter = adapter
+        return await self._admitted(name, lambda: service.infer_encoded(request))
+
+    # --- rerank and score (vLLM's routes; KServe's /openai/v1/rerank) -----------------
+    async def rerank(self, body: RerankRequest) -> RerankResponse:
+        """Documents ranked by relevance to the query, the best ``top_n`` (0: all)."""
+        name = body.model or self._host.name
+        refuse_unimplemented("rerank", body.model_extra)
+        query = input_text(body.query, "query")
+        documents = input_texts(body.documents, "documents")
+        scores, tokens = await self._score(name, [query], documents, ("query", "documents"), body)
+        results = [
+            RerankResult(
+                index=i,
+                relevance_score=scores[i],
+                document=RerankDocument(text=documents[i]) if body.return_documents else None,
+            )
+            for i in ranking(scores, body.top_n)
+        ]
+        usage = RerankUsage(prompt_tokens=tokens, total_tokens=tokens)
+        return RerankResponse(model=name, usage=usage, results=results)
+
+    async def score(self, body: ScoreRequest) -> ScoreResponse:
+        """A score per pair, in input order: one to one, one to many, or pairwise."""
+        name = body.model or self._host.name
+        refuse_unimplemented("score", body.model_extra)
+        sides = body.sides
+        first, second = input_texts(body.first, sides[0]), input_texts(body.second, sides[1])
+        scores, tokens = await self._score(name, first, second, sides, body)
+        data = [ScoreResponseData(index=i, score=score) for i, score in enumerate(scores)]
+        usage = UsageInfo(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
+        return ScoreResponse(model=name, data=data, usage=usage)
+
+    async def _score(
+        self,
+        name: str,
+        first: list[str],
+        second: list[str],
+        sides: tuple[str, str],
+        body: RerankRequest | ScoreRequest,
+    ) -> tuple[list[float], int]:
+        """(scores, input tokens): a reranker scores each pair; an embedding model the cosine
+        of the two embeddings (each text embedded once), as vLLM does."""
+        service = self._host.require(name)
+        pairs = pair_up(first, second, sides)  # the 400 for mismatched lengths, either way
+        truncation = _truncation(body.truncate_prompt_tokens, None)
+        adapter = self._host.adapter_for(name)
+        if service.task is Task.rerank:
+            params = RequestParams(truncate=body.truncate, raw_scores=body.use_activation is False)
+            result = await self._admitted(
+                name, lambda: service.score_pairs(pairs, params, adapter, truncation)
+            )
+            return [float(x) for x in result.outputs[0].data], result.token_count
+        if service.task is Task.text_embedding:
+            params = RequestParams(truncate=body.truncate)
+            texts = first + second
+            result = await self._admitted(
+                name, lambda: service.infer_texts(texts, params, adapter, truncation)
+            )
+            n = len(first)
+            left = [0] * len(second) if n == 1 else list(range(n))
+            right = [n + j for j in range(len(second))]
+            return cosine_scores(result.outputs[0].data, left, right), result.token_count
+        raise InvalidInput(
+            f"model {name!r} serves {service.task.value}: rerank and score need a rerank "
+            "(cross-encoder) or text_embedding model",
+            param="model",
+        )
 
     # --- generation ------------------------------------------------------------------
     async def admit_completion(
@@ -290,6 +400,30 @@ class DataPlane:
         await self._host.unload_adapter(body.lora_name)
         return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
+    # --- tokenize (vLLM's /tokenize and /detokenize) -----------------------------------
+    def _tokenizing(self, model: str | None) -> tuple[str, Tokenizing]:
+        """The served name (``model``, or the primary one when omitted) and its tokenizer;
+        no admission slot: the model itself is not touched."""
+        host = self._host
+        name = host.name if model is None else model
+        host.check_usable(name)  # 404 for a name nothing answers to, 503 unless ready
+        generator, service = host.generator, host.service
+        if generator is not None:
+            return name, GeneratorTokenizing(generator)
+        if service is not None:
+            return name, EncoderTokenizing(service, name)
+        raise ModelNotReady("the server is shutting down")  # closed since the check
+
+    async def tokenize(
+        self, body: TokenizeCompletionRequest | TokenizeChatRequest
+    ) -> TokenizeResponse:
+        name, target = self._tokenizing(body.model)
+        return await tokenize(target, body, name)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        _, target = self._tokenizing(body.model)
+        return await detokenize(target, body)
+
     # --- metrics ---------------------------------------------------------------------
     def render_metrics(self) -> bytes:
         """The Prometheus text page, with the gauges read at scrape time brought up to date."""
@@ -298,6 +432,36 @@ class DataPlane:
         if unfinished is not None:
             self.metrics.sequences_unfinished.set(unfinished)
         return bytes(generate_latest(self.metrics.registry))
+
+
+def _pairs_of(tensor: DecodedTensor, texts: list[str]) -> list[list[str]]:
+    """A reranker's V2 input: a [N, 2] BYTES tensor of (query, document) rows."""
+    shape = list(tensor.data.shape)
+    if len(shape) != 2 or shape[1] != 2:
+        raise InvalidInput(
+            f"a rerank model takes a [N, 2] BYTES input of (query, document) rows; "
+            f"input {tensor.name!r} has shape {shape}",
+            param="shape",
+        )
+    return [texts[i : i + 2] for i in range(0, len(texts), 2)]
+
+
+def _normalize(body: EmbeddingRequest) -> bool:
+    """TEI's ``normalize`` and vLLM's ``use_activation`` mean the same; both given must agree."""
+    given = {v for v in (body.normalize, body.use_activation) if v is not None}
+    if len(given) > 1:
+        raise InvalidInput("'normalize' and 'use_activation' disagree", param="normalize")
+    return given != {False}
+
+
+def _truncation(tokens: int | None, side: Literal["left", "right"] | None) -> Truncation | None:
+    if tokens is None:
+        if side is not None:
+            raise InvalidInput(
+                "truncation_side needs truncate_prompt_tokens", param="truncation_side"
+            )
+        return None
+    return Truncation(tokens, side)
 
 
 def _split_embedding_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:

@@ -96,11 +96,17 @@ def _openai_error(message: str, kind: str, param: str | None, status: int) -> Op
     return OpenAIErrorResponse(error=detail)
 
 
+# vLLM's routes served at its own paths (outside /openai/): OpenAI error bodies, as vLLM's.
+VLLM_ROOT_PATHS = frozenset(
+    {"/rerank", "/v1/rerank", "/v2/rerank", "/score", "/v1/score", "/tokenize", "/detokenize"}
+)
+
+
 def error_body(
     path: str, status: int, message: str, kind: str, param: str | None = None
 ) -> OpenAIErrorResponse | V2Error:
     """The error body of the protocol that owns ``path``."""
-    if path.startswith("/openai/"):
+    if path.startswith("/openai/") or path in VLLM_ROOT_PATHS:
         return _openai_error(message, kind, param, status)
     return V2Error(error=message)
 

@@ -66,6 +66,8 @@ class RequestParams:
     # rerank: the raw logit instead of the activated score (vLLM's ``use_activation: false``,
     # TEI's ``raw_scores``).
     raw_scores: bool = False
+    # Add the tokenizer's special tokens (None: as the server's --disable_special_tokens says).
+    add_special_tokens: bool | None = None
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> RequestParams:

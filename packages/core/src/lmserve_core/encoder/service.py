@@ -216,7 +216,7 @@ class EncoderService:
         self, texts: list[str], params: RequestParams, truncation: Truncation | None = None
     ) -> EncodedRequest:
         max_length = self.info.max_length
-        add_special = self.context.options.add_special_tokens
+        add_special = self._add_special(params)
         if truncation is not None:
             encodings = truncation.apply(self.tokenizer, texts, add_special, max_length)
         elif params.truncate:
@@ -246,12 +246,17 @@ class EncoderService:
                 )
             max_length = truncation.limit(max_length)
         encodings = self.tokenizer.encode_pairs(
-            pairs, add_special_tokens=self.context.options.add_special_tokens,
+            pairs, add_special_tokens=self._add_special(params),
             max_length=max_length if params.truncate or truncation else None,
         )  # fmt: skip
         if not params.truncate:
             self._check_lengths(encodings)
         return self._request([q for q, _ in pairs], encodings, params)
+
+    def _add_special(self, params: RequestParams) -> bool:
+        if params.add_special_tokens is None:
+            return self.context.options.add_special_tokens
+        return params.add_special_tokens
 
     def _check_lengths(self, encodings: Sequence[Encoding]) -> None:
         max_length = self.info.max_length

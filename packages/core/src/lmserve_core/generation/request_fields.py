@@ -37,6 +37,20 @@ _COMMON: dict[str, Any] = {
     "stream_interval": None,
 }
 
+_POOLING: dict[str, Any] = {
+    "padding": None,
+    "priority": 0,
+    "mm_processor_kwargs": None,
+    "cache_salt": None,
+}
+_SCORING: dict[str, Any] = {
+    "truncation_side": None,  # a pair is cut document first
+    "max_tokens_per_query": 0,
+    "max_tokens_per_doc": 0,
+    "instruction": None,
+    "chat_template_kwargs": None,
+}
+
 NOT_IMPLEMENTED: dict[str, dict[str, Any]] = {
     "chat": {
         **_COMMON,
@@ -55,6 +69,11 @@ NOT_IMPLEMENTED: dict[str, dict[str, Any]] = {
         "mm_processor_kwargs": None,
     },
     "detokenize": {},
+    # Embeddings, rerank and score (lmserve_protocols.openai / .scoring): no media, no
+    # prompt-level padding, no priority scheduling or prefix cache in the encoder batcher.
+    "embedding": {**_POOLING, "embed_dtype": "float32"},
+    "rerank": {**_POOLING, **_SCORING},
+    "score": {**_POOLING, **_SCORING},
 }
 
 

@@ -27,19 +27,24 @@ async def list_models(request: Request) -> Response:
 
 @router.post("/embeddings", responses=responses(EmbeddingResponse, openai=True))
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-    request.state.model = body.model
-    result = await plane(request).embed(body)
+    dataplane = plane(request)
+    model = request.state.model = dataplane.model_name(body.model)
+    result = await dataplane.embed(body)
     request.state.prompt_tokens = result.token_count
     vectors = result.outputs[0].data
     data = [
-        EmbeddingData(index=i, embedding=_format(vec, body.encoding_format))
+        EmbeddingData(index=i, embedding=_format(vec, body.encoding_format, body.endianness))
         for i, vec in enumerate(vectors)
     ]
     usage = EmbeddingUsage(prompt_tokens=result.token_count, total_tokens=result.token_count)
-    return json_response(EmbeddingResponse(data=data, model=body.model, usage=usage))
+    return json_response(EmbeddingResponse(data=data, model=model, usage=usage))
 
 
-def _format(vector: np.ndarray, encoding: str) -> list[float] | str:
+_BYTE_ORDER = {"native": "=", "little": "<", "big": ">"}
+
+
+def _format(vector: np.ndarray, encoding: str, endianness: str) -> list[float] | str:
     if encoding == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        floats = np.asarray(vector, dtype=f"{_BYTE_ORDER[endianness]}f4")
+        return base64.b64encode(floats.tobytes()).decode("ascii")
     return [float(x) for x in vector]
