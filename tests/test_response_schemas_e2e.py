@@ -23,6 +23,7 @@ from lmserve_protocols.openai import (
     ModelList,
     OpenAIErrorResponse,
 )
+from lmserve_protocols.scoring import RerankResponse, ScoreResponse
 from lmserve_protocols.v1 import ServerLiveness, V1ModelList, V1ModelStatus, V1PredictResponse
 from lmserve_protocols.v2 import (
     V2Error,
@@ -33,6 +34,7 @@ from lmserve_protocols.v2 import (
     V2ServerMetadata,
     V2ServerReady,
 )
+from lmserve_server.routes.retrieval import RERANK_PATHS, SCORE_PATHS
 
 pytestmark = pytest.mark.slow
 Pool = Callable[..., ServerProcess]
@@ -99,6 +101,23 @@ def test_openai_embeddings_answer_as_documented(server_pool: Pool) -> None:
             OpenAIErrorResponse, c.post("/openai/v1/embeddings", json={**body, "model": "x"}), 404
         )
     assert schema_names(server, "/openai/v1/embeddings", "post")["200"] == "EmbeddingResponse"
+
+
+def test_rerank_and_score_answer_as_documented(server_pool: Pool) -> None:
+    server = server_pool("--model_dir", str(model_path("embedding_mean")))
+    with server.client() as c:
+        for path in RERANK_PATHS:
+            body = {"query": "a cat", "documents": ["a dog", "a cat"], "top_n": 1}
+            ranked = valid(RerankResponse, c.post(path, json=body))
+            assert isinstance(ranked, RerankResponse) and ranked.results[0].index == 1
+            valid(OpenAIErrorResponse, c.post(path, json={**body, "documents": []}), 400)
+            assert schema_names(server, path, "post")["200"] == "RerankResponse"
+        for path in SCORE_PATHS:
+            body = {"text_1": "a cat", "text_2": ["a dog", "a cat"]}
+            scored = valid(ScoreResponse, c.post(path, json=body))
+            assert isinstance(scored, ScoreResponse) and len(scored.data) == 2
+            valid(OpenAIErrorResponse, c.post(path, json={**body, "model": "x"}), 404)
+            assert schema_names(server, path, "post")["200"] == "ScoreResponse"
 
 
 def test_generation_answers_and_chunks_as_documented(server_pool: Pool) -> None:

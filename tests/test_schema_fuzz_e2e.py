@@ -24,12 +24,14 @@ from schemathesis.config import SchemathesisConfig
 from _support.reliability import assert_idle
 from _support.servers import ServerProcess
 from _support.tiny_models import model_path
+from lmserve_server.routes.retrieval import RERANK_PATHS, SCORE_PATHS
 
 pytestmark = pytest.mark.slow
 
 Pool = Callable[..., ServerProcess]
 EXAMPLES = 40  # per operation, mode (valid, invalid) and server
 CONFIG = SchemathesisConfig.from_dict({"seed": 7})
+ALIASES = {*RERANK_PATHS[1:], *SCORE_PATHS[1:]}
 
 
 @pytest.fixture(scope="module", params=["encoder", "generator"])
@@ -76,6 +78,8 @@ def test_no_route_answers_5xx(fuzzed: ServerProcess) -> None:
     api = schemathesis.openapi.from_url(fuzzed.url + "/openapi.json", config=CONFIG)
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) >= 15
+    # vLLM's other spellings of one route run the same handler: fuzz each handler once.
+    operations = [op for op in operations if op.path not in ALIASES]
     failures: list[str] = []
     statuses: Counter[str] = Counter()
     for operation in operations:
