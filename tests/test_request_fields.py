@@ -61,3 +61,51 @@ def test_stream_options_cover_vllms() -> None:
     from vllm.entrypoints.generate.base.protocol import StreamOptions as VllmStreamOptions
 
     assert set(VllmStreamOptions.model_fields) <= set(StreamOptions.model_fields)
+
+
+# --- /tokenize and /detokenize ------------------------------------------------------------
+
+
+def _tokenize_models() -> dict[str, tuple[type[BaseModel], type[BaseModel]]]:
+    from vllm.entrypoints.serve.tokenize import protocol as vllm_tokenize
+
+    from lmserve_protocols import tokenize as ours
+
+    return {
+        "tokenize_completion": (
+            vllm_tokenize.TokenizeCompletionRequest,
+            ours.TokenizeCompletionRequest,
+        ),
+        "tokenize_chat": (vllm_tokenize.TokenizeChatRequest, ours.TokenizeChatRequest),
+        "detokenize": (vllm_tokenize.DetokenizeRequest, ours.DetokenizeRequest),
+    }
+
+
+@pytest.mark.parametrize("kind", ["tokenize_completion", "tokenize_chat", "detokenize"])
+def test_every_vllm_tokenize_field_is_implemented_or_refused(kind: str) -> None:
+    vllm_model, ours = _tokenize_models()[kind]
+    unaccounted = [
+        name for name in vllm_model.model_fields
+        if name not in ours.model_fields and name not in NOT_IMPLEMENTED[kind]
+    ]  # fmt: skip
+    assert unaccounted == [], f"vLLM {kind} fields neither implemented nor refused"
+    for name, default in NOT_IMPLEMENTED[kind].items():
+        assert name in vllm_model.model_fields, f"{name}: listed, but vLLM has no such field"
+        assert _default(vllm_model.model_fields[name]) == default, name
+    # Every implemented field has vLLM's default (and is required where vLLM's is).
+    for name, info in ours.model_fields.items():
+        assert name in vllm_model.model_fields, f"{name} is no field of vLLM's {kind}"
+        theirs = vllm_model.model_fields[name]
+        assert info.is_required() == theirs.is_required(), name
+        if not info.is_required():
+            assert _default(info) == _default(theirs), name
+
+
+def test_tokenize_responses_have_vllms_fields() -> None:
+    from vllm.entrypoints.serve.tokenize import protocol as vllm_tokenize
+
+    from lmserve_protocols import tokenize as ours
+
+    for name in ("TokenizeResponse", "DetokenizeResponse"):
+        vllm_fields = list(getattr(vllm_tokenize, name).model_fields)
+        assert list(getattr(ours, name).model_fields) == vllm_fields, name

@@ -11,6 +11,7 @@ padding, and ``clean_up_tokenization_spaces`` on decode (never for BPE models, a
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Sequence
@@ -122,6 +123,12 @@ class RustTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return str(self._base.id_to_token(int(token_id)))
+
+    @functools.cached_property
+    def max_token_id(self) -> int:
+        """The largest id with a token (added tokens included): ids above are out of vocabulary."""
+        vocab = self._base.get_vocab(with_added_tokens=True)
+        return max((int(i) for i in vocab.values()), default=-1)
 
 
 def _encoding(e: Any) -> Encoding:

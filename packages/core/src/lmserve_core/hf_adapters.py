@@ -6,6 +6,7 @@ transformers nor tokenizers, so every backend (and the Triton bridge) shares the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -117,6 +118,11 @@ class HFTokenizer:
     def id_to_token(self, token_id: int) -> str:
         return str(self._tok.convert_ids_to_tokens(int(token_id)))
 
+    @functools.cached_property
+    def max_token_id(self) -> int:
+        """The largest id with a token (added tokens included): ids above are out of vocabulary."""
+        return _max_token_id(self._tok)
+
 
 def encode_pairs_document_first(
     pairs: Sequence[tuple[str, str]],
@@ -196,6 +202,11 @@ class HFGenerationTokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
 
+    @functools.cached_property
+    def max_token_id(self) -> int:
+        """The largest id with a token (added tokens included): ids above are out of vocabulary."""
+        return _max_token_id(self._tok)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -212,6 +223,12 @@ class HFGenerationTokenizer:
             **(extra or {}),
         )
         return str(text)
+
+
+def _max_token_id(tok: Any) -> int:
+    # vLLM's bound for a token id (its tokenizer's max_token_id), read once: get_vocab builds a
+    # dict of the whole vocabulary.
+    return max((int(i) for i in tok.get_vocab().values()), default=-1)
 
 
 def disable_lower_case(tok: Any) -> None:
