@@ -32,8 +32,9 @@ Trained adapters are built, verified and cached as ``tiny_models`` builds its mo
 right after training against every behaviour above, trained again with another seed and more
 epochs (``tiny_models.ATTEMPTS``) when one is missing, published by renaming a temporary folder
 (under a per-adapter ``fcntl`` lock, so parallel pytest processes build each once) into
-``<CACHE_DIR>/lora-<name>-<hash>``. The hash covers this file, the base models' builder hash and
-the library versions, so a changed base model or builder rebuilds its adapters.
+``<CACHE_DIR>/lora-<name>-<hash>`` (``verified_build``, shared with ``cross_encoder``). The hash
+covers this file, ``verified_build``, the base models' builder hash and the library versions, so
+a changed base model or builder rebuilds its adapters.
 """
 
 from __future__ import annotations
@@ -41,29 +42,21 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import re
-import shutil
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _support import tiny_model_checks, tiny_models
+from _support import tiny_model_checks, tiny_models, verified_build
 from _support.tiny_model_checks import CHAT_ANSWERS, RAW_COMPLETIONS, Behaviour, Loaded
 from _support.tiny_models import (
     ENDOFTEXT,
     IGNORE,
     IM_END,
     SENTIMENT_LABELS,
-    VERIFIED_FILE,
     Attempt,
-    TinyModelNotLearned,
 )
-from lmserve_core.builtin_models import cache_lock
+from _support.verified_build import Build
 
 if TYPE_CHECKING:
     import torch
@@ -128,8 +121,11 @@ def sentiment_adapter_path() -> Path:
 
 
 def adapters_hash() -> str:
-    """Changes with this builder, the base models' builder and the libraries that train."""
-    digest = hashlib.sha256(Path(__file__).read_bytes())
+    """Changes with this builder (and the cache code that runs it), the base models' builder
+    and the libraries that train."""
+    digest = hashlib.sha256()
+    for source in (Path(__file__), Path(verified_build.__file__)):
+        digest.update(source.read_bytes())
     digest.update(tiny_models.builder_hash().encode())
     digest.update(json.dumps(_versions(), sort_keys=True).encode())
     return digest.hexdigest()[:12]
@@ -140,71 +136,19 @@ def _versions() -> dict[str, str]:
     return {d: importlib.metadata.version(d) for d in names}
 
 
-# Builds one attempt into a folder and returns what is missing from it (empty: verified).
-Build = Callable[[Path, Attempt], list[str]]
+_KIND = verified_build.Kind(
+    prefix="lora",
+    description="LoRA adapter",
+    record_key="adapter",
+    digest=adapters_hash,
+    versions=_versions,
+)
 
 
 def _cached(name: str, build: Build) -> Path:
     """``lora-<name>-<hash>`` in the tiny models' cache, built once across processes, always
-    complete."""
-    cache = tiny_models.CACHE_DIR  # looked up now: whatever moves the models moves these too
-    target = cache / f"lora-{name}-{adapters_hash()}"
-    if (target / VERIFIED_FILE).is_file():  # only ever created complete, by rename
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with cache_lock(cache / f".lora-{name}.lock"):
-        if (target / VERIFIED_FILE).is_file():  # another process built it while we waited
-            return target
-        shutil.rmtree(target, ignore_errors=True)
-        _build_verified(name, build, target)
-        _remove_stale(name, keep=target)
-    return target
-
-
-def _build_verified(name: str, build: Build, target: Path) -> None:
-    """Train until the adapter shows every checked behaviour, then rename it into ``target``."""
-    history: list[str] = []
-    missing: list[str] = []
-    for attempt in tiny_models.ATTEMPTS:
-        tmp = Path(tempfile.mkdtemp(prefix=f".lora-{name}-building-", dir=target.parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared
-            started = time.monotonic()
-            # One thread for the checks as well as the training: with models this small, two
-            # threads on a busy two-core machine ran the greedy checks ten times slower.
-            with tiny_models._deterministic(attempt.seed):
-                missing = build(tmp, attempt)
-            if not missing:
-                record = {
-                    "adapter": name,
-                    "attempt": attempt.number,
-                    "seed": attempt.seed,
-                    "epoch_scale": attempt.epoch_scale,
-                    "failed_attempts": history,
-                    "build_seconds": round(time.monotonic() - started, 1),
-                    "threads": tiny_models._training_threads(),
-                    "cpu_capability": tiny_models._cpu_capability(),
-                    "versions": _versions(),
-                }
-                tiny_models._write_json(tmp / VERIFIED_FILE, record)
-                os.rename(tmp, target)
-                return
-            history.append(f"attempt {attempt.number} (seed {attempt.seed}, "
-                           f"x{attempt.epoch_scale} epochs): " + "; ".join(missing))  # fmt: skip
-            print(f"LoRA adapter {name!r}: {history[-1]}; training again", file=sys.stderr)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    raise TinyModelNotLearned(
-        f"LoRA adapter {name!r} did not learn what the tests assert in {len(history)} attempts; "
-        "missing after the last: " + "; ".join(missing)
-    )
-
-
-def _remove_stale(name: str, keep: Path) -> None:
-    """Drop this adapter's builds from older builders (never reused: their hash differs)."""
-    for old in keep.parent.glob(f"lora-{name}-*"):
-        if old != keep and old.is_dir() and re.fullmatch(rf"lora-{name}-[0-9a-f]{{12}}", old.name):
-            shutil.rmtree(old, ignore_errors=True)
+    complete (``verified_build.cached``)."""
+    return verified_build.cached(_KIND, name, build)
 
 
 # --------------------------------------------------------------------------- chat adapters
