@@ -119,6 +119,29 @@ def test_body_over_limit_is_413(server_pool: Callable[..., ServerProcess]) -> No
         assert c.post("/v1/models/model:predict", json={"instances": ["ok"]}).status_code == 200
 
 
+def test_a_lone_surrogate_is_a_400_on_every_text_route(
+    server: ServerProcess, server_pool: Callable[..., ServerProcess]
+) -> None:
+    """JSON can carry a lone UTF-16 surrogate (an escaped \\ud800) that no tokenizer takes."""
+    bad = "I love \ud800 this"
+    headers = {"content-type": "application/json"}
+    with server.client(headers=headers) as c:
+        # json.dumps escapes it (httpx's json= cannot even encode it).
+        r = c.post("/v1/models/model:predict", content=json.dumps({"instances": ["ok", bad]}))
+        assert r.status_code == 400 and "surrogate" in r.json()["error"], r.text
+    generator = server_pool("--model_dir", str(model_path("llama")), "--backend", "huggingface")
+    with generator.client(headers=headers) as c:
+        for path, body in (
+            ("/openai/v1/completions", {"model": "model", "prompt": bad, "max_tokens": 2}),
+            ("/openai/v1/chat/completions",
+             {"model": "model", "messages": [{"role": "user", "content": bad}], "max_tokens": 2}),
+        ):  # fmt: skip
+            r = c.post(path, content=json.dumps(body))
+            assert r.status_code == 400, (path, r.text)
+            assert "surrogate" in r.json()["error"]["message"]
+    assert "Traceback" not in generator.log()
+
+
 def test_server_survives_everything(server: ServerProcess) -> None:
     with server.client() as c:
         r = c.post("/v1/models/model:predict", json={"instances": ["I love this"]})

@@ -20,7 +20,7 @@ from typing import Any
 
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.hf_adapters import encode_pairs_document_first, strip_lowercase
-from lmserve_core.tokenizer import Encoding
+from lmserve_core.tokenizer import Encoding, refusing_invalid_text
 
 __all__ = ["RustTokenizer", "load_rust_tokenizer"]
 
@@ -91,6 +91,12 @@ class RustTokenizer:
     def encode_batch(
         self, texts: Sequence[str], *, add_special_tokens: bool, max_length: int | None
     ) -> list[Encoding]:
+        with refusing_invalid_text(texts):
+            return self._encode_batch(texts, add_special_tokens, max_length)
+
+    def _encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool, max_length: int | None
+    ) -> list[Encoding]:
         tokenizer = self._for_length(max_length)
         if len(texts) == 1:
             # encode_batch hands even one text to its rayon thread pool, whose spinning
@@ -115,7 +121,8 @@ class RustTokenizer:
             encoded = tokenizer.encode_batch(list(chunk), add_special_tokens=add_special_tokens)
             return [_encoding(e) for e in encoded]
 
-        return encode_pairs_document_first(pairs, encode)
+        with refusing_invalid_text([text for pair in pairs for text in pair]):
+            return encode_pairs_document_first(pairs, encode)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         text = str(self._base.decode(list(ids), skip_special_tokens=skip_special_tokens))

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from lmserve_core.tokenizer import Encoding
+from lmserve_core.tokenizer import Encoding, refusing_invalid_text
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,19 @@ class HFTokenizer:
         truncation: Any,
         max_length: int | None,
     ) -> list[Encoding]:
-        enc = self._tok(
+        with refusing_invalid_text([*texts, *(pairs or [])]):
+            enc = self._call(texts, pairs, add_special_tokens, truncation, max_length)
+        return self._encodings(enc, len(texts))
+
+    def _call(
+        self,
+        texts: list[str],
+        pairs: list[str] | None,
+        add_special_tokens: bool,
+        truncation: Any,
+        max_length: int | None,
+    ) -> Any:
+        return self._tok(
             texts,
             pairs,
             add_special_tokens=add_special_tokens,
@@ -97,8 +109,11 @@ class HFTokenizer:
             return_offsets_mapping=True,
             return_special_tokens_mask=True,
         )
+
+    @staticmethod
+    def _encodings(enc: Any, count: int) -> list[Encoding]:
         out = []
-        for i in range(len(texts)):
+        for i in range(count):
             ids = [int(t) for t in enc["input_ids"][i]]
             types = enc.get("token_type_ids")
             out.append(
@@ -177,7 +192,9 @@ class HFGenerationTokenizer:
         return self._template if isinstance(self._template, str) else None
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return [int(t) for t in self._tok.encode(text, add_special_tokens=add_special_tokens)]
+        with refusing_invalid_text([text]):
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return [int(t) for t in ids]
 
     def decode(
         self,

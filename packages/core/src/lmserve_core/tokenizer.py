@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
+
+from lmserve_core.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,22 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str: ...
 
     def id_to_token(self, token_id: int) -> str: ...
+
+
+@contextmanager
+def refusing_invalid_text(texts: Iterable[str]) -> Iterator[None]:
+    """Turn the TypeError a Rust tokenizer raises for text it cannot take (a lone UTF-16
+    surrogate, which JSON's ``\\ud800`` escapes can carry) into a 400; the happy path costs
+    nothing."""
+    try:
+        yield
+    except TypeError:
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(
+                    f"input {i} is not valid Unicode text (it contains a lone surrogate)",
+                    param="input",
+                ) from None
+        raise
