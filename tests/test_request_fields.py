@@ -109,3 +109,50 @@ def test_tokenize_responses_have_vllms_fields() -> None:
     for name in ("TokenizeResponse", "DetokenizeResponse"):
         vllm_fields = list(getattr(vllm_tokenize, name).model_fields)
         assert list(getattr(ours, name).model_fields) == vllm_fields, name
+
+
+def _vllm_pooling_models() -> dict[str, list[tuple[type[BaseModel], type[BaseModel]]]]:
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+    from vllm.entrypoints.pooling.scoring import protocol as scoring
+
+    from lmserve_protocols.openai import EmbeddingRequest
+    from lmserve_protocols.scoring import RerankRequest, ScoreRequest
+
+    return {
+        "embedding": [(EmbeddingCompletionRequest, EmbeddingRequest)],
+        "rerank": [(scoring.RerankRequest, RerankRequest)],
+        # vLLM's four spellings of a score request are one lmserve model.
+        "score": [
+            (vllm_score, ScoreRequest)
+            for vllm_score in (
+                scoring.ScoreTextRequest,
+                scoring.ScoreQueriesDocumentsRequest,
+                scoring.ScoreQueriesItemsRequest,
+                scoring.ScoreDataRequest,
+            )
+        ],
+    }
+
+
+@pytest.mark.parametrize("kind", ["embedding", "rerank", "score"])
+def test_every_vllm_pooling_field_is_implemented_or_refused(kind: str) -> None:
+    pairs = _vllm_pooling_models()[kind]
+    for vllm_model, ours in pairs:
+        unaccounted = [
+            name for name in vllm_model.model_fields
+            if name not in ours.model_fields and name not in NOT_IMPLEMENTED[kind]
+        ]  # fmt: skip
+        assert unaccounted == [], (
+            f"vLLM {vllm_model.__name__} fields neither implemented nor refused"
+        )
+        for name, info in ours.model_fields.items():
+            # Where both have the field, "unset" means the same (request_id: vLLM makes one up;
+            # a score request's inputs are required by vLLM's class, one pair of them by ours).
+            vllm_field = vllm_model.model_fields.get(name)
+            if vllm_field is not None and name != "request_id" and not vllm_field.is_required():
+                assert info.default == _default(vllm_field), (kind, name)
+    every_field = {name for vllm_model, _ in pairs for name in vllm_model.model_fields}
+    for name, default in NOT_IMPLEMENTED[kind].items():
+        assert name in every_field, f"{name} is listed as a vLLM {kind} field but vLLM has none"
+        model = next(m for m, _ in pairs if name in m.model_fields)
+        assert _default(model.model_fields[name]) == default, name
