@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 def create_backend(request: LoadRequest) -> LoadedModel:
     """Start vLLM's engine for ``request``: a generator (``AsyncLLM``) for generative tasks, a
-    pooling model for ``text_embedding`` and ``sequence_classification``."""
+    pooling model for ``text_embedding``, ``sequence_classification`` and ``rerank``."""
     from lmserve_backend_vllm.loader import load
 
     return load(request)

@@ -9,7 +9,7 @@ from typing import Any
 from lmserve_backend_vllm import ray_cluster
 from lmserve_backend_vllm.engine_args import build_engine_args
 from lmserve_backend_vllm.generator import VLLMGenerator
-from lmserve_backend_vllm.pooling import VLLMPoolingEncoder
+from lmserve_backend_vllm.pooling import PoolingTaskName, VLLMPoolingEncoder
 from lmserve_backend_vllm.ray_cluster import NodeWatch
 from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadedModel, LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
@@ -22,12 +22,25 @@ from lmserve_core.generation.model_config import (
 )
 from lmserve_core.generation.prepare import ModelFacts
 from lmserve_core.hf_adapters import HFGenerationTokenizer, HFTokenizer, disable_lower_case
-from lmserve_core.model_files import read_pooling_config
+from lmserve_core.model_files import (
+    cross_encoder_activation,
+    matryoshka_dimensions,
+    num_labels,
+    read_pooling_config,
+)
+from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-POOLING_TASKS = {Task.text_embedding: "embed", Task.sequence_classification: "classify"}
+# lmserve task -> vLLM pooling task. A reranker is a one-label classifier to vLLM (0.32 removed
+# its "score" task for "classify"); the pair's token types travel as vLLM's scoring path sends
+# them (pooling.py).
+POOLING_TASKS: dict[Task, PoolingTaskName] = {
+    Task.text_embedding: "embed",
+    Task.sequence_classification: "classify",
+    Task.rerank: "classify",
+}
 
 
 class UnsupportedByVLLM(ConfigurationError):
@@ -49,6 +62,19 @@ def check_supported(task: Task, config: dict[str, Any]) -> None:
         raise UnsupportedByVLLM(f"vLLM does not support the architecture {arch}", param="backend")
 
 
+def check_reranker(config: dict[str, Any], name: str) -> None:
+    """A reranker scores with one logit (a sentence-transformers CrossEncoder's shape); the
+    same rule and message as the Hugging Face backend's ``encoder_info.check_reranker``. Not an
+    ``UnsupportedByVLLM``: no backend serves such a model as a reranker, so no fallback."""
+    labels = num_labels(config)
+    if labels not in (None, 1):
+        raise ConfigurationError(
+            f"{name!r} has {labels} output labels; --task rerank needs a cross-encoder with "
+            "one (serve it with --task sequence_classification)",
+            param="task",
+        )
+
+
 def load(request: LoadRequest) -> LoadedModel:
     """Runs in a worker thread; the engine's own process does the heavy lifting."""
     import torch
@@ -57,6 +83,8 @@ def load(request: LoadRequest) -> LoadedModel:
 
     settings, source, task = request.settings, request.source, request.task
     check_supported(task, request.config)
+    if task is Task.rerank:  # before the engine's minute of startup
+        check_reranker(request.config, source.display_name)
     on_cpu = not torch.cuda.is_available()
     started = time.perf_counter()
     args = build_engine_args(settings, str(source.path), on_cpu=on_cpu,
@@ -124,24 +152,60 @@ def _pooling(
         raise ConfigurationError(
             "the vLLM pooling backend needs the server's event loop", param="backend"
         )
-    loop = request.loop
-    info = ModelInfo(
+    token_types = task is Task.rerank and reads_token_types(config, raw_tok)
+    if task is Task.rerank and not token_types and _type_vocab_size(config) > 1:
+        logger.warning(
+            "%s has %d token types but its tokenizer gives none: its pairs reach vLLM as one "
+            "segment", request.source.display_name, _type_vocab_size(config),
+        )  # fmt: skip
+    info = pooling_model_info(request, context)
+    options = pooling_options(settings, token_type_ids=token_types)
+    backend = VLLMPoolingEncoder(engine, request.loop, task=POOLING_TASKS[task],
+                                 token_types=token_types, node_watch=node_watch)  # fmt: skip
+    details["token_type_ids"] = token_types
+    return LoadedEncoder(backend, HFTokenizer(raw_tok), info, options, details)
+
+
+def pooling_model_info(request: LoadRequest, context: int) -> ModelInfo:
+    """The model facts post-processing needs, read as the Hugging Face backend reads them
+    (``encoder_info.model_info``): the CrossEncoder activation lmserve applies to the raw
+    logit vLLM returns, and the Matryoshka sizes TextEmbedding may cut to before normalising."""
+    config, path = request.config, request.source.path
+    return ModelInfo(
         id2label={int(k): str(v) for k, v in (config.get("id2label") or {}).items()},
         problem_type=config.get("problem_type"),
-        pooling=read_pooling_config(request.source.path),
-        max_length=min(context, settings.max_length or context),
+        pooling=read_pooling_config(path),
+        max_length=min(context, request.settings.max_length or context),
         hidden_size=config.get("hidden_size"),
         vocab_size=config.get("vocab_size"),
+        score_activation=cross_encoder_activation(path, config),
+        matryoshka_dimensions=matryoshka_dimensions(path, config),
     )
-    options = EncoderOptions(
+
+
+def pooling_options(settings: ServeSettings, *, token_type_ids: bool) -> EncoderOptions:
+    """``token_type_ids``: the batches carry them (a BERT-style reranker's pairs), for
+    ``VLLMPoolingEncoder`` to hand to vLLM; vLLM otherwise takes token ids only."""
+    return EncoderOptions(
         add_special_tokens=not settings.disable_special_tokens,
-        return_token_type_ids=False,  # vLLM takes token ids only
+        return_token_type_ids=token_type_ids,
         return_probabilities=settings.return_probabilities,
         return_raw_logits=settings.return_raw_logits,
         return_offsets_mapping=settings.return_offsets_mapping,
     )
-    backend = VLLMPoolingEncoder(engine, loop, task=POOLING_TASKS[task], node_watch=node_watch)
-    return LoadedEncoder(backend, HFTokenizer(raw_tok), info, options, details)
+
+
+def reads_token_types(config: dict[str, Any], tokenizer: Any) -> bool:
+    """Whether a pair's token types matter: vLLM's scoring path sends them whenever the
+    tokenizer gives them (``model_input_names``); a model with one token type has nothing to
+    read in them."""
+    names = getattr(tokenizer, "model_input_names", None) or ()
+    return "token_type_ids" in names and _type_vocab_size(config) > 1
+
+
+def _type_vocab_size(config: dict[str, Any]) -> int:
+    value = config.get("type_vocab_size")
+    return value if isinstance(value, int) else 0
 
 
 def _vllm_version() -> str:
