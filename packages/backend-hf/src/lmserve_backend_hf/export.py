@@ -6,12 +6,16 @@
     OUTPUT/MODEL_NAME/1/model.onnx
 
 The ONNX graph takes exactly the named tokenizer outputs (INT64, dynamic batch and sequence
-axes) and returns one FP32 tensor: ``logits`` for the classification and fill-mask tasks,
-``last_hidden_state`` for embeddings (lmserve pools and normalises it itself, as for the
-torch backend). Before anything lands in OUTPUT, ONNX Runtime is run against PyTorch on a
-batch of another size and length than the export sample; a difference above ``PARITY_ATOL``
-(over real tokens: padding positions of per-token outputs are not compared) raises
-``ExportParityError`` and leaves OUTPUT/MODEL_NAME untouched.
+axes) and returns one FP32 tensor: ``logits`` for the classification and fill-mask tasks and
+for rerank (a cross-encoder's sequence-classification graph: one logit per pair, [N, 1], to
+which lmserve applies the CrossEncoder's activation), ``last_hidden_state`` for embeddings
+(lmserve pools and normalises it itself, as for the torch backend). A reranker is exported and
+checked on (query, document) pairs; one whose tokenizer marks the document with token type 1
+must take ``token_type_ids`` (``triton_contract.reranker_needs_token_types``). Before anything
+lands in OUTPUT, ONNX Runtime is run against PyTorch on a batch of another size and length than
+the export sample; a difference above ``PARITY_ATOL`` (over real tokens: padding positions of
+per-token outputs are not compared) raises ``ExportParityError`` and leaves OUTPUT/MODEL_NAME
+untouched.
 
 torch and transformers are imported inside the functions: the entry point is only loaded
 when a user exports, and importing this module must stay cheap like the rest of the package.
@@ -36,6 +40,8 @@ from lmserve_backend_hf.triton_contract import (
     TritonTensor,
     config_data_type,
     describe_tensors,
+    missing_token_types,
+    reranker_needs_token_types,
     token_inputs,
 )
 from lmserve_core.errors import BackendError, ConfigurationError
@@ -63,6 +69,7 @@ EXPORT_TASKS: dict[Task, str] = {
     Task.token_classification: "logits",
     Task.fill_mask: "logits",
     Task.text_embedding: "last_hidden_state",
+    Task.rerank: "logits",
 }
 PARITY_ATOL = 1e-4
 # The torch.export-based exporter writes opset 18 and newer; asked for less it silently
@@ -80,6 +87,15 @@ _CHECK_TEXTS = (
     "hi",
     "Once upon a time a very long sentence went on and on, about Paris and Berlin and Rome "
     "and Madrid and Tokyo, about love and hate and everything in between, until {mask} ended.",
+)
+# A reranker's: (query, document) pairs, so both token types (and a truncated document) are
+# part of the parity check.
+_EXPORT_PAIRS = (("I love this", "I hate this so much"), ("where is paris", "in france"))
+_CHECK_PAIRS = (
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("hi", "hello"),
+    ("Alice lives in Paris", "and works at Google"),
+    ("Once upon a time", " ".join([_CHECK_TEXTS[3].replace("{mask}", "it")] * 4)),
 )
 
 
@@ -145,16 +161,22 @@ def export_onnx(
     with _quiet_transformers():
         with steps.step("loading tokenizer"):
             tokenizer = _load_tokenizer(model_dir, task, names)
+        if task is Task.rerank:
+            _check_reranker(model_dir, tokenizer, names)
         with steps.step("loading model") as note:
             model = _load_model(model_dir, task)
             note.result = f"{type(model).__name__}, {_parameter_count(model) / 1e6:.1f}M parameters"
     _check_forward_accepts(model, names)
     wrapper = _make_wrapper(model, names, output_name)
     max_length = _max_length(tokenizer, model)
-    export_sample = _tokenize(tokenizer, _EXPORT_TEXTS, names, max_length)
+    sample: Sequence[str | tuple[str, str]] = (
+        _EXPORT_PAIRS if task is Task.rerank else _EXPORT_TEXTS
+    )
+    check: Sequence[str | tuple[str, str]] = _CHECK_PAIRS if task is Task.rerank else _CHECK_TEXTS
+    export_sample = _tokenize(tokenizer, sample, names, max_length)
     check_batches = [
-        _tokenize(tokenizer, _CHECK_TEXTS, names, max_length),
-        _tokenize(tokenizer, _CHECK_TEXTS[2:3], names, max_length),  # batch 1 too
+        _tokenize(tokenizer, check, names, max_length),
+        _tokenize(tokenizer, check[2:3], names, max_length),  # batch 1 too
         export_sample,
     ]
     output_dims = _config_dims(tuple(_run_torch(wrapper, export_sample).shape))
@@ -326,6 +348,19 @@ def _load_tokenizer(model_dir: Path, task: Task, names: Sequence[str]) -> Any:
     return tokenizer
 
 
+def _check_reranker(model_dir: Path, tokenizer: Any, names: Sequence[str]) -> None:
+    """One logit (as serving checks), and token types among the inputs when the model reads
+    them: the parity check cannot catch their absence (PyTorch is run without them too)."""
+    from lmserve_backend_hf.encoder_info import check_reranker
+    from lmserve_core.model_files import read_model_config
+
+    config = read_model_config(model_dir)
+    check_reranker(config, str(model_dir))
+    pair_types = tokenizer("query", "document").get("token_type_ids") or []
+    if "token_type_ids" not in names and reranker_needs_token_types(config, pair_types):
+        raise missing_token_types(str(model_dir), names)
+
+
 def _load_model(model_dir: Path, task: Task) -> Any:
     import torch
 
@@ -410,13 +445,20 @@ def _make_wrapper(model: Any, names: Sequence[str], output_name: str) -> torch.n
 
 
 def _tokenize(
-    tokenizer: Any, texts: Sequence[str], names: Sequence[str], max_length: int | None
+    tokenizer: Any,
+    texts: Sequence[str | tuple[str, str]],
+    names: Sequence[str],
+    max_length: int | None,
 ) -> dict[str, np.ndarray]:
+    """Texts, or (query, document) pairs (a reranker's), padded into one batch."""
     import numpy as np
 
     mask = tokenizer.mask_token or "it"
+    pairs = [t for t in texts if isinstance(t, tuple)]
+    firsts = [t.replace("{mask}", mask) for t in texts if isinstance(t, str)]
     encoded = tokenizer(
-        [t.replace("{mask}", mask) for t in texts],
+        [q for q, _ in pairs] if pairs else firsts,
+        [d for _, d in pairs] if pairs else None,
         padding=True,
         truncation=max_length is not None,
         max_length=max_length,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lmserve_backend_hf.encoder_info import graph_encoder_parts
+from lmserve_backend_hf.triton_contract import reranker_graph_parts
 from lmserve_core.backend import LoadedEncoder, LoadRequest
 from lmserve_core.builtin_models import cache_lock, cache_root
 from lmserve_core.encoder import ENCODER_TASKS
@@ -122,6 +123,9 @@ def load_onnx_encoder(request: LoadRequest) -> LoadedEncoder:
         )
     started = time.perf_counter()
     parts = graph_encoder_parts(request)
+    if task is Task.rerank:  # a BERT cross-encoder's graph takes token types
+        parts = reranker_graph_parts(parts, request.config, source.display_name,
+                                     names_given=bool(settings.tensor_input_name_list))  # fmt: skip
     names, info = parts.input_names, parts.info
     onnx_path = exported_model(source, task, names)
     threads = settings.torch_threads or len(os.sched_getaffinity(0))

@@ -35,6 +35,7 @@ from lmserve_backend_hf.triton_contract import (
     TritonTensor,
     describe_tensors,
     expected_output,
+    reranker_graph_parts,
     token_inputs,
 )
 from lmserve_core.backend import LoadedEncoder, LoadRequest
@@ -335,6 +336,9 @@ def load_triton_encoder(request: LoadRequest) -> LoadedEncoder:
     started = time.perf_counter()
     url, ssl = split_predictor_host(settings.predictor_host)
     parts = graph_encoder_parts(request)
+    if task is Task.rerank:  # a BERT cross-encoder's graph takes token types
+        parts = reranker_graph_parts(parts, request.config, source.display_name,
+                                     names_given=bool(settings.tensor_input_name_list))  # fmt: skip
     names, info = parts.input_names, parts.info
     encoder = TritonEncoder(
         url=url,

@@ -16,12 +16,16 @@ No heavy imports: this module is loaded by transformer mode, which never imports
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from lmserve_core.encoder import ModelInfo
+from lmserve_core.errors import ConfigurationError
 from lmserve_core.tasks import Task
+
+if TYPE_CHECKING:
+    from lmserve_backend_hf.encoder_info import EncoderParts
 
 __all__ = [
     "DYNAMIC",
@@ -29,6 +33,8 @@ __all__ = [
     "config_data_type",
     "describe_tensors",
     "expected_output",
+    "reranker_graph_parts",
+    "reranker_needs_token_types",
     "token_inputs",
 ]
 
@@ -70,16 +76,64 @@ def token_inputs(names: Sequence[str], datatype: str = "INT64") -> tuple[TritonT
 
 def expected_output(task: Task, info: ModelInfo, name: str, datatype: str = "FP32") -> TritonTensor:
     """The output lmserve post-processes for ``task``, sized from the model's config.json:
-    ``[batch, classes]`` for sequence classification, ``[batch, sequence, last]`` otherwise
-    (last = labels, vocabulary or hidden size); -1 where the config does not say."""
+    ``[batch, classes]`` for sequence classification, ``[batch, 1]`` for a reranker (one logit
+    per pair: ``encoder_info.check_reranker``), ``[batch, sequence, last]`` otherwise (last =
+    labels, vocabulary or hidden size); -1 where the config does not say."""
     if task is Task.sequence_classification:
         return TritonTensor(name, datatype, (DYNAMIC, len(info.id2label) or DYNAMIC))
+    if task is Task.rerank:
+        return TritonTensor(name, datatype, (DYNAMIC, 1))
     last = {
         Task.token_classification: len(info.id2label) or None,
         Task.fill_mask: info.vocab_size,
         Task.text_embedding: info.hidden_size,
     }.get(task)
     return TritonTensor(name, datatype, (DYNAMIC, DYNAMIC, int(last) if last else DYNAMIC))
+
+
+def reranker_needs_token_types(config: Mapping[str, Any], pair_type_ids: Sequence[int]) -> bool:
+    """Whether a cross-encoder's graph must take ``token_type_ids``: its tokenizer marks the
+    document of a pair with type 1 (``pair_type_ids``: one pair's, specials included) and the
+    model has an embedding for more than one type (BERT's ``type_vocab_size`` 2).
+    ``CrossEncoder.predict`` then sends them, and a graph without them scores every pair as one
+    segment: other scores than the model's."""
+    types = config.get("type_vocab_size")
+    return isinstance(types, int) and types > 1 and 1 in pair_type_ids
+
+
+def missing_token_types(name: str, input_names: Sequence[str]) -> ConfigurationError:
+    """Why a reranker graph without ``token_type_ids`` is refused rather than served."""
+    return ConfigurationError(
+        f"{name!r} is a cross-encoder that tells the query from the document by token types, "
+        f"but the graph's inputs ({','.join(input_names)}) leave out token_type_ids: every pair "
+        "would score as one segment, not as the model scores it. Add token_type_ids to "
+        "--tensor_input_names (and to the exported graph: lmserve export --tensor_input_names "
+        "input_ids,attention_mask,token_type_ids)",
+        param="tensor_input_names",
+    )
+
+
+def reranker_graph_parts(
+    parts: EncoderParts, config: Mapping[str, Any], name: str, *, names_given: bool
+) -> EncoderParts:
+    """A reranker graph's inputs (ONNX Runtime's, Triton's): ``token_type_ids`` are added when
+    the model needs them (``reranker_needs_token_types``) and ``--tensor_input_names`` was not
+    given; given without them, the model is refused (``missing_token_types``): a reranker
+    serving other scores than its model's is worse than one that does not start."""
+    if "token_type_ids" in parts.input_names:
+        return parts
+    (pair,) = parts.tokenizer.encode_pairs(
+        [("query", "document")], add_special_tokens=True, max_length=None
+    )
+    if not reranker_needs_token_types(config, pair.type_ids):
+        return parts
+    if names_given:
+        raise missing_token_types(name, parts.input_names)
+    return replace(
+        parts,
+        input_names=[*parts.input_names, "token_type_ids"],
+        options=replace(parts.options, return_token_type_ids=True),
+    )
 
 
 def describe_tensors(
