@@ -14,10 +14,10 @@ from lmserve_core.backend import LoadRequest
 from lmserve_core.encoder import EncoderOptions, ModelInfo
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_files import (
+    check_reranker,
     config_max_length,
     cross_encoder_activation,
     matryoshka_dimensions,
-    num_labels,
     read_json,
     read_pooling_config,
 )
@@ -40,17 +40,6 @@ def model_info(
         score_activation=cross_encoder_activation(path, config),
         matryoshka_dimensions=matryoshka_dimensions(path, config),
     )
-
-
-def check_reranker(config: dict[str, Any], name: str) -> None:
-    """A reranker scores with one logit (a sentence-transformers CrossEncoder's shape)."""
-    labels = num_labels(config)
-    if labels not in (None, 1):
-        raise ConfigurationError(
-            f"{name!r} has {labels} output labels; --task rerank needs a cross-encoder with "
-            "one (serve it with --task sequence_classification)",
-            param="task",
-        )
 
 
 # The tokenizer outputs lmserve can send to a graph (Triton's, or ONNX Runtime's in-process).

@@ -351,8 +351,7 @@ def _load_tokenizer(model_dir: Path, task: Task, names: Sequence[str]) -> Any:
 def _check_reranker(model_dir: Path, tokenizer: Any, names: Sequence[str]) -> None:
     """One logit (as serving checks), and token types among the inputs when the model reads
     them: the parity check cannot catch their absence (PyTorch is run without them too)."""
-    from lmserve_backend_hf.encoder_info import check_reranker
-    from lmserve_core.model_files import read_model_config
+    from lmserve_core.model_files import check_reranker, read_model_config
 
     config = read_model_config(model_dir)
     check_reranker(config, str(model_dir))

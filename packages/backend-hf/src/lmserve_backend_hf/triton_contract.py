@@ -77,7 +77,7 @@ def token_inputs(names: Sequence[str], datatype: str = "INT64") -> tuple[TritonT
 def expected_output(task: Task, info: ModelInfo, name: str, datatype: str = "FP32") -> TritonTensor:
     """The output lmserve post-processes for ``task``, sized from the model's config.json:
     ``[batch, classes]`` for sequence classification, ``[batch, 1]`` for a reranker (one logit
-    per pair: ``encoder_info.check_reranker``), ``[batch, sequence, last]`` otherwise (last =
+    per pair: ``lmserve_core.model_files.check_reranker``), ``[batch, sequence, last]`` otherwise (last =
     labels, vocabulary or hidden size); -1 where the config does not say."""
     if task is Task.sequence_classification:
         return TritonTensor(name, datatype, (DYNAMIC, len(info.id2label) or DYNAMIC))

@@ -23,9 +23,9 @@ from lmserve_core.generation.model_config import (
 from lmserve_core.generation.prepare import ModelFacts
 from lmserve_core.hf_adapters import HFGenerationTokenizer, HFTokenizer, disable_lower_case
 from lmserve_core.model_files import (
+    check_reranker,
     cross_encoder_activation,
     matryoshka_dimensions,
-    num_labels,
     read_pooling_config,
 )
 from lmserve_core.settings import ServeSettings
@@ -60,19 +60,6 @@ def check_supported(task: Task, config: dict[str, Any]) -> None:
                                 param="backend")  # fmt: skip
     if arch not in ModelRegistry.get_supported_archs():
         raise UnsupportedByVLLM(f"vLLM does not support the architecture {arch}", param="backend")
-
-
-def check_reranker(config: dict[str, Any], name: str) -> None:
-    """A reranker scores with one logit (a sentence-transformers CrossEncoder's shape); the
-    same rule and message as the Hugging Face backend's ``encoder_info.check_reranker``. Not an
-    ``UnsupportedByVLLM``: no backend serves such a model as a reranker, so no fallback."""
-    labels = num_labels(config)
-    if labels not in (None, 1):
-        raise ConfigurationError(
-            f"{name!r} has {labels} output labels; --task rerank needs a cross-encoder with "
-            "one (serve it with --task sequence_classification)",
-            param="task",
-        )
 
 
 def load(request: LoadRequest) -> LoadedModel:

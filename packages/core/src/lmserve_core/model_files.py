@@ -156,6 +156,18 @@ def num_labels(config: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def check_reranker(config: dict[str, Any], name: str) -> None:
+    """A reranker scores with one logit (a sentence-transformers CrossEncoder's shape); every
+    backend refuses another head the same way, before loading anything."""
+    labels = num_labels(config)
+    if labels not in (None, 1):
+        raise ConfigurationError(
+            f"{name!r} has {labels} output labels; --task rerank needs a cross-encoder with "
+            "one (serve it with --task sequence_classification)",
+            param="task",
+        )
+
+
 def infer_model_task(path: Path, config: dict[str, Any]) -> Task:
     """The task a model's files say it does (``infer_task`` over what they contain)."""
     return infer_task(

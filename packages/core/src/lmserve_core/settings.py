@@ -119,8 +119,9 @@ class ServeSettings(BaseModel):
         Field(
             **flag(
                 "Task to serve: text_generation, text2text_generation, fill_mask, token_classification, "
-                "sequence_classification, text_embedding (pipeline spellings such as "
-                "text-classification also work). Default: inferred from the model architecture."
+                "sequence_classification, text_embedding, rerank (pipeline spellings such as "
+                "text-classification also work; score is rerank). Default: inferred from the model "
+                "files (a CrossEncoder folder or a one-label classifier is a reranker)."
             )
         ),
     ] = None
@@ -690,9 +691,9 @@ class ExportSettings(BaseModel):
     ] = None  # fmt: skip
     task: Annotated[
         str | None,
-        Field(**flag("sequence_classification, token_classification, fill_mask or "
-                     "text_embedding (pipeline spellings too); inferred from the architecture "
-                     "when absent.", group="export")),
+        Field(**flag("sequence_classification, token_classification, fill_mask, "
+                     "text_embedding or rerank (pipeline spellings too); inferred from the model "
+                     "files when absent.", group="export")),
     ] = None  # fmt: skip
     tensor_input_names: Annotated[
         str,
