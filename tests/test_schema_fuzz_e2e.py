@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 Pool = Callable[..., ServerProcess]
 EXAMPLES = 40  # per operation, mode (valid, invalid) and server
 CONFIG = SchemathesisConfig.from_dict({"seed": 7})
-ALIASES = {*RERANK_PATHS[1:], *SCORE_PATHS[1:]}
+ALIASES = {*RERANK_PATHS[1:], *SCORE_PATHS[1:], "/openai/v1/tokenize", "/openai/v1/detokenize"}
 
 
 @pytest.fixture(scope="module", params=["encoder", "generator"])
