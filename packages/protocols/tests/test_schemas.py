@@ -54,8 +54,10 @@ def test_embedding_request_input_forms() -> None:
         EmbeddingRequest.model_validate({"model": "m", "input": "x", "encoding_format": "hex"})
     with pytest.raises(ValidationError):
         EmbeddingRequest.model_validate({"model": "m", "input": "x", "dimensions": 0})
+    # vLLM's rule: a request without 'model' means the served model; 'input' is required.
+    assert EmbeddingRequest.model_validate({"input": "x"}).model is None
     with pytest.raises(ValidationError):
-        EmbeddingRequest.model_validate({"input": "x"})
+        EmbeddingRequest.model_validate({"model": "m"})
 
 
 def test_response_models_serialise_as_openai_and_v2_do() -> None:
