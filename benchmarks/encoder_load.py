@@ -1,8 +1,10 @@
-"""Closed-loop load generator for lmserve's encoder routes (KServe V1 and V2 infer).
+"""Closed-loop load generator for lmserve's encoder routes (KServe V1 and V2 infer, rerank).
 
 ``concurrency`` clients each send one request at a time (one instance per request, texts taken
 in turn from a list) until ``requests`` have been issued. A request counts as successful only
-with status 200 and one prediction per instance. Metrics as in ``serve_load.py``:
+with status 200 and one prediction per instance. ``run_rerank_load`` drives vLLM's ``/rerank``
+the same way (one query and its documents per request); ``run_json_load`` is the loop both use.
+Metrics as in ``serve_load.py``:
 duration = first request sent -> last request finished; throughput = successes / duration;
 latency percentiles with numpy's default (linear) interpolation, in ms.
 
@@ -23,7 +25,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -48,32 +50,22 @@ def _answer_count(protocol: str, body: dict[str, Any]) -> int:
     return int(shape[0])
 
 
-async def run_encoder_load(
-    base_url: str,
-    model: str,
+async def run_json_load(
+    url: str,
+    body_for: Callable[[int], dict[str, Any]],
+    answered: Callable[[int, Any], bool],
     *,
     concurrency: int,
     requests: int,
-    texts: Sequence[str] = PROMPTS,
-    protocol: str = "v1",
     warmup: int = 0,
     timeout_s: float = 120,
 ) -> dict[str, Any]:
-    """Run the load; return requests/s, latency percentiles (ms) and error counts.
-
-    ``warmup`` requests are sent first (at the same concurrency) and not measured.
-    """
-    base = check_local_url(base_url)
-    if protocol not in ("v1", "v2"):
-        raise ValueError("protocol must be v1 or v2")
-    if concurrency < 1 or requests < 1 or not texts:
-        raise ValueError("concurrency and requests must be >= 1, and texts non-empty")
-    url = (
-        f"{base}/v1/models/{model}:predict"
-        if protocol == "v1"
-        else f"{base}/v2/models/{model}/infer"
-    )
-    make_body = v1_body if protocol == "v1" else v2_body
+    """The closed loop: request ``i`` POSTs ``body_for(i)`` as JSON to ``url`` and succeeds with
+    status 200 and ``answered(i, parsed JSON body)``. Returns requests/s, latency percentiles (ms)
+    and error counts. ``warmup`` requests (``body_for`` 0, 1, ...) are sent first at the same
+    concurrency and not measured; the measured ones start again from 0."""
+    if concurrency < 1 or requests < 1:
+        raise ValueError("concurrency and requests must be >= 1")
     latencies: list[float] = []
     errors: list[str] = []
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -84,12 +76,11 @@ async def run_encoder_load(
     ) as session:
 
         async def one(index: int, record: bool) -> None:
-            text = texts[index % len(texts)]
             sent = time.perf_counter()
             try:
-                async with session.post(url, json=make_body([text])) as response:
+                async with session.post(url, json=body_for(index)) as response:
                     body = await response.read()
-                    ok = response.status == 200 and _answer_count(protocol, json.loads(body)) == 1
+                    ok = response.status == 200 and answered(index, json.loads(body))
                     why = "" if ok else f"{response.status}: {body[:200]!r}"
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 ok, why = False, f"{type(exc).__name__}: {exc}"
@@ -121,7 +112,6 @@ async def run_encoder_load(
     ms = [1000 * x for x in latencies]
     return {
         "url": url,
-        "protocol": protocol,
         "concurrency": concurrency,
         "requests": requests,
         "completed": len(latencies),
@@ -135,6 +125,70 @@ async def run_encoder_load(
             "p99": percentile(ms, 99) if ms else float("nan"),
         },
     }
+
+
+async def run_encoder_load(
+    base_url: str,
+    model: str,
+    *,
+    concurrency: int,
+    requests: int,
+    texts: Sequence[str] = PROMPTS,
+    protocol: str = "v1",
+    warmup: int = 0,
+    timeout_s: float = 120,
+) -> dict[str, Any]:
+    """V1 or V2 infer, one text per request (``texts`` in turn); see ``run_json_load``."""
+    base = check_local_url(base_url)
+    if protocol not in ("v1", "v2"):
+        raise ValueError("protocol must be v1 or v2")
+    if not texts:
+        raise ValueError("texts must be non-empty")
+    url = (
+        f"{base}/v1/models/{model}:predict"
+        if protocol == "v1"
+        else f"{base}/v2/models/{model}/infer"
+    )
+    make_body = v1_body if protocol == "v1" else v2_body
+    metrics = await run_json_load(
+        url,
+        lambda i: make_body([texts[i % len(texts)]]),
+        lambda _, body: _answer_count(protocol, body) == 1,
+        concurrency=concurrency, requests=requests, warmup=warmup, timeout_s=timeout_s,
+    )  # fmt: skip
+    return {"url": url, "protocol": protocol, **metrics}
+
+
+async def run_rerank_load(
+    base_url: str,
+    model: str,
+    queries: Sequence[tuple[str, Sequence[str]]],
+    *,
+    concurrency: int,
+    requests: int,
+    top_n: int = 0,
+    warmup: int = 0,
+    timeout_s: float = 120,
+) -> dict[str, Any]:
+    """vLLM's ``POST /rerank``, request ``i`` with ``queries[i % len(queries)]`` (a query and
+    its documents); it succeeds with ``top_n`` results (0: one per document) and every
+    document's index at most once. See ``run_json_load``."""
+    url = check_local_url(base_url) + "/rerank"
+    if not queries:
+        raise ValueError("queries must be non-empty")
+
+    def body_for(i: int) -> dict[str, Any]:
+        query, documents = queries[i % len(queries)]
+        return {"model": model, "query": query, "documents": list(documents), "top_n": top_n}
+
+    def answered(i: int, body: Any) -> bool:
+        documents = queries[i % len(queries)][1]
+        indexes = [r["index"] for r in body.get("results", [])]
+        want = min(top_n, len(documents)) if top_n else len(documents)
+        return len(indexes) == want and len(set(indexes)) == want
+
+    return await run_json_load(url, body_for, answered, concurrency=concurrency,
+                               requests=requests, warmup=warmup, timeout_s=timeout_s)  # fmt: skip
 
 
 def format_summary(m: dict[str, Any]) -> str:

@@ -6,8 +6,8 @@ For each backend one ``lmserve serve --model_id smollm2-135m-instruct`` runs (th
 q/k/v/o (random, non-zero weights: what they compute costs the same as trained ones). Each
 round ``serve_load.py`` drives it with the same greedy chat requests (``--max-tokens`` tokens,
 EOS ignored) twice, once all on the base model and once request i on adapter i mod 4, alternating
-which goes first. The ratio is the adapters' output tokens/s over the base's in the same round;
-the median over rounds is reported.
+which goes first (``alternating.py``). The ratio is the adapters' output tokens/s over the base's
+in the same round; the median over rounds is reported.
 
     uv run --no-sync python benchmarks/lora.py --json-out lora.json
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from alternating import alternating_rounds  # noqa: E402
 from generation_streams import ENV, FLAGS, MODEL  # noqa: E402
 from prompts import PROMPTS  # noqa: E402
 from serve_load import run_load  # noqa: E402
@@ -60,26 +60,30 @@ def run_backend(
     extra = ["--enforce-eager"] if backend == "vllm" else []
     lora = ["--enable-lora", "--max-loras", str(len(ADAPTERS)), "--lora-modules", *adapters]
     server = start_server([*FLAGS, "--backend", backend, *extra, *lora], env=ENV, timeout=600)
-    out: dict[str, Any] = {"backend": backend, "rounds": []}
+    out: dict[str, Any] = {"backend": backend}
     try:
         base = server.url + "/openai/v1"
         for warm in (["model"], ADAPTERS):
             _load(base, 4, 4, 4, warm)
-        for r in range(rounds):
-            order = [("base", ["model"]), ("adapters", ADAPTERS)]
-            if r % 2:
-                order.reverse()
-            row: dict[str, Any] = {}
-            for name, models in order:
-                m = _load(base, streams, requests, tokens, models)
-                row[name] = {"output_throughput": m["output_throughput"], "errors": m["errors"],
-                             "tpot_p50_ms": m["tpot_ms"]["p50"]}  # fmt: skip
-            row["ratio"] = row["adapters"]["output_throughput"] / row["base"]["output_throughput"]
-            out["rounds"].append(row)
-            print(f"  {backend} round {r + 1}: base {row['base']['output_throughput']:.1f} tok/s, "
+
+        def measure(models: list[str]) -> dict[str, Any]:
+            m = _load(base, streams, requests, tokens, models)
+            return {"output_throughput": m["output_throughput"], "errors": m["errors"],
+                    "tpot_p50_ms": m["tpot_ms"]["p50"]}  # fmt: skip
+
+        def report(r: int, row: dict[str, Any]) -> None:
+            print(f"  {backend} round {r}: base {row['base']['output_throughput']:.1f} tok/s, "
                   f"4 adapters {row['adapters']['output_throughput']:.1f} tok/s, ratio "
                   f"{row['ratio']:.3f}", flush=True)  # fmt: skip
-        out["median_ratio"] = statistics.median(r["ratio"] for r in out["rounds"])
+
+        out |= alternating_rounds(
+            [("base", lambda: measure(["model"])), ("adapters", lambda: measure(ADAPTERS))],
+            rounds,
+            ratio=lambda row: (
+                row["adapters"]["output_throughput"] / row["base"]["output_throughput"]
+            ),
+            report=report,
+        )
     finally:
         server.stop()
     return out

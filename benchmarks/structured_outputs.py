@@ -5,7 +5,7 @@ For each backend one ``lmserve serve --model_id smollm2-135m-instruct`` runs (th
 ``generation_streams.py``); ``serve_load.py`` drives it with the same greedy chat requests
 (``--max-tokens`` tokens, EOS ignored) twice per round, once plain and once with a
 ``response_format`` whose schema's one string field takes every token, alternating which goes
-first. The constraint is compiled once (the warm-up request) and cached, as any repeated schema
+first (``alternating.py``). The constraint is compiled once (the warm-up request) and cached, as any repeated schema
 is. The ratio is constrained TPOT p50 / plain TPOT p50 from the same round; the median over
 rounds is reported.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from alternating import alternating_rounds  # noqa: E402
 from generation_streams import ENV, FLAGS, MODEL  # noqa: E402
 from prompts import PROMPTS  # noqa: E402
 from serve_load import run_load  # noqa: E402
@@ -52,26 +52,28 @@ def _load(base: str, streams: int, requests: int, tokens: int, extra: dict[str, 
 def run_backend(backend: str, streams: int, requests: int, tokens: int, rounds: int) -> Any:
     extra = ["--enforce-eager"] if backend == "vllm" else []
     server = start_server([*FLAGS, "--backend", backend, *extra], env=ENV, timeout=600)
-    out: dict[str, Any] = {"backend": backend, "rounds": []}
+    out: dict[str, Any] = {"backend": backend}
     try:
         base = server.url + "/openai/v1"
         for warm in ({}, CONSTRAINED):  # compiles the schema once, warms both paths
             _load(base, 2, 2, 4, warm)
-        for r in range(rounds):
-            order = [("plain", {}), ("json_schema", CONSTRAINED)]
-            if r % 2:
-                order.reverse()
-            row: dict[str, Any] = {}
-            for name, body in order:
-                m = _load(base, streams, requests, tokens, body)
-                row[name] = {"tpot_p50_ms": m["tpot_ms"]["p50"], "errors": m["errors"],
-                             "output_throughput": m["output_throughput"]}  # fmt: skip
-            row["ratio"] = row["json_schema"]["tpot_p50_ms"] / row["plain"]["tpot_p50_ms"]
-            out["rounds"].append(row)
-            print(f"  {backend} round {r + 1}: TPOT p50 plain {row['plain']['tpot_p50_ms']:.1f} "
+
+        def measure(body: dict[str, Any]) -> dict[str, Any]:
+            m = _load(base, streams, requests, tokens, body)
+            return {"tpot_p50_ms": m["tpot_ms"]["p50"], "errors": m["errors"],
+                    "output_throughput": m["output_throughput"]}  # fmt: skip
+
+        def report(r: int, row: dict[str, Any]) -> None:
+            print(f"  {backend} round {r}: TPOT p50 plain {row['plain']['tpot_p50_ms']:.1f} "
                   f"ms, json_schema {row['json_schema']['tpot_p50_ms']:.1f} ms, ratio "
                   f"{row['ratio']:.3f}", flush=True)  # fmt: skip
-        out["median_ratio"] = statistics.median(r["ratio"] for r in out["rounds"])
+
+        out |= alternating_rounds(
+            [("plain", lambda: measure({})), ("json_schema", lambda: measure(CONSTRAINED))],
+            rounds,
+            ratio=lambda row: row["json_schema"]["tpot_p50_ms"] / row["plain"]["tpot_p50_ms"],
+            report=report,
+        )
     finally:
         server.stop()
     return out
