@@ -60,3 +60,14 @@ def test_a_generator_completes_and_chats_greedily() -> None:
         longer = model.complete(prompt, max_tokens=12, temperature=0, min_tokens=6)
         assert plain.usage.completion_tokens < 6 <= longer.usage.completion_tokens
         assert longer.choices[0].text.startswith(plain.choices[0].text)
+
+
+def test_an_in_process_encoder_gathers_64_and_forwards_length_sorted_chunks() -> None:
+    """Without --max_batch_size the batch is the in-process default, forwarded in chunks."""
+    with load_model(model_path("sentiment"), torch_threads=1) as model:
+        assert model.host.service is not None
+        assert model.host.gate.running_slots == 64
+        assert model.host.service.chunk_rows == 16
+        texts = list(SENTIMENT) * 6  # more rows than one chunk: sorted, split, put back
+        expected = [1 if label == "POSITIVE" else 0 for label in SENTIMENT.values()] * 6
+        assert len(texts) > 16 and model.predict(texts) == expected

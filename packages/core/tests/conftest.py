@@ -186,6 +186,7 @@ def make_service(tokenizer: FakeTokenizer) -> Callable[..., tuple[EncoderService
         block_first: bool = False,
         max_batch_size: int = 32,
         bucket_lengths: bool = False,
+        chunk_rows: int | None = None,
     ) -> tuple[EncoderService, FakeBackend]:
         backend = FakeBackend(fn, block_first=block_first)
         service = EncoderService(
@@ -196,6 +197,7 @@ def make_service(tokenizer: FakeTokenizer) -> Callable[..., tuple[EncoderService
             options=options or EncoderOptions(),
             max_batch_size=max_batch_size,
             bucket_lengths=bucket_lengths,
+            chunk_rows=chunk_rows,
         )
         return service, backend
 

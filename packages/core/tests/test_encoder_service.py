@@ -347,3 +347,64 @@ def test_bucketed_batches_are_padded_but_answers_are_unchanged(
     assert plain_backend.calls[0]["input_ids"].shape == (2, 9)
     assert bucketed.predictions == plain.predictions
     np.testing.assert_array_equal(bucketed.outputs[0].data, plain.outputs[0].data)
+
+
+# --- length-sorted chunks -------------------------------------------------------------
+
+CHUNK_TEXTS = [
+    "the cat sat on the mat .",  # 9 tokens
+    "a",  # 3
+    "the cat sat",  # 5
+    "a dog",  # 4
+    "new york is big",  # 6
+]
+
+
+@pytest.mark.parametrize(
+    ("task", "fn"),
+    [
+        (Task.token_classification, position_logits),
+        (Task.sequence_classification, first_word_logits),
+    ],
+)
+def test_chunked_batches_are_length_sorted_and_answer_as_one_pass(
+    make_service: Callable[..., Any], task: Task, fn: Any
+) -> None:
+    service, backend = make_service(task, fn, chunk_rows=2)
+    first = service.encode(CHUNK_TEXTS[:2], RequestParams())
+    second = service.encode(CHUNK_TEXTS[2:], RequestParams())
+    chunked = service._run_batch([first, second])
+    # Sorted lengths 3 4 5 | 6 9: chunks of two rows, each padded to its own longest.
+    assert [call["input_ids"].shape for call in backend.calls] == [(2, 4), (2, 6), (1, 9)]
+    plain_service, plain_backend = make_service(task, fn)
+    plain = plain_service._run_batch([first, second])
+    assert [call["input_ids"].shape for call in plain_backend.calls] == [(5, 9)]
+    for request, got, want in zip((first, second), chunked, plain, strict=True):
+        assert got.shape == want.shape
+        # Padding positions may differ between the passes; a row's own positions must not.
+        for row, enc in enumerate(request.encodings):
+            np.testing.assert_array_equal(got[row, : len(enc)], want[row, : len(enc)])
+
+
+def test_a_batch_of_at_most_chunk_rows_is_one_pass(make_service: Callable[..., Any]) -> None:
+    service, backend = make_service(Task.sequence_classification, first_word_logits, chunk_rows=8)
+    service._run_batch([service.encode(CHUNK_TEXTS, RequestParams())])
+    assert [call["input_ids"].shape for call in backend.calls] == [(5, 9)]
+
+
+def test_chunked_embeddings_equal_one_pass(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    table = np.random.default_rng(5).standard_normal((20, 6)).astype(np.float32)
+
+    def hidden(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        h = table[ids].copy()
+        h[mask == 0] = 1e4  # a pooling that read padding would show it
+        return h
+
+    service, backend = make_service(Task.text_embedding, hidden, chunk_rows=2)
+    chunked = infer(service, CHUNK_TEXTS)
+    assert len(backend.calls) == 3
+    plain_service, _ = make_service(Task.text_embedding, hidden)
+    plain = infer(plain_service, CHUNK_TEXTS)
+    np.testing.assert_allclose(chunked.outputs[0].data, plain.outputs[0].data, rtol=1e-6)

@@ -11,7 +11,12 @@ import torch
 
 from lmserve_backend_hf.encoder import TorchEncoder
 from lmserve_backend_hf.encoder_info import encoder_parts
-from lmserve_core.backend import LoadedEncoder, LoadRequest
+from lmserve_core.backend import (
+    IN_PROCESS_BATCH_SIZE,
+    IN_PROCESS_CHUNK_ROWS,
+    LoadedEncoder,
+    LoadRequest,
+)
 from lmserve_core.encoder import ENCODER_TASKS
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.settings import canonical_dtype
@@ -112,6 +117,8 @@ def load_encoder(request: LoadRequest) -> LoadedEncoder:
         details={"device": str(device), "dtype": dtype_name, "torch_threads": threads,
                  "architecture": (config.get("architectures") or ["?"])[0]},
         max_adapters=request.settings.max_cpu_loras,  # every adapter stays loaded here
+        chunk_rows=IN_PROCESS_CHUNK_ROWS,
+        default_batch_size=IN_PROCESS_BATCH_SIZE,
     )  # fmt: skip
 
 

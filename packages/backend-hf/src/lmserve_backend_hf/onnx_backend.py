@@ -24,7 +24,12 @@ import numpy as np
 
 from lmserve_backend_hf.encoder_info import graph_encoder_parts
 from lmserve_backend_hf.triton_contract import reranker_graph_parts
-from lmserve_core.backend import LoadedEncoder, LoadRequest
+from lmserve_core.backend import (
+    IN_PROCESS_BATCH_SIZE,
+    IN_PROCESS_CHUNK_ROWS,
+    LoadedEncoder,
+    LoadRequest,
+)
 from lmserve_core.builtin_models import cache_lock, cache_root
 from lmserve_core.encoder import ENCODER_TASKS
 from lmserve_core.errors import ConfigurationError
@@ -148,4 +153,6 @@ def load_onnx_encoder(request: LoadRequest) -> LoadedEncoder:
             "dtype": "float32",
             "architecture": (request.config.get("architectures") or ["?"])[0],
         },
+        chunk_rows=IN_PROCESS_CHUNK_ROWS,
+        default_batch_size=IN_PROCESS_BATCH_SIZE,
     )

@@ -17,7 +17,12 @@ import time
 from enum import StrEnum
 
 from lmserve_core.admission import AdmissionGate, Ticket
-from lmserve_core.backend import LoadedEncoder, LoadedGenerator, LoadRequest
+from lmserve_core.backend import (
+    DEFAULT_BATCH_SIZE,
+    LoadedEncoder,
+    LoadedGenerator,
+    LoadRequest,
+)
 from lmserve_core.encoder import EncoderService
 from lmserve_core.errors import (
     ConfigurationError,
@@ -78,7 +83,8 @@ class ModelHost:
         # Bounds the requests this model holds (running + --max_queued_requests waiting);
         # the running slots are refined once the backend is known. Callers admit after
         # ``require``/``require_generator``, so 404 and 503 come before 429.
-        running = settings.max_num_seqs if plan.task.is_generative else settings.max_batch_size
+        running = (settings.max_num_seqs if plan.task.is_generative
+                   else settings.max_batch_size or DEFAULT_BATCH_SIZE)  # fmt: skip
         self.gate = AdmissionGate(running_slots=running, max_queued=settings.max_queued_requests)
         self.observer = observer
         # LoRA adapters (--enable_lora): served under their own names next to these.
@@ -161,20 +167,22 @@ class ModelHost:
                 )
                 await loaded.backend.start()
             else:
+                batch_size = self.settings.max_batch_size or loaded.default_batch_size
                 service = EncoderService(
                     task=self.plan.task,
                     tokenizer=loaded.tokenizer,
                     backend=loaded.backend,
                     info=loaded.info,
                     options=loaded.options,
-                    max_batch_size=self.settings.max_batch_size,
+                    max_batch_size=batch_size,
                     max_batch_tokens=self.settings.max_batch_tokens,
                     bucket_lengths=loaded.bucket_lengths,
+                    chunk_rows=loaded.chunk_rows,
                     concurrency=loaded.concurrent_batches,
                     max_instances=self.settings.max_instances_per_request,
                     observer=self.observer,
                 )
-                self.gate.running_slots = self.settings.max_batch_size * loaded.concurrent_batches
+                self.gate.running_slots = batch_size * loaded.concurrent_batches
                 await service.start()
                 self.service = service
         except LmserveError as exc:

@@ -482,12 +482,18 @@ class ServeSettings(BaseModel):
         )),
     ] = True  # fmt: skip
     max_batch_size: Annotated[
-        int,
+        int | None,
         Field(
             gt=0,
-            **flag("Most instances one encoder forward pass takes from the queue.", group="server"),
+            **flag(
+                "Most instances one encoder batch takes from the queue. Default: 64 for models "
+                "run in this process (--backend huggingface or onnx), which run a batch as "
+                "length-sorted forward passes of at most 16 rows so short inputs do not pad to "
+                "long ones; 32 otherwise (a Triton model lmserve exports takes 32).",
+                group="server",
+            ),
         ),
-    ] = 32
+    ] = None
     max_batch_tokens: Annotated[
         int,
         Field(

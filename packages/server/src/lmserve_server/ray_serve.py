@@ -26,6 +26,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lmserve_core.backend import DEFAULT_BATCH_SIZE
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_host import ModelHost, ModelState
 from lmserve_core.settings import ServeSettings, flag
@@ -131,7 +132,10 @@ def no_code_upload() -> None:
 
 def deployment_options(settings: ServeSettings, replicas: ReplicaSettings) -> dict[str, Any]:
     """``serve.deployment`` options: a pure function of the two settings (tested without Ray)."""
-    admits = max(settings.max_num_seqs, settings.max_batch_size) + settings.max_queued_requests
+    # Unset --max_batch_size: the smallest default batch, so Ray never sends a replica more than
+    # it admits (in-process encoders admit 32 more, which Ray then queues itself).
+    batch = settings.max_batch_size or DEFAULT_BATCH_SIZE
+    admits = max(settings.max_num_seqs, batch) + settings.max_queued_requests
     max_ongoing = replicas.max_ongoing_requests or admits
     options: dict[str, Any] = {
         "name": "lmserve",

@@ -124,18 +124,22 @@ class EncoderService:
         concurrency: int = 1,
         max_instances: int | None = None,
         observer: ServingObserver | None = None,
+        chunk_rows: int | None = None,
     ) -> None:
         """``max_batch_size`` / ``max_batch_tokens``: the batcher's limits (instances, padded
         tokens); ``max_instances``: most instances per request (more is a 400);
         ``bucket_lengths``: pad batches to ``length_bucket`` sizes, not to their
         longest input; ``concurrency``: batches in flight at once (see ``DynamicBatcher``);
-        ``observer``: metrics hooks (batch sizes, queue time)."""
+        ``observer``: metrics hooks (batch sizes, queue time); ``chunk_rows``: forward a
+        batch of more rows as length-sorted chunks of at most this many (see
+        ``LoadedEncoder.chunk_rows``)."""
         if task not in ENCODER_TASKS:
             raise ValueError(f"{task} is not an encoder task")
         self.task = task
         self.handler = ENCODER_TASKS[task]
         self.backend = backend
         self.bucket_lengths = bucket_lengths
+        self.chunk_rows = chunk_rows
         self.max_instances = max_instances
         self.context = TaskContext(tokenizer=tokenizer, info=info, options=options)
         self.batcher: DynamicBatcher[EncodedRequest, FloatArray] = DynamicBatcher(
@@ -324,6 +328,25 @@ class EncoderService:
     # --- model thread ------------------------------------------------------------
     def _run_batch(self, requests: Sequence[EncodedRequest]) -> list[FloatArray]:
         encodings = [enc for req in requests for enc in req.encodings]
+        adapters = [req.adapter for req in requests for _ in range(req.size)]
+        if self.chunk_rows and len(encodings) > self.chunk_rows:
+            outputs = self._forward_sorted_chunks(encodings, adapters, self.chunk_rows)
+        else:
+            outputs = self._forward(encodings, adapters)
+        results, row = [], 0
+        for req in requests:
+            part = outputs[row : row + req.size]
+            row += req.size
+            # Each request sees outputs padded to its own longest input, as if alone.
+            # (Backends that pool themselves, like vLLM's, return [N, D] with no sequence axis.)
+            trim = self.handler.sequence_output and part.ndim == 3
+            results.append(part[:, : req.seq_len] if trim else part)
+        return results
+
+    def _forward(
+        self, encodings: Sequence[Encoding], adapters: Sequence[LoRAAdapter | None]
+    ) -> FloatArray:
+        """One forward pass over ``encodings``, padded to the longest (or its bucket)."""
         length = max(len(e) for e in encodings)
         if self.bucket_lengths:
             length = length_bucket(length, max_length=self.info.max_length)
@@ -333,7 +356,6 @@ class EncoderService:
             length=length,
             with_token_types=self.context.options.return_token_type_ids,
         )
-        adapters = [req.adapter for req in requests for _ in range(req.size)]
         if any(a is not None for a in adapters):
             # Rows of different adapters and of the base share the pass (PEFT's mixed batch).
             backend = cast(AdapterEncoderBackend, self.backend)
@@ -344,15 +366,34 @@ class EncoderService:
             raise BackendError(
                 f"the model returned {outputs.shape[0]} rows for {len(encodings)} inputs"
             )
-        results, row = [], 0
-        for req in requests:
-            part = outputs[row : row + req.size]
-            row += req.size
-            # Each request sees outputs padded to its own longest input, as if alone.
-            # (Backends that pool themselves, like vLLM's, return [N, D] with no sequence axis.)
-            trim = self.handler.sequence_output and part.ndim == 3
-            results.append(part[:, : req.seq_len] if trim else part)
-        return results
+        return outputs
+
+    def _forward_sorted_chunks(
+        self, encodings: Sequence[Encoding], adapters: Sequence[LoRAAdapter | None], rows: int
+    ) -> FloatArray:
+        """Forward passes over length-sorted chunks of at most ``rows`` rows, put back in
+        order: a short row no longer pads to the batch's longest one (what
+        sentence-transformers' ``predict`` and ``encode`` do). Sequence outputs are padded
+        back to the batch's longest row; requests only read their own rows' positions."""
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
+        longest = len(encodings[order[-1]])
+        merged: FloatArray | None = None
+        for start in range(0, len(order), rows):
+            chunk = order[start : start + rows]
+            out = self._forward([encodings[i] for i in chunk], [adapters[i] for i in chunk])
+            if merged is None:
+                shape = list(out.shape)
+                shape[0] = len(encodings)
+                if self.handler.sequence_output and out.ndim == 3:
+                    shape[1] = longest
+                merged = np.zeros(shape, dtype=out.dtype)
+            index = np.asarray(chunk)
+            if self.handler.sequence_output and out.ndim == 3:
+                merged[index, : out.shape[1]] = out
+            else:
+                merged[index] = out
+        assert merged is not None
+        return merged
 
 
 def check_pairs(instances: Sequence[Any]) -> list[tuple[str, str]]:
