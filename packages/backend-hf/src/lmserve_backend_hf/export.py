@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmserve_backend_hf.onnxruntime_extra import import_onnxruntime
 from lmserve_backend_hf.triton_contract import (
     DYNAMIC,
     TritonTensor,
@@ -617,7 +618,8 @@ def _parity(
     wrapper: torch.nn.Module, onnx_path: Path, batches: list[dict[str, np.ndarray]]
 ) -> float:
     import numpy as np
-    import onnxruntime as ort
+
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no initializer-removal chatter

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lmserve_backend_hf.encoder_info import graph_encoder_parts
+from lmserve_backend_hf.onnxruntime_extra import import_onnxruntime
 from lmserve_backend_hf.triton_contract import reranker_graph_parts
 from lmserve_core.backend import (
     IN_PROCESS_BATCH_SIZE,
@@ -101,7 +102,7 @@ def exported_model(source: ModelSource, task: Task, inputs: Sequence[str]) -> Pa
 
 
 def _session(path: Path, threads: int) -> tuple[Any, list[str]]:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
