@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -65,9 +66,22 @@ def test_a_generator_completes_and_chats_greedily() -> None:
 def test_an_in_process_encoder_gathers_64_and_forwards_length_sorted_chunks() -> None:
     """Without --max_batch_size the batch is the in-process default, forwarded in chunks."""
     with load_model(model_path("sentiment"), torch_threads=1) as model:
-        assert model.host.service is not None
-        assert model.host.gate.running_slots == 64
-        assert model.host.service.chunk_rows == 16
-        texts = list(SENTIMENT) * 6  # more rows than one chunk: sorted, split, put back
+        service = model.host.service
+        assert service is not None
+        assert model.host.gate.running_slots == 64 and service.chunk_rows == 16
+        shapes: list[tuple[int, ...]] = []
+        forward = service.backend.forward
+
+        def recording(inputs: Any) -> Any:
+            shapes.append(tuple(inputs["input_ids"].shape))
+            return forward(inputs)
+
+        service.backend.forward = recording  # type: ignore[method-assign]
+        long_text = "i love this movie " * 20  # pads every row of one pass to ~80 tokens
+        texts = list(SENTIMENT) * 6 + [long_text]
         expected = [1 if label == "POSITIVE" else 0 for label in SENTIMENT.values()] * 6
-        assert len(texts) > 16 and model.predict(texts) == expected
+        answers = model.predict(texts)
+        assert answers[:-1] == expected and answers[-1] in (0, 1)
+        # 31 rows: two length-sorted passes, the long text with the longest short ones.
+        assert [rows for rows, _ in shapes] == [16, 15]
+        assert shapes[0][1] <= 7 < shapes[1][1]

@@ -392,6 +392,15 @@ def test_a_batch_of_at_most_chunk_rows_is_one_pass(make_service: Callable[..., A
     assert [call["input_ids"].shape for call in backend.calls] == [(5, 9)]
 
 
+def test_rows_of_like_lengths_stay_one_pass(make_service: Callable[..., Any]) -> None:
+    """Chunks that would save under CHUNK_MIN_SAVING of the padding are not worth a pass."""
+    service, backend = make_service(Task.sequence_classification, first_word_logits, chunk_rows=2)
+    texts = ["a dog", "new york", "the cat", "the cat sat", "the cat sat"]  # 4 4 4 5 5 tokens
+    service._run_batch([service.encode(texts, RequestParams())])
+    # One pass pads 5 x 5 = 25 tokens; chunks (4 4) (4 5) (5) would pad 8 + 10 + 5 = 23.
+    assert [call["input_ids"].shape for call in backend.calls] == [(5, 5)]
+
+
 def test_chunked_embeddings_equal_one_pass(
     make_service: Callable[..., Any], infer: Callable[..., Any]
 ) -> None:

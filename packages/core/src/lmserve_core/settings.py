@@ -487,9 +487,9 @@ class ServeSettings(BaseModel):
             gt=0,
             **flag(
                 "Most instances one encoder batch takes from the queue. Default: 64 for models "
-                "run in this process (--backend huggingface or onnx), which run a batch as "
-                "length-sorted forward passes of at most 16 rows so short inputs do not pad to "
-                "long ones; 32 otherwise (a Triton model lmserve exports takes 32).",
+                "run in this process (--backend huggingface or onnx), which run a batch of mixed "
+                "lengths as length-sorted forward passes of at most 16 rows so short inputs do "
+                "not pad to long ones; 32 otherwise (a Triton model lmserve exports takes 32).",
                 group="server",
             ),
         ),

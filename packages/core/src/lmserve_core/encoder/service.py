@@ -46,6 +46,10 @@ Int64Array = np.ndarray
 # Requests with at most this many characters are tokenized on the event loop; longer ones on a
 # worker thread, so one huge request cannot stall the loop.
 INLINE_TOKENIZE_CHARS = 2000
+# A batch runs as length-sorted chunks (``chunk_rows``) only when they carry at least this much
+# less padding than one pass: each forward pass has a fixed cost, which on a tiny model
+# outweighs a little padding (the benchmark sentences, of like lengths, stay one pass).
+CHUNK_MIN_SAVING = 0.1
 
 
 class EncoderBackend(Protocol):
@@ -329,8 +333,9 @@ class EncoderService:
     def _run_batch(self, requests: Sequence[EncodedRequest]) -> list[FloatArray]:
         encodings = [enc for req in requests for enc in req.encodings]
         adapters = [req.adapter for req in requests for _ in range(req.size)]
-        if self.chunk_rows and len(encodings) > self.chunk_rows:
-            outputs = self._forward_sorted_chunks(encodings, adapters, self.chunk_rows)
+        chunks = self._length_sorted_chunks(encodings)
+        if chunks is not None:
+            outputs = self._forward_chunks(encodings, adapters, chunks)
         else:
             outputs = self._forward(encodings, adapters)
         results, row = [], 0
@@ -368,27 +373,40 @@ class EncoderService:
             )
         return outputs
 
-    def _forward_sorted_chunks(
-        self, encodings: Sequence[Encoding], adapters: Sequence[LoRAAdapter | None], rows: int
-    ) -> FloatArray:
-        """Forward passes over length-sorted chunks of at most ``rows`` rows, put back in
-        order: a short row no longer pads to the batch's longest one (what
-        sentence-transformers' ``predict`` and ``encode`` do). Sequence outputs are padded
-        back to the batch's longest row; requests only read their own rows' positions."""
+    def _length_sorted_chunks(self, encodings: Sequence[Encoding]) -> list[list[int]] | None:
+        """Row indices in length order, cut into chunks of at most ``chunk_rows``, when that
+        cuts the padded tokens of one pass by at least ``CHUNK_MIN_SAVING``; else None."""
+        rows = self.chunk_rows
+        if not rows or len(encodings) <= rows:
+            return None
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
-        longest = len(encodings[order[-1]])
+        chunks = [order[start : start + rows] for start in range(0, len(order), rows)]
+        one_pass = len(encodings) * len(encodings[order[-1]])
+        chunked = sum(len(chunk) * len(encodings[chunk[-1]]) for chunk in chunks)
+        return chunks if chunked <= (1 - CHUNK_MIN_SAVING) * one_pass else None
+
+    def _forward_chunks(
+        self,
+        encodings: Sequence[Encoding],
+        adapters: Sequence[LoRAAdapter | None],
+        chunks: Sequence[Sequence[int]],
+    ) -> FloatArray:
+        """A forward pass per chunk of rows, outputs put back in row order: a short row no
+        longer pads to the batch's longest one (as sentence-transformers' ``predict`` and
+        ``encode`` sort). Sequence outputs are padded back to the batch's longest row;
+        requests only read their own rows' positions."""
+        longest = max(len(e) for e in encodings)
         merged: FloatArray | None = None
-        for start in range(0, len(order), rows):
-            chunk = order[start : start + rows]
+        for chunk in chunks:
             out = self._forward([encodings[i] for i in chunk], [adapters[i] for i in chunk])
+            per_token = self.handler.sequence_output and out.ndim == 3
             if merged is None:
-                shape = list(out.shape)
-                shape[0] = len(encodings)
-                if self.handler.sequence_output and out.ndim == 3:
+                shape = [len(encodings), *out.shape[1:]]
+                if per_token:
                     shape[1] = longest
                 merged = np.zeros(shape, dtype=out.dtype)
             index = np.asarray(chunk)
-            if self.handler.sequence_output and out.ndim == 3:
+            if per_token:
                 merged[index, : out.shape[1]] = out
             else:
                 merged[index] = out
