@@ -5,6 +5,12 @@ then repetition / presence / frequency penalties; then greedy argmax, or tempera
 top-p, min-p and a draw from the row's own (seeded) generator. Logprobs are the log-softmax of
 the model's logits after the grammar's mask (where a row has one) and before any other
 processing, as vLLM's.
+
+Rows are grouped so that a step costs a few tensor ops, not a Python loop over rows: every
+greedy row takes its token from one batched argmax, and every plain sampled row (temperature,
+top-k, top-p, min-p; no penalties, bias, min-tokens mask or seed) is drawn in one batched
+pass with per-row settings as tensors (vLLM's sampler does the same). Rows with a seed or
+processing that depends on their history go one by one.
 """
 
 from __future__ import annotations
@@ -45,12 +51,22 @@ class RowState:
         return len(self.output_ids) < self.params.min_tokens and bool(self.stop_ids)
 
     @property
-    def plain_greedy(self) -> bool:
+    def unprocessed(self) -> bool:
+        """No logits processing before the draw (no bias, penalties or min-tokens mask)."""
         p = self.params
         return (
-            p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+            not p.logit_bias and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
             and p.frequency_penalty == 0.0 and not self.below_min_tokens
         )  # fmt: skip
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.params.greedy and self.unprocessed
+
+    @property
+    def plain_sampled(self) -> bool:
+        """Drawn with the batch's shared random state: no seed of its own to follow."""
+        return not self.params.greedy and self.unprocessed and self.generator is None
 
 
 def _process_row(row: torch.Tensor, state: RowState) -> torch.Tensor:
@@ -123,15 +139,7 @@ def sample(
     dead = _apply_grammars(logits, states, bitmask)
     # After the grammar's mask, as vLLM's sampler computes them (masked tokens are -inf).
     raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-    if all(s.plain_greedy for s in states):
-        tokens = logits.argmax(dim=-1).tolist()
-    else:
-        tokens = []
-        for i, state in enumerate(states):
-            if i in dead or state.plain_greedy:
-                tokens.append(int(logits[i].argmax()))
-            else:
-                tokens.append(_draw(_process_row(logits[i].clone(), state), state))
+    tokens = _tokens(logits, states, dead)
     out: list[tuple[int, TokenLogprob | None]] = []
     for i, (token, state) in enumerate(zip(tokens, states, strict=True)):
         if i in dead:
@@ -147,6 +155,55 @@ def sample(
             lp = TokenLogprob(token, float(raw_lp[i, token]), top)
         out.append((token, lp))
     return out
+
+
+def _tokens(logits: torch.Tensor, states: Sequence[RowState], dead: set[int]) -> list[int]:
+    """One token per row: batched for greedy and plain sampled rows, per row for the rest."""
+    if all(s.plain_greedy for s in states):
+        return [int(t) for t in logits.argmax(dim=-1).tolist()]
+    tokens = [-1] * len(states)
+    greedy, batched = [], []
+    for i, state in enumerate(states):
+        if i in dead or state.plain_greedy:
+            greedy.append(i)
+        elif state.plain_sampled:
+            batched.append(i)
+        else:
+            tokens[i] = _draw(_process_row(logits[i].clone(), state), state)
+    if greedy:
+        for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True):
+            tokens[i] = int(token)
+    if batched:
+        drawn = _draw_batch(logits[batched], [states[i].params for i in batched])
+        for i, token in zip(batched, drawn, strict=True):
+            tokens[i] = token
+    return tokens
+
+
+def _draw_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[int]:
+    """``_draw`` for many rows at once (no generators): each row's temperature, top-k, min-p
+    and top-p as a column of a tensor, applied to the logits sorted once."""
+    n, vocab = logits.shape
+    device, dtype = logits.device, logits.dtype
+    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=dtype)
+    scaled = _finite(logits / temperature.unsqueeze(1))
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)
+    positions = torch.arange(vocab, device=device).expand(n, vocab)
+    top_k = torch.tensor([p.top_k if p.top_k else vocab for p in params], device=device)
+    # Top-k by value, as ``_draw``: ties with the k-th logit are kept.
+    kth = ordered.gather(1, (top_k.clamp(1, vocab) - 1).unsqueeze(1))
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)  # sorted: column 0 holds each row's best token
+    min_p = torch.tensor([p.min_p for p in params], device=device, dtype=dtype).unsqueeze(1)
+    probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
+    # top_p 1 is off (as in ``_draw``): a cumulative sum that rounds up to 1 must not cut the tail.
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+                         device=device, dtype=dtype).unsqueeze(1)  # fmt: skip
+    # Keep the smallest prefix whose mass reaches top_p (always the best token).
+    drop = (torch.cumsum(probs, dim=-1) - probs >= top_p) & (positions > 0)
+    probs = probs.masked_fill(drop, 0.0)
+    picked = torch.multinomial(probs, 1).squeeze(1)
+    return [int(t) for t in order.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()]
 
 
 def _apply_grammars(

@@ -14,6 +14,10 @@ FinishReason = Literal["stop", "length", "abort"]
 StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
 
 
+# vLLM's _SAMPLING_EPS: temperatures below it sample greedily.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A constraint on the generated text: vLLM's ``structured_outputs``, one kind at a time.
@@ -56,7 +60,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """vLLM's rule: a temperature under 1e-5 is greedy (dividing logits by 1e-300 would tie
+        every positive logit at infinity)."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 class ReasoningGate(Protocol):
