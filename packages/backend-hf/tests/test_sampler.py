@@ -79,3 +79,18 @@ def test_extreme_settings_in_a_batch_still_draw_the_best_token(settings: dict[st
     states = [_row(**settings), _row(**settings)]
     tokens = [t for t, _ in sample(LOGITS.repeat(2, 1), states)]
     assert tokens == [0, 0]
+
+
+def test_rows_without_a_seed_share_the_given_generator() -> None:
+    """The engine passes its own generator: the same state draws the same batch."""
+    states = [_row(temperature=1.2) for _ in range(8)]
+    draws = [
+        [
+            t
+            for t, _ in sample(
+                LOGITS.repeat(8, 1), states, generator=torch.Generator().manual_seed(3)
+            )
+        ]
+        for _ in range(2)
+    ]
+    assert draws[0] == draws[1]

@@ -366,15 +366,12 @@ class HFGenerationEngine:
     # --- model thread ----------------------------------------------------------------
     def _row_state(self, request: GenerationRequest) -> RowState:
         p = request.params
+        # A seeded row draws from its own generator (its tokens do not depend on the batch);
+        # the others share the engine's, in one batched draw per step (sampler._draw_batch).
         generator = None
-        if not p.greedy:
+        if not p.greedy and p.seed is not None:
             generator = torch.Generator(device=self.device)
-            if p.seed is not None:
-                generator.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)
-            else:
-                generator.manual_seed(
-                    int(torch.randint(0, 2**62, (1,), generator=self._base_generator))
-                )
+            generator.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF)
         # ignore_eos as vLLM means it: EOS may be sampled, it just does not end the sequence.
         stop_ids = frozenset(p.stop_token_ids) | (
             frozenset() if p.ignore_eos else self.eos_token_ids
@@ -691,7 +688,7 @@ class HFGenerationEngine:
     def _emit_sampled(
         self, seqs: list[_Sequence], logits: torch.Tensor, prompt_lps: tuple[Any, ...] | None
     ) -> None:
-        sampled = sample(logits, [s.row for s in seqs], self._bitmask)
+        sampled = sample(logits, [s.row for s in seqs], self._bitmask, self._base_generator)
         rejected: set[int] = set()
         constrained = [(i, s.row.grammar) for i, s in enumerate(seqs) if s.row.grammar is not None]
         if constrained:  # one call into xgrammar for all of them

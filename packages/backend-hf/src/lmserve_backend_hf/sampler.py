@@ -128,9 +128,13 @@ def _draw(row: torch.Tensor, state: RowState) -> int:
 
 
 def sample(
-    logits: torch.Tensor, states: Sequence[RowState], bitmask: GrammarBitmask | None = None
+    logits: torch.Tensor,
+    states: Sequence[RowState],
+    bitmask: GrammarBitmask | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[tuple[int, TokenLogprob | None]]:
-    """``logits`` [B, V] (float32); one (token, logprob) per row.
+    """``logits`` [B, V] (float32); one (token, logprob) per row. ``generator``: the random
+    state of rows without their own (torch's global one if None).
 
     Rows with a ``grammar`` are masked in place in ``logits`` with ``bitmask`` (required when
     any row has one); a row whose grammar allows no token at all gets token -1 (no logprob).
@@ -139,7 +143,7 @@ def sample(
     dead = _apply_grammars(logits, states, bitmask)
     # After the grammar's mask, as vLLM's sampler computes them (masked tokens are -inf).
     raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-    tokens = _tokens(logits, states, dead)
+    tokens = _tokens(logits, states, dead, generator)
     out: list[tuple[int, TokenLogprob | None]] = []
     for i, (token, state) in enumerate(zip(tokens, states, strict=True)):
         if i in dead:
@@ -157,7 +161,12 @@ def sample(
     return out
 
 
-def _tokens(logits: torch.Tensor, states: Sequence[RowState], dead: set[int]) -> list[int]:
+def _tokens(
+    logits: torch.Tensor,
+    states: Sequence[RowState],
+    dead: set[int],
+    generator: torch.Generator | None,
+) -> list[int]:
     """One token per row: batched for greedy and plain sampled rows, per row for the rest."""
     if all(s.plain_greedy for s in states):
         return [int(t) for t in logits.argmax(dim=-1).tolist()]
@@ -174,15 +183,17 @@ def _tokens(logits: torch.Tensor, states: Sequence[RowState], dead: set[int]) ->
         for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True):
             tokens[i] = int(token)
     if batched:
-        drawn = _draw_batch(logits[batched], [states[i].params for i in batched])
+        drawn = _draw_batch(logits[batched], [states[i].params for i in batched], generator)
         for i, token in zip(batched, drawn, strict=True):
             tokens[i] = token
     return tokens
 
 
-def _draw_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[int]:
-    """``_draw`` for many rows at once (no generators): each row's temperature, top-k, min-p
-    and top-p as a column of a tensor, applied to the logits sorted once."""
+def _draw_batch(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generator: torch.Generator | None
+) -> list[int]:
+    """``_draw`` for many rows at once, from one ``generator``: each row's temperature, top-k,
+    min-p and top-p as a column of a tensor, applied to the logits sorted once."""
     n, vocab = logits.shape
     device, dtype = logits.device, logits.dtype
     temperature = torch.tensor([p.temperature for p in params], device=device, dtype=dtype)
@@ -202,7 +213,10 @@ def _draw_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[
     # Keep the smallest prefix whose mass reaches top_p (always the best token).
     drop = (torch.cumsum(probs, dim=-1) - probs >= top_p) & (positions > 0)
     probs = probs.masked_fill(drop, 0.0)
-    picked = torch.multinomial(probs, 1).squeeze(1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+        order = order.to(generator.device)
+    picked = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return [int(t) for t in order.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()]
 
 
