@@ -1,11 +1,18 @@
 """Continuous batching for transformers models: an iteration-level scheduler.
 
-One model thread runs the loop. Every iteration it (1) prefills newly arrived requests as
-a left-padded group and merges their KV cache into the running batch, then (2) runs one
-decoding step for every running sequence in a single forward pass, samples each row with
-its own parameters, streams the tokens out, and (3) drops finished or aborted rows.
+One model thread runs the loop. Every iteration it (1) prefills waiting prompts, within a
+token budget, as left-padded groups and merges their KV cache into the running batch, then
+(2) runs one decoding step for every running sequence in a single forward pass, samples each
+row with its own parameters, streams the tokens out, and (3) drops finished or aborted rows.
 A request that arrives mid-generation therefore joins at the next step, and one that
 finishes leaves at once; nobody waits for a "wave" to end.
+
+Chunked prefill (vLLM's ``--max-num-batched-tokens``): an iteration processes at most
+``max_num_batched_tokens`` tokens. Each running sequence takes one; waiting prompts fill the
+rest, whole prompts grouped while their padded size fits, and a prompt larger than what is
+left is prefilled in pieces over the next iterations (its cache grows piece by piece), so a
+burst of arrivals no longer stalls the running streams for its whole prefill, and the first
+prompts of a burst answer before the last are read.
 
 Decoder-only models share one padded DynamicCache ([B, H, T, D] per layer, left padding,
 explicit position ids). Encoder-decoder models (T5, BART) keep one group per sequence and
@@ -60,6 +67,10 @@ if TYPE_CHECKING:  # xgrammar (0.5 s to import) loads with the first structured 
 
 logger = logging.getLogger(__name__)
 
+# Tokens one iteration processes unless told (--max_num_batched_tokens). On a 2-core CPU a
+# 512-token piece of SmolLM2-135M takes about as long as a few decoding steps of 16 streams.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+
 
 @dataclass(eq=False)
 class _Sequence:
@@ -94,6 +105,16 @@ class _Group:
     # PEFT's adapter_names for the rows (None: base rows only), rebuilt when the rows change.
     adapters: RowAdapters | None = None
     adapters_stale: bool = True
+
+
+@dataclass(eq=False)
+class _Partial:
+    """A prompt being prefilled in pieces: its first ``done`` tokens are in ``cache``."""
+
+    seq: _Sequence
+    adapters: RowAdapters | None
+    done: int = 0
+    cache: Any = None
 
 
 class _WaitingQueue:
@@ -134,14 +155,21 @@ class HFGenerationEngine:
         max_model_len: int,
         vocab_size: int,
         max_num_seqs: int = 32,
-        max_prefill_tokens: int = 8192,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         observer: ServingObserver | None = None,
         tokenizer: Any = None,
         max_loras: int | None = None,
     ) -> None:
         """``tokenizer``: the model's transformers tokenizer; structured outputs need it (an
         engine built without one refuses them). ``max_loras``: serve LoRA adapters, at most
-        this many distinct ones among running rows (None: no LoRA)."""
+        this many distinct ones among running rows (None: no LoRA).
+        ``max_num_batched_tokens``: the tokens one iteration processes (see the module's
+        chunked prefill); at least ``max_num_seqs``, as vLLM requires."""
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({max_num_seqs})"
+            )
         self.model = model
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -151,10 +179,13 @@ class HFGenerationEngine:
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
         self._is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
         self._waiting = _WaitingQueue()
         self._groups: list[_Group] = []
+        # Admitted, not prefilled yet (in admission order), and the one prompt mid-prefill.
+        self._pending: list[_Sequence] = []
+        self._partial: _Partial | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: str | None = None
@@ -204,6 +235,10 @@ class HFGenerationEngine:
 
     @property
     def running(self) -> int:
+        """Admitted sequences: decoding, or waiting for (the rest of) their prefill."""
+        return self._decoding() + len(self._pending) + (self._partial is not None)
+
+    def _decoding(self) -> int:
         return sum(len(g.seqs) for g in self._groups)
 
     def num_unfinished(self) -> int:
@@ -398,15 +433,10 @@ class HFGenerationEngine:
     def _iteration(self) -> None:
         if not self._commands.empty():
             self._run_commands()
-        block = not self._groups
-        new = self._admit(block)
-        if new:
-            try:
-                self._prefill(new)
-            except Exception as exc:
-                logger.exception("prefill failed")
-                for seq in new:
-                    self._finish_error(seq, BackendError(f"prefill failed: {exc}"))
+        block = not self._groups and not self._pending and self._partial is None
+        self._pending.extend(self._admit(block))
+        if self._pending or self._partial is not None:
+            self._prefill_step(self.max_num_batched_tokens - self._decoding())
         if self._groups:
             try:
                 self._decode()
@@ -551,27 +581,82 @@ class HFGenerationEngine:
         return True
 
     # prefill ------------------------------------------------------------------------
-    def _prefill(self, seqs: list[_Sequence]) -> None:
-        if self._is_enc_dec:
+    def _prefill_step(self, budget: int) -> None:
+        """Prefill waiting prompts with at most ``budget`` tokens (padding included): first
+        the prompt mid-prefill, then whole prompts in admission order, grouped while their
+        padded size fits; the first that does not fit alone starts in pieces. Prompts with
+        prompt logprobs and encoder-decoder prompts run whole, alone."""
+        self._pending = [s for s in self._pending if not self._dropped(s)]
+        if self._partial is not None and self._dropped(self._partial.seq):
+            self._partial = None
+        if self._partial is not None:
+            budget -= self._guarded([self._partial.seq], self._prefill_piece, budget)
+        group: list[_Sequence] = []
+        while self._partial is None and self._pending and budget > 0:
+            seq = self._pending[0]
+            size = len(seq.request.prompt_ids)
+            alone = self._is_enc_dec or seq.request.params.prompt_logprobs is not None
+            longest = max([size, *(len(s.request.prompt_ids) for s in group)])
+            if not alone and (len(group) + 1) * longest <= budget:
+                group.append(self._pending.pop(0))
+                continue
+            if group:
+                break
+            self._pending.pop(0)
+            if alone:
+                if self._is_enc_dec:
+                    self._guarded([seq], self._prefill_encoder_decoder, seq)
+                else:
+                    self._guarded([seq], self._prefill_decoder, [seq], full_logits=True)
+                budget -= size
+            else:
+                self._partial = _Partial(seq, self._row_adapters([seq]))
+                budget -= self._guarded([seq], self._prefill_piece, budget)
+        if group:
+            self._guarded(group, self._prefill_decoder, group, full_logits=False)
+
+    def _dropped(self, seq: _Sequence) -> bool:
+        if seq.aborted:
+            seq.finished = True
+        return seq.finished
+
+    def _guarded(self, seqs: list[_Sequence], fn: Callable[..., Any], *args: Any,
+                 **kwargs: Any) -> int:  # fmt: skip
+        """``fn(*args, **kwargs)``; when it raises, ``seqs`` end with the error (the engine
+        goes on). Returns what ``fn`` returns when that is a token count, else 0."""
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            logger.exception("prefill failed")
+            if self._partial is not None and self._partial.seq in seqs:
+                self._partial = None
             for seq in seqs:
-                self._prefill_encoder_decoder(seq)
-            return
-        with_prompt_lp = [s for s in seqs if s.request.params.prompt_logprobs is not None]
-        plain = [s for s in seqs if s.request.params.prompt_logprobs is None]
-        for seq in with_prompt_lp:
-            self._prefill_decoder([seq], full_logits=True)
-        # Bounded groups keep the padded prefill tensor small.
-        chunk: list[_Sequence] = []
-        for seq in sorted(plain, key=lambda s: len(s.request.prompt_ids)):
-            longest = max(
-                [len(s.request.prompt_ids) for s in chunk] + [len(seq.request.prompt_ids)]
-            )
-            if chunk and longest * (len(chunk) + 1) > self.max_prefill_tokens:
-                self._prefill_decoder(chunk, full_logits=False)
-                chunk = []
-            chunk.append(seq)
-        if chunk:
-            self._prefill_decoder(chunk, full_logits=False)
+                self._finish_error(seq, BackendError(f"prefill failed: {exc}"))
+            return 0
+        return result if isinstance(result, int) else 0
+
+    def _prefill_piece(self, budget: int) -> int:
+        """The next piece (at most ``budget`` tokens) of the prompt mid-prefill; the last
+        one samples its first token and merges it into the running batch."""
+        part = self._partial
+        assert part is not None
+        seq, prompt = part.seq, part.seq.request.prompt_ids
+        start, end = part.done, min(len(prompt), part.done + budget)
+        ids = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        positions = torch.arange(start, end, dtype=torch.long, device=self.device).unsqueeze(0)
+        out = self._call(
+            self.model, part.adapters, input_ids=ids, attention_mask=mask, position_ids=positions,
+            past_key_values=part.cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        part.cache, part.done = out.past_key_values, end
+        if end == len(prompt):
+            self._partial = None
+            seq.length = len(prompt)
+            group = _Group([seq], part.cache, mask, adapters=part.adapters, adapters_stale=False)
+            self._emit_sampled(group.seqs, out.logits[:, -1, :].float(), None)
+            self._merge(group)
+        return end - start
 
     def _prefill_decoder(self, seqs: list[_Sequence], *, full_logits: bool) -> None:
         prompts = [s.request.prompt_ids for s in seqs]
@@ -774,6 +859,10 @@ class HFGenerationEngine:
             for seq in group.seqs:
                 self._finish_error(seq, exc)
         self._groups = []
+        admitted = self._pending + ([self._partial.seq] if self._partial is not None else [])
+        self._pending, self._partial = [], None
+        for seq in admitted:
+            self._finish_error(seq, exc)
         held, self._held, self._held_count = self._held, {}, 0
         for waiting in held.values():
             for row in waiting:

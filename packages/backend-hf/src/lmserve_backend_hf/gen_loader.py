@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from lmserve_backend_hf.engine import HFGenerationEngine
+from lmserve_backend_hf.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, HFGenerationEngine
 from lmserve_backend_hf.loader import TORCH_DTYPES, prepare, refuse_untrained_heads
 from lmserve_core.backend import LoadedGenerator, LoadRequest
 from lmserve_core.errors import ConfigurationError
@@ -68,6 +68,8 @@ def load_generator(request: LoadRequest) -> LoadedGenerator:
         model, device=device, eos_token_ids=tokenizer.eos_token_ids, pad_token_id=int(pad),
         primary_eos_id=tokenizer.eos_token_id,
         max_model_len=context, vocab_size=vocab, max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=(settings.max_num_batched_tokens
+                                or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, settings.max_num_seqs)),
         observer=request.observer, tokenizer=raw_tok,
         max_loras=settings.max_loras if settings.enable_lora else None,
     )  # fmt: skip

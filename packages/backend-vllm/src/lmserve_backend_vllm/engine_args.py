@@ -1,8 +1,8 @@
 """vLLM's engine flags on ``lmserve serve``, defined by vLLM itself (never re-declared).
 
 lmserve owns the flags it shares with vLLM (``--dtype``, ``--max_model_len``,
-``--trust_remote_code``, revisions, ``--max_num_seqs``, ``--max_logprobs``,
-``--scheduling_policy``, the model and its name) so they mean the same on both backends;
+``--trust_remote_code``, revisions, ``--max_num_seqs``, ``--max_num_batched_tokens``,
+``--max_logprobs``, ``--scheduling_policy``, the model and its name) so they mean the same on both backends;
 vLLM's spellings of those are refused here with a pointer to lmserve's. Everything else
 reaches ``AsyncEngineArgs`` as ``vllm serve`` would pass it.
 """
@@ -91,6 +91,8 @@ def build_engine_args(
     args.revision = None  # files are already local (resolved by lmserve)
     args.tokenizer_revision = None
     args.max_num_seqs = settings.max_num_seqs
+    if settings.max_num_batched_tokens is not None:
+        args.max_num_batched_tokens = settings.max_num_batched_tokens
     args.max_logprobs = settings.max_logprobs
     args.scheduling_policy = settings.scheduling_policy.value
     # vLLM's structured-output engine holds only what follows the reasoning to a constraint: it

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmserve_core.tasks import Task, parse_task
 
@@ -382,6 +382,21 @@ class ServeSettings(BaseModel):
             **flag("Most sequences generated together (continuous batching).", group="generation"),
         ),
     ] = 32
+    max_num_batched_tokens: Annotated[
+        int | None,
+        Field(
+            gt=0,
+            **flag(
+                "Most tokens one generation step processes (vLLM's --max-num-batched-tokens, "
+                "chunked prefill): each running sequence takes one, and waiting prompts are "
+                "prefilled in the rest, a long one in pieces over several steps, so a burst "
+                "of arrivals does not stall running streams. At least --max_num_seqs. Default: "
+                "vLLM's own on --backend vllm; 512 (or --max_num_seqs, if larger) on the "
+                "Hugging Face engine.",
+                group="generation",
+            ),
+        ),
+    ] = None
     max_n: Annotated[
         int, Field(gt=0, **flag("Largest 'n' (choices per request) accepted.", group="generation"))
     ] = 16
@@ -622,6 +637,19 @@ class ServeSettings(BaseModel):
     @classmethod
     def _parse_task(cls, value: object) -> object:
         return parse_task(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_batched_tokens(self) -> ServeSettings:
+        if (
+            self.max_num_batched_tokens is not None
+            and self.max_num_batched_tokens < self.max_num_seqs
+        ):
+            raise ValueError(
+                f"--max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"--max_num_seqs ({self.max_num_seqs}): every running sequence takes a token "
+                "of each step"
+            )
+        return self
 
     @field_validator("dtype")
     @classmethod
