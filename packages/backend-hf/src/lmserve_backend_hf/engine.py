@@ -434,7 +434,9 @@ class HFGenerationEngine:
         if not self._commands.empty():
             self._run_commands()
         block = not self._groups and not self._pending and self._partial is None
-        self._pending.extend(self._admit(block))
+        # Arrivals of one iteration shortest first (less padding in a group, earlier first
+        # tokens); after those admitted before them, so none waits behind later ones.
+        self._pending.extend(sorted(self._admit(block), key=lambda s: len(s.request.prompt_ids)))
         if self._pending or self._partial is not None:
             self._prefill_step(self.max_num_batched_tokens - self._decoding())
         if self._groups:
