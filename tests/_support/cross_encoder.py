@@ -44,8 +44,6 @@ loss with one label and no ``problem_type`` is mean squared error, and sets ``pr
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import tempfile
 from pathlib import Path
@@ -181,19 +179,16 @@ def labelled_pairs() -> list[tuple[str, str, int]]:
 # --------------------------------------------------------------------------- cache
 
 
+_LIBRARIES = ("sentence-transformers", "torch", "transformers", "tokenizers", "safetensors")
+
+
 def cross_encoder_hash() -> str:
     """Changes with this builder, its cache code, the tiny models' builder and the libraries."""
-    digest = hashlib.sha256()
-    for source in (Path(__file__), Path(verified_build.__file__)):
-        digest.update(source.read_bytes())
-    digest.update(tiny_models.builder_hash().encode())
-    digest.update(json.dumps(_versions(), sort_keys=True).encode())
-    return digest.hexdigest()[:12]
+    return verified_build.source_hash(__file__, _LIBRARIES)
 
 
 def _versions() -> dict[str, str]:
-    names = ("sentence-transformers", "torch", "transformers", "tokenizers", "safetensors")
-    return {d: importlib.metadata.version(d) for d in names}
+    return verified_build.versions(_LIBRARIES)
 
 
 _KIND = verified_build.Kind(

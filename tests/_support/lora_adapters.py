@@ -39,9 +39,6 @@ a changed base model or builder rebuilds its adapters.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -120,20 +117,17 @@ def sentiment_adapter_path() -> Path:
 # --------------------------------------------------------------------------- cache
 
 
+_LIBRARIES = ("peft", "torch", "transformers", "tokenizers", "safetensors")
+
+
 def adapters_hash() -> str:
     """Changes with this builder (and the cache code that runs it), the base models' builder
     and the libraries that train."""
-    digest = hashlib.sha256()
-    for source in (Path(__file__), Path(verified_build.__file__)):
-        digest.update(source.read_bytes())
-    digest.update(tiny_models.builder_hash().encode())
-    digest.update(json.dumps(_versions(), sort_keys=True).encode())
-    return digest.hexdigest()[:12]
+    return verified_build.source_hash(__file__, _LIBRARIES)
 
 
 def _versions() -> dict[str, str]:
-    names = ("peft", "torch", "transformers", "tokenizers", "safetensors")
-    return {d: importlib.metadata.version(d) for d in names}
+    return verified_build.versions(_LIBRARIES)
 
 
 _KIND = verified_build.Kind(

@@ -9,11 +9,15 @@ gets a ``verified.json`` and is renamed into place under a per-artefact ``fcntl`
 parallel pytest processes build each once and a folder that exists is always complete. Builds of
 the same name under an older hash are removed.
 
-Used by ``lora_adapters`` and ``cross_encoder``; each hashes this file with its own source.
+Used by ``lora_adapters`` and ``cross_encoder``; each names its builder file and training
+libraries to ``source_hash`` and ``versions``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -41,6 +45,22 @@ class Kind:
     record_key: str  # verified.json names the artefact under this key
     digest: Callable[[], str]  # 12 hex digits; changes whenever the builder could
     versions: Callable[[], dict[str, str]]  # the libraries recorded in verified.json
+
+
+def versions(libraries: tuple[str, ...]) -> dict[str, str]:
+    """The installed versions of ``libraries`` (recorded in verified.json, part of the hash)."""
+    return {name: importlib.metadata.version(name) for name in libraries}
+
+
+def source_hash(builder: str, libraries: tuple[str, ...]) -> str:
+    """12 hex digits that change with the ``builder`` file, this cache code, the tiny models'
+    builder and the ``libraries``' versions: whatever could change what a build makes."""
+    digest = hashlib.sha256()
+    for source in (Path(builder), Path(__file__)):
+        digest.update(source.read_bytes())
+    digest.update(tiny_models.builder_hash().encode())
+    digest.update(json.dumps(versions(libraries), sort_keys=True).encode())
+    return digest.hexdigest()[:12]
 
 
 def cached(kind: Kind, name: str, build: Build) -> Path:
