@@ -16,6 +16,9 @@ For one model, in one run:
 
     uv run --no-sync python benchmarks/encoder_throughput.py --model sentiment
     uv run --no-sync python benchmarks/encoder_throughput.py --model all-minilm-l6-v2 --json-out x.json
+
+``measure`` is the whole run as a function (``benchmarks/gpu_bench.py`` calls it with
+``device="cuda"``: the limit's forward pass on the GPU, the server on the GPU it finds).
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ def locate(model: str) -> Path:
     return model_path(model)  # a tiny test model, built on first use
 
 
-def forward_limit(path: Path, threads: int, batch: int) -> dict[str, float]:
-    """The model's forward pass alone, on lmserve's own tokenization and padding."""
+def forward_limit(path: Path, threads: int, batch: int, device: str = "cpu") -> dict[str, float]:
+    """The model's forward pass alone, on lmserve's own tokenization and padding, on ``device``
+    (inputs copied to it inside the timed part, as the server does)."""
     import torch
     import transformers
 
@@ -65,7 +69,7 @@ def forward_limit(path: Path, threads: int, batch: int) -> dict[str, float]:
     # The checkpoint's own class (with its task head), as the server loads it.
     config = transformers.AutoConfig.from_pretrained(str(path))
     model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-    model = model_class.from_pretrained(str(path)).eval()
+    model = model_class.from_pretrained(str(path)).eval().to(device)
     tokenizer = load_rust_tokenizer(path, disable_lower_case=False)
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     limit = max_length(
@@ -80,7 +84,9 @@ def forward_limit(path: Path, threads: int, batch: int) -> dict[str, float]:
 
     def run(inputs: dict[str, torch.Tensor]) -> None:
         with torch.inference_mode():
-            model(**inputs)
+            model(**(inputs if device == "cpu" else {k: v.to(device) for k, v in inputs.items()}))
+        if device != "cpu":
+            torch.cuda.synchronize()  # kernels run asynchronously: time until they finish
 
     batched = padded(encodings)
     for _ in range(3):
@@ -118,47 +124,50 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def main() -> int:
-    # What lmserve's HF backend sets before torch loads libgomp (read once, at load).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sentiment", help="a tiny test model or all-minilm-l6-v2")
-    p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--requests", type=int, default=640, help="measured requests per level")
-    p.add_argument("--warmup", type=int, default=64)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--backend", default="huggingface", choices=["huggingface", "onnx"])
-    p.add_argument("--json-out", default=None)
-    args = p.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
-    path = locate(args.model)
-    limit = forward_limit(path, args.threads, batch=max(levels))
-    print(f"{args.model}: forward limit {limit['sequences_per_s']:.1f} seq/s at batch "
+def measure(
+    model: str,
+    *,
+    levels: list[int],
+    requests: int,
+    warmup: int,
+    threads: int,
+    backend: str = "huggingface",
+    device: str = "cpu",
+    server_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Steps 1-5 for ``model``: the limit on ``device``, then the served load at each level.
+
+    ``server_env`` adds to the server's environment (``CUDA_VISIBLE_DEVICES=""`` keeps it on
+    the CPU of a GPU machine)."""
+    path = locate(model)
+    limit = forward_limit(path, threads, batch=max(levels), device=device)
+    print(f"{model}: forward limit {limit['sequences_per_s']:.1f} seq/s at batch "
           f"{limit['batch']}, batch-1 forward {limit['batch1_ms_mean']:.2f} ms", flush=True)  # fmt: skip
 
-    env = {"OMP_NUM_THREADS": str(args.threads)}
+    env = {"OMP_NUM_THREADS": str(threads), **(server_env or {})}
     started = time.perf_counter()
     server = start_server(["--model_dir", str(path), "--model_name", "m", "--backend",
-                           args.backend, "--torch_threads", str(args.threads)], env=env)  # fmt: skip
+                           backend, "--torch_threads", str(threads)], env=env)  # fmt: skip
     cold_start = time.perf_counter() - started
     results: dict[str, Any] = {
-        "model": args.model,
-        "backend": args.backend,
+        "model": model,
+        "backend": backend,
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
-        "threads": args.threads,
+        "threads": threads,
         # Other load on this shared box (1-minute load average) when the step started.
         "loadavg_at_start": os.getloadavg()[0],
         "forward_limit": limit,
         "cold_start_s": cold_start,
+        "server_log": str(server.log_path),
         "levels": {},
     }
     try:
         for level in levels:
             asyncio.run(run_encoder_load(server.url, "m", concurrency=level,
-                                         requests=args.warmup))  # warm-up, not measured  # fmt: skip
+                                         requests=warmup))  # warm-up, not measured  # fmt: skip
             cpu_before = cpu_seconds(server.proc.pid)
             m = asyncio.run(run_encoder_load(server.url, "m", concurrency=level,
-                                             requests=args.requests))  # fmt: skip
+                                             requests=requests))  # fmt: skip
             # Where the time goes: the server's CPU per request (model threads included).
             used = cpu_seconds(server.proc.pid) - cpu_before
             m["server_cpu_ms_per_request"] = 1000 * used / max(1, m["completed"])
@@ -176,6 +185,24 @@ def main() -> int:
         print(f"  overhead at concurrency 1: {results['overhead_ms_at_c1']:.2f} ms "
               f"(served p50 {p50:.2f} ms - forward p50 {limit['batch1_ms_p50']:.2f} ms)")  # fmt: skip
     print(f"  cold start {cold_start:.1f} s, peak RSS {results['peak_rss_mib']:.0f} MiB")
+    return results
+
+
+def main() -> int:
+    # What lmserve's HF backend sets before torch loads libgomp (read once, at load).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sentiment", help="a tiny test model or all-minilm-l6-v2")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests", type=int, default=640, help="measured requests per level")
+    p.add_argument("--warmup", type=int, default=64)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--backend", default="huggingface", choices=["huggingface", "onnx"])
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results = measure(args.model, levels=levels, requests=args.requests, warmup=args.warmup,
+                      threads=args.threads, backend=args.backend)  # fmt: skip
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     failed = sum(m["failed"] for m in results["levels"].values())

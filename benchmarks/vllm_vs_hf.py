@@ -15,6 +15,9 @@ engine). Absolute numbers on a shared 2-core box swing between runs; compare the
 
 All three get the same context limit (--max-model-len), the same --max-num-seqs and float32
 weights; environment VLLM_CPU_KVCACHE_SPACE=1, OMP_NUM_THREADS=--threads, HF_HUB_OFFLINE=1.
+``benchmarks/gpu_bench.py`` runs (b) and (c) through these functions on a GPU: ``--device
+cuda`` leaves out VLLM_CPU_KVCACHE_SPACE, ``--no-enforce-eager`` lets vLLM capture CUDA graphs,
+``--dtype auto`` keeps the checkpoint's dtype and ``--model-dir`` serves another model.
 
     uv run --no-sync python benchmarks/vllm_vs_hf.py --requests 4 --concurrency 2 --max-tokens 8
     uv run --no-sync python benchmarks/vllm_vs_hf.py --json-out vllm-vs-hf.json
@@ -67,18 +70,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def converted_model_dir() -> str:
+def converted_model_dir(model_dir: str | None = None) -> str:
+    """The folder vLLM's own server loads: the built-in model's, or ``model_dir``'s."""
     from lmserve_core.model_files import resolve_model_source
 
+    if model_dir:
+        return str(resolve_model_source(model_id=None, model_dir=model_dir).path)
     return str(resolve_model_source(model_id=MODEL_ID, model_dir=None).path)
 
 
 def server_specs(args: argparse.Namespace, model_dir: str) -> list[ServerSpec]:
     py = sys.executable
     specs: list[ServerSpec] = []
+    model_flag = ["--model_dir", args.model_dir] if args.model_dir else ["--model_id", MODEL_ID]
+    eager = ["--enforce-eager"] if args.enforce_eager else []
     common_lmserve = [
-        "--model_id",
-        MODEL_ID,
+        *model_flag,
         "--model_name",
         SERVED_NAME,
         "--host",
@@ -86,7 +93,7 @@ def server_specs(args: argparse.Namespace, model_dir: str) -> list[ServerSpec]:
         "--torch_threads",
         str(args.threads),
         "--dtype",
-        "float32",
+        args.dtype,
         "--max_length",
         str(args.max_model_len),
         "--max_num_seqs",
@@ -125,7 +132,7 @@ def server_specs(args: argparse.Namespace, model_dir: str) -> list[ServerSpec]:
                 "vllm",
                 "--http_port",
                 str(port),
-                "--enforce-eager",
+                *eager,
             ]
             specs.append(
                 ServerSpec(
@@ -150,9 +157,9 @@ def server_specs(args: argparse.Namespace, model_dir: str) -> list[ServerSpec]:
                 "127.0.0.1",
                 "--port",
                 str(port),
-                "--enforce-eager",
+                *eager,
                 "--dtype",
-                "float32",
+                args.dtype,
                 "--max-model-len",
                 str(args.max_model_len),
                 "--max-num-seqs",
@@ -173,7 +180,6 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
-            "VLLM_CPU_KVCACHE_SPACE": "1",
             "OMP_NUM_THREADS": str(args.threads),
             "HF_HUB_OFFLINE": "1" if args.hf_offline else "0",
             "TRANSFORMERS_OFFLINE": "1" if args.hf_offline else "0",
@@ -182,6 +188,10 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if args.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    else:
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # CPU-only; vLLM on CUDA sizes its own cache
     if args.vllm_omp_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_omp_bind
     # Never let a proxy setting route the benchmark's own localhost traffic elsewhere.
@@ -490,6 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=900.0,
         help="time cap per load run: no new request after it, s",
     )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu sets VLLM_CPU_KVCACHE_SPACE=1 for every server; cuda leaves it out",
+    )
+    p.add_argument("--dtype", default="float32", help="--dtype of every server")
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--enforce-eager for (b) and (c) (no torch.compile / CUDA graphs)",
+    )
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help=f"serve this model folder instead of the built-in {MODEL_ID}",
+    )
     p.add_argument("--json-out", default=None)
     return p
 
@@ -497,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    model_dir = converted_model_dir()
+    model_dir = converted_model_dir(args.model_dir)
     specs = server_specs(args, model_dir)
     env = server_env(args)
     log_dir = tempfile.mkdtemp(prefix="vllm_vs_hf-")
@@ -517,10 +545,14 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
         },
-        "model_id": MODEL_ID,
+        "model_id": None if args.model_dir else MODEL_ID,
         "model_dir": model_dir,
         "settings": {k: v for k, v in vars(args).items() if k != "json_out"},
-        "env": {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS", "HF_HUB_OFFLINE")}
+        "env": {
+            k: env[k]
+            for k in ("VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS", "HF_HUB_OFFLINE")
+            if k in env
+        }
         | (
             {"VLLM_CPU_OMP_THREADS_BIND": env["VLLM_CPU_OMP_THREADS_BIND"]}
             if "VLLM_CPU_OMP_THREADS_BIND" in env
