@@ -29,6 +29,19 @@ def position_logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return 4.0 * np.eye(3)[labels]
 
 
+def padding_poisoned_states(seed: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Hidden states [B, T, 6]: a fixed random vector per token id, 1e4 at padding positions
+    (a pooling that read padding would show it)."""
+    table = np.random.default_rng(seed).standard_normal((20, 6)).astype(np.float32)
+
+    def hidden(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        h = table[ids].copy()
+        h[mask == 0] = 1e4
+        return h
+
+    return hidden
+
+
 def first_word_logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.stack([ids[:, 1] % 2 == 0, ids[:, 1] % 2 == 1], axis=1).astype(np.float32)
 
@@ -276,13 +289,7 @@ def test_concurrent_requests_are_merged_and_trimmed(
 def test_merged_embeddings_ignore_the_other_request_padding(
     make_service: Callable[..., Any], infer: Callable[..., Any]
 ) -> None:
-    table = np.random.default_rng(3).standard_normal((20, 6)).astype(np.float32)
-
-    def hidden(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        h = table[ids].copy()
-        h[mask == 0] = 1e4
-        return h
-
+    hidden = padding_poisoned_states(seed=3)
     (_, long_res, short_res), backend = _merged(make_service, Task.text_embedding, hidden)
     assert backend.calls[1]["input_ids"].shape == (5, 9)
     assert long_res.outputs[0].shape == [2, 6]
@@ -404,13 +411,7 @@ def test_rows_of_like_lengths_stay_one_pass(make_service: Callable[..., Any]) ->
 def test_chunked_embeddings_equal_one_pass(
     make_service: Callable[..., Any], infer: Callable[..., Any]
 ) -> None:
-    table = np.random.default_rng(5).standard_normal((20, 6)).astype(np.float32)
-
-    def hidden(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        h = table[ids].copy()
-        h[mask == 0] = 1e4  # a pooling that read padding would show it
-        return h
-
+    hidden = padding_poisoned_states(seed=5)
     service, backend = make_service(Task.text_embedding, hidden, chunk_rows=2)
     chunked = infer(service, CHUNK_TEXTS)
     assert len(backend.calls) == 3
