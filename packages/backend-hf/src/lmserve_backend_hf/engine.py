@@ -51,7 +51,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # xgrammar (0.5 s to import) loads with the first structured 
     from lmserve_backend_hf.structured import GrammarBitmask, GrammarCache
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Tokens one iteration processes unless told (--max_num_batched_tokens). On a 2-core CPU a
 # 512-token piece of SmolLM2-135M takes about as long as a few decoding steps of 16 streams.
@@ -592,7 +593,7 @@ class HFGenerationEngine:
         if self._partial is not None and self._dropped(self._partial.seq):
             self._partial = None
         if self._partial is not None:
-            budget -= self._guarded([self._partial.seq], self._prefill_piece, budget)
+            budget -= self._guarded([self._partial.seq], self._prefill_piece, budget) or 0
         group: list[_Sequence] = []
         while self._partial is None and self._pending and budget > 0:
             seq = self._pending[0]
@@ -613,7 +614,7 @@ class HFGenerationEngine:
                 budget -= size
             else:
                 self._partial = _Partial(seq, self._row_adapters([seq]))
-                budget -= self._guarded([seq], self._prefill_piece, budget)
+                budget -= self._guarded([seq], self._prefill_piece, budget) or 0
         if group:
             self._guarded(group, self._prefill_decoder, group, full_logits=False)
 
@@ -622,20 +623,19 @@ class HFGenerationEngine:
             seq.finished = True
         return seq.finished
 
-    def _guarded(self, seqs: list[_Sequence], fn: Callable[..., Any], *args: Any,
-                 **kwargs: Any) -> int:  # fmt: skip
+    def _guarded(self, seqs: list[_Sequence], fn: Callable[..., _T], *args: Any,
+                 **kwargs: Any) -> _T | None:  # fmt: skip
         """``fn(*args, **kwargs)``; when it raises, ``seqs`` end with the error (the engine
-        goes on). Returns what ``fn`` returns when that is a token count, else 0."""
+        goes on) and the result is None."""
         try:
-            result = fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as exc:
             logger.exception("prefill failed")
             if self._partial is not None and self._partial.seq in seqs:
                 self._partial = None
             for seq in seqs:
                 self._finish_error(seq, BackendError(f"prefill failed: {exc}"))
-            return 0
-        return result if isinstance(result, int) else 0
+            return None
 
     def _prefill_piece(self, budget: int) -> int:
         """The next piece (at most ``budget`` tokens) of the prompt mid-prefill; the last

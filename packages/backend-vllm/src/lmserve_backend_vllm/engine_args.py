@@ -2,9 +2,9 @@
 
 lmserve owns the flags it shares with vLLM (``--dtype``, ``--max_model_len``,
 ``--trust_remote_code``, revisions, ``--max_num_seqs``, ``--max_num_batched_tokens``,
-``--max_logprobs``, ``--scheduling_policy``, the model and its name) so they mean the same on both backends;
-vLLM's spellings of those are refused here with a pointer to lmserve's. Everything else
-reaches ``AsyncEngineArgs`` as ``vllm serve`` would pass it.
+``--max_logprobs``, ``--scheduling_policy``, the model and its name) so they mean the same
+on both backends; vLLM's spellings of those are refused here with a pointer to lmserve's.
+Everything else reaches ``AsyncEngineArgs`` as ``vllm serve`` would pass it.
 """
 
 from __future__ import annotations

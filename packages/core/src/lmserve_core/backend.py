@@ -60,9 +60,8 @@ class LoadedEncoder:
     concurrent_batches: int = 1
     # An in-process model that computes every padded position: forward a batch in
     # length-sorted chunks of at most this many rows when that cuts the padding by 10% or more
-    # (EncoderService.CHUNK_MIN_SAVING), so short rows do not pay for the longest. None: one
-    # pass per batch (vLLM packs without padding; Triton merges equal
-    # shapes).
+    # (encoder.service.CHUNK_MIN_SAVING), so short rows do not pay for the longest. None:
+    # one pass per batch (vLLM packs without padding; Triton merges equal shapes).
     chunk_rows: int | None = None
     # Instances one batch takes from the queue unless --max_batch_size says: chunked models
     # gather more than a chunk, so sorting has rows of like lengths to group (a reranker at
