@@ -9,11 +9,14 @@ once, and the ONNX export once.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _support.servers import VLLM_TEST_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_bench.py"
@@ -29,7 +32,7 @@ def test_gpu_bench_dry_run_measures_every_part(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--json-out", str(out),
          "--startup-timeout", "300"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **VLLM_TEST_ENV},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     report = json.loads(out.read_text())

@@ -230,7 +230,9 @@ def test_backend_hf_alone_predicts_generates_and_exports(
     home: Path, wheels: dict[str, Path], tmp_path: Path
 ) -> None:
     needed = ("lmserve-backend-hf", "lmserve-core", "lmserve-protocols")
-    venv = venv_with(home, "backend-hf", [req(wheels, d) for d in needed])
+    # As its README says: export_onnx's parity check needs ONNX Runtime, the onnx-cpu extra.
+    requirements = [req(wheels, d, "onnx-cpu" if d == "lmserve-backend-hf" else "") for d in needed]
+    venv = venv_with(home, "backend-hf", requirements)
     check_venv(venv, wheels, set(needed), absent=["lmserve_server", "fastapi", "uvicorn", "vllm"])
     code = readme_example("backend-hf", {
         '"./my-sentiment-model"': repr(str(model_path("sentiment"))),
