@@ -7,9 +7,10 @@ from fastapi import APIRouter, Request, Response
 from lmserve_protocols.v1 import ServerLiveness, V1ModelStatus
 from lmserve_protocols.v2 import V2LiveResponse, V2ReadyResponse, V2ServerReady
 from lmserve_server.routes import json_response, plane
+from lmserve_server.routes.lean import LeanRoute
 from lmserve_server.routes.schema import responses
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=LeanRoute)
 
 
 @router.get("/", responses=responses(ServerLiveness, errors=()))

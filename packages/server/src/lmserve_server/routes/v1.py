@@ -10,9 +10,10 @@ from fastapi import APIRouter, Request, Response
 from lmserve_core.errors import InvalidInput
 from lmserve_protocols.v1 import V1ModelList, V1PredictRequest, V1PredictResponse
 from lmserve_server.routes import json_response, plane
+from lmserve_server.routes.lean import LeanRoute
 from lmserve_server.routes.schema import request_body_schema, responses
 
-router = APIRouter(tags=["v1"])
+router = APIRouter(tags=["v1"], route_class=LeanRoute)
 
 
 @router.get("/v1/models", responses=responses(V1ModelList, errors=()))

@@ -9,9 +9,10 @@ from lmserve_core.errors import InvalidInput
 from lmserve_core.v2_codec import HEADER_LENGTH, decode_inputs, encode_response, split_binary_body
 from lmserve_protocols.v2 import V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata
 from lmserve_server.routes import json_response, plane
+from lmserve_server.routes.lean import LeanRoute
 from lmserve_server.routes.schema import request_body_schema, responses
 
-router = APIRouter(tags=["v2"])
+router = APIRouter(tags=["v2"], route_class=LeanRoute)
 
 
 @router.get("/v2", responses=responses(V2ServerMetadata, errors=()))
