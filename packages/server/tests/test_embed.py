@@ -298,3 +298,10 @@ def test_path_rules_hold_under_the_prefix(fake: dict[str, object]) -> None:
         c.get("/lm/metrics")
         scrape = c.get("/lm/metrics").text
         assert "lmserve_requests_total" in scrape and 'route="/metrics"' not in scrape
+
+
+def test_build_refuses_api_workers() -> None:
+    """Worker processes are lmserve serve's; an embedded app runs in its host's processes."""
+    with pytest.raises(ConfigurationError, match="api_workers=2") as info:
+        build(model_dir="/nonexistent", api_workers=2)
+    assert info.value.param == "api_workers"

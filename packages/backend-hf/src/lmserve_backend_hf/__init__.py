@@ -43,6 +43,10 @@ def create_backend(request: LoadRequest) -> LoadedModel:
         from lmserve_backend_hf.gen_loader import load_generator
 
         return load_generator(request)
+    if request.remote is not None:  # an API worker: the weights live in another process
+        from lmserve_backend_hf.encoder_info import encoder_parts, front_end
+
+        return front_end(request, encoder_parts(request))
     _passive_openmp_waits()
     from lmserve_backend_hf.loader import load_encoder
 
@@ -73,6 +77,11 @@ def create_triton_backend(request: LoadRequest) -> LoadedModel:
 
 def create_onnx_backend(request: LoadRequest) -> LoadedModel:
     """``lmserve.backends`` entry point ``onnx``: encoders on ONNX Runtime, in-process."""
+    if request.remote is not None:  # an API worker: the session lives in another process
+        from lmserve_backend_hf.encoder_info import front_end
+        from lmserve_backend_hf.onnx_backend import onnx_parts
+
+        return front_end(request, onnx_parts(request))
     from lmserve_backend_hf.onnx_backend import load_onnx_encoder
 
     return load_onnx_encoder(request)

@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmserve_core.backend import LoadRequest
+from lmserve_core.backend import (
+    IN_PROCESS_BATCH_SIZE,
+    IN_PROCESS_CHUNK_ROWS,
+    LoadedEncoder,
+    LoadRequest,
+)
 from lmserve_core.encoder import EncoderOptions, ModelInfo
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_files import (
@@ -156,3 +161,20 @@ def graph_encoder_parts(request: LoadRequest) -> EncoderParts:
         settings.tensor_input_name_list, return_token_type_ids=settings.return_token_type_ids
     )
     return encoder_parts(request, input_names=names)
+
+
+def front_end(request: LoadRequest, parts: EncoderParts) -> LoadedEncoder:
+    """An API worker's encoder (``LoadRequest.remote``): this backend's tokenizer and model
+    facts, computed as the process holding the weights computes them; the forward pass runs
+    there. Batches are cut as for the in-process model (same chunking, same batch size), so
+    a worker sends the padded tensors the model would have seen anyway."""
+    if request.remote is None:
+        raise ConfigurationError("an API worker's front end needs the model's process")
+    return LoadedEncoder(
+        backend=request.remote,
+        tokenizer=parts.tokenizer,
+        info=parts.info,
+        options=parts.options,
+        chunk_rows=IN_PROCESS_CHUNK_ROWS,
+        default_batch_size=IN_PROCESS_BATCH_SIZE,
+    )

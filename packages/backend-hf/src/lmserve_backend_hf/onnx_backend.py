@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lmserve_backend_hf.encoder_info import graph_encoder_parts
+from lmserve_backend_hf.encoder_info import EncoderParts, graph_encoder_parts
 from lmserve_backend_hf.onnxruntime_extra import import_onnxruntime
 from lmserve_backend_hf.triton_contract import reranker_graph_parts
 from lmserve_core.backend import (
@@ -116,6 +116,17 @@ def _session(path: Path, threads: int) -> tuple[Any, list[str]]:
     return session, list(session.get_providers())
 
 
+def onnx_parts(request: LoadRequest) -> EncoderParts:
+    """Tokenizer, model facts and the graph's inputs (--tensor_input_names, checked)."""
+    parts = graph_encoder_parts(request)
+    if request.task is Task.rerank:  # a BERT cross-encoder's graph takes token types
+        parts = reranker_graph_parts(
+            parts, request.config, request.source.display_name,
+            names_given=bool(request.settings.tensor_input_name_list),
+        )  # fmt: skip
+    return parts
+
+
 def load_onnx_encoder(request: LoadRequest) -> LoadedEncoder:
     settings, source, task = request.settings, request.source, request.task
     if task not in ENCODER_TASKS:
@@ -128,10 +139,7 @@ def load_onnx_encoder(request: LoadRequest) -> LoadedEncoder:
             param="dtype",
         )
     started = time.perf_counter()
-    parts = graph_encoder_parts(request)
-    if task is Task.rerank:  # a BERT cross-encoder's graph takes token types
-        parts = reranker_graph_parts(parts, request.config, source.display_name,
-                                     names_given=bool(settings.tensor_input_name_list))  # fmt: skip
+    parts = onnx_parts(request)
     names, info = parts.input_names, parts.info
     onnx_path = exported_model(source, task, names)
     threads = settings.torch_threads or len(os.sched_getaffinity(0))

@@ -34,6 +34,10 @@ class LoadRequest:
     loop: asyncio.AbstractEventLoop | None = None
     # Metrics hooks the backend reports to (decoding steps), if it has any to report.
     observer: ServingObserver | None = None
+    # An API worker (--api_workers): the model runs in another process, reached through this
+    # backend. The factory loads only what the front end needs (tokenizer, model facts, no
+    # weights) and serves through it.
+    remote: EncoderBackend | None = None
 
 
 # Instances per encoder batch when neither --max_batch_size nor the backend says.

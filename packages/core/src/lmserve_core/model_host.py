@@ -23,7 +23,7 @@ from lmserve_core.backend import (
     LoadedGenerator,
     LoadRequest,
 )
-from lmserve_core.encoder import EncoderService
+from lmserve_core.encoder import EncoderBackend, EncoderService
 from lmserve_core.errors import (
     ConfigurationError,
     InvalidInput,
@@ -62,10 +62,16 @@ class ModelState(StrEnum):
 
 class ModelHost:
     def __init__(
-        self, settings: ServeSettings, plan: ServingPlan, observer: ServingObserver | None = None
+        self,
+        settings: ServeSettings,
+        plan: ServingPlan,
+        observer: ServingObserver | None = None,
+        remote: EncoderBackend | None = None,
     ) -> None:
-        """``observer`` gets the metrics hooks of everything this host loads."""
+        """``observer`` gets the metrics hooks of everything this host loads; ``remote``: the
+        model runs in another process (an API worker's, ``LoadRequest.remote``)."""
         self.settings = settings
+        self.remote = remote
         self.plan = plan
         # The registry of served names (--model_name, --served_model_name): every one reaches
         # this model; the first is the one logs and metrics use.
@@ -98,10 +104,13 @@ class ModelHost:
 
     @classmethod
     def from_settings(
-        cls, settings: ServeSettings, observer: ServingObserver | None = None
+        cls,
+        settings: ServeSettings,
+        observer: ServingObserver | None = None,
+        remote: EncoderBackend | None = None,
     ) -> ModelHost:
         """Resolve the model's files, task and backend (ConfigurationError names the flag)."""
-        return cls(settings, plan_serving(settings), observer)
+        return cls(settings, plan_serving(settings), observer, remote)
 
     @property
     def task(self) -> Task:
@@ -137,6 +146,7 @@ class ModelHost:
                 config,
                 asyncio.get_running_loop(),
                 observer=self.observer,
+                remote=self.remote,
             )
             loaded = await self._load_with_fallback(request)
             if isinstance(loaded, LoadedGenerator):

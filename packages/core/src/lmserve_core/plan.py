@@ -68,6 +68,7 @@ def plan_serving(settings: ServeSettings) -> ServingPlan:
 
         check_parser_flags(settings)
     check_lora_flags(settings, backend, task)
+    check_api_workers(settings, backend, task)
     return ServingPlan(source, config, task, backend, reason, fallback)
 
 
@@ -97,6 +98,31 @@ def check_lora_flags(settings: ServeSettings, backend: str, task: Task) -> None:
             f"--enable-lora: the {backend} backend serves adapters for text generation; "
             f"{task.value} adapters run on --backend huggingface", param="enable_lora",
         )  # fmt: skip
+
+
+# The backends whose model can sit behind API workers: encoders run in one process by torch
+# or ONNX Runtime (lmserve_server.api_workers forwards padded batches to it).
+API_WORKER_BACKENDS = ("huggingface", "onnx")
+
+
+def check_api_workers(settings: ServeSettings, backend: str, task: Task) -> None:
+    """--api_workers N > 1 only where a worker can run everything but the forward pass."""
+    if settings.api_workers == 1:
+        return
+    why = None
+    if task.is_generative:
+        why = (f"{task.value} is generative (the engine schedules every token in one process); "
+               "it serves encoder tasks")  # fmt: skip
+    elif settings.predictor_host:
+        why = "with --predictor_host the model already runs elsewhere (Triton)"
+    elif backend not in API_WORKER_BACKENDS:
+        why = f"the {backend} backend is not supported (use --backend huggingface or onnx)"
+    elif settings.enable_lora:
+        why = "LoRA adapters are loaded per process (drop --enable_lora)"
+    if why is not None:
+        raise ConfigurationError(
+            f"--api_workers {settings.api_workers}: {why}", param="api_workers"
+        )
 
 
 def choose_predictor(settings: ServeSettings, task: Task) -> tuple[str, str, None]:

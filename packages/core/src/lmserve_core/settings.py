@@ -496,6 +496,22 @@ class ServeSettings(BaseModel):
             "KServe's model server; --enable_grpc false turns it off.", group="server"
         )),
     ] = True  # fmt: skip
+    api_workers: Annotated[
+        int,
+        Field(
+            ge=1,
+            **flag(
+                "HTTP front-end processes (parsing, validation, tokenization, batching, response "
+                "encoding) sharing --http_port, all feeding the one process that holds the model "
+                "(vLLM's --api-server-count). Encoder tasks on --backend huggingface or onnx only; "
+                "anything else (generation, vLLM, --predictor_host, --enable_lora, serve-ray) is "
+                "refused at start. Each worker has its own queue (--max_queued_requests); gRPC "
+                "is served by the first worker; /metrics adds up all workers. Default 1: one "
+                "process serves everything.",
+                group="server",
+            ),
+        ),
+    ] = 1
     max_batch_size: Annotated[
         int | None,
         Field(

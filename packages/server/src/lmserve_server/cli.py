@@ -99,6 +99,9 @@ def serve_ray_main(argv: Sequence[str], prog: str = "lmserve serve-ray") -> None
         parser.error("--enable_grpc: replicas on Ray Serve are reached over HTTP only")
     engine_args = check_engine_args(parser, leftovers)
     settings = build_settings(parser, namespace, engine_args=engine_args)
+    if settings.api_workers > 1:  # Ray Serve's proxy is the front end; replicas scale out
+        parser.error(f"--api_workers {settings.api_workers}: not with serve-ray (use "
+                     "--min_replicas; Ray Serve's proxy does the HTTP work)")  # fmt: skip
     replicas = build_model(parser, namespace, ReplicaSettings)
     try:
         raise SystemExit(run(settings, replicas))

@@ -37,6 +37,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_host import ModelHost, ModelState
 from lmserve_core.settings import ServeSettings
 from lmserve_core.tasks import Task
@@ -170,6 +171,11 @@ def build(settings: ServeSettings | None = None, /, **fields: Any) -> LmserveApp
         settings = ServeSettings(**fields)
     elif fields:
         settings = ServeSettings(**{**settings.model_dump(exclude_unset=True), **fields})
+    if settings.api_workers > 1:  # processes of lmserve's own; an embedded app is one of yours
+        raise ConfigurationError(
+            f"api_workers={settings.api_workers}: worker processes are `lmserve serve`'s; "
+            "run your own server's workers instead", param="api_workers",
+        )  # fmt: skip
     metrics = Metrics()
     host = ModelHost.from_settings(settings, observer=metrics)
     plan = host.plan

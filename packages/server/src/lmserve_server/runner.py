@@ -7,8 +7,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -81,11 +82,25 @@ def run(settings: ServeSettings) -> int:
         "serving %s as %r: task %s, backend %s (%s)",
         plan.source.display_name, host.name, plan.task.value, plan.backend, plan.backend_reason,
     )  # fmt: skip
+    if settings.api_workers > 1:  # the model here, HTTP in worker processes
+        from lmserve_server.api_workers import serve_with_workers
+
+        return asyncio.run(serve_with_workers(host, settings))
     app = create_app(settings, host, metrics)
     return asyncio.run(_serve(app, host, settings))
 
 
-async def _serve(app: FastAPI, host: ModelHost, settings: ServeSettings) -> int:
+async def _serve(
+    app: FastAPI,
+    host: ModelHost,
+    settings: ServeSettings,
+    *,
+    sockets: list[socket.socket] | None = None,
+    load_model: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """``sockets``: listen on these (an API worker's, bound by the owner) instead of binding
+    --host:--http_port; ``load_model``: how the model loads (default ``host.load``; an API
+    worker first waits for the owner's model)."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -103,7 +118,7 @@ async def _serve(app: FastAPI, host: ModelHost, settings: ServeSettings) -> int:
 
     async def load() -> None:
         try:
-            await host.load()
+            await (load_model or host.load)()
         except ConfigurationError as exc:
             print(f"lmserve: error: {exc.message}", file=sys.stderr)
             server.should_exit = True
@@ -125,7 +140,7 @@ async def _serve(app: FastAPI, host: ModelHost, settings: ServeSettings) -> int:
             return 2
     loader = asyncio.create_task(load())
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         if shutdown.task is not None and not shutdown.task.done():
             shutdown.task.cancel()

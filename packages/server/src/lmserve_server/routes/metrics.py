@@ -12,4 +12,9 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(plane(request).render_metrics(), media_type=CONTENT_TYPE_LATEST)
+    page = plane(request).render_metrics()
+    # --api_workers: every worker's series added up (lmserve_server.worker_metrics).
+    gather = getattr(request.app.state, "gather_metrics", None)
+    if gather is not None:
+        page = await gather(page)
+    return Response(page, media_type=CONTENT_TYPE_LATEST)
