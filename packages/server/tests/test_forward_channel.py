@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from lmserve_core.errors import (
     Overloaded,
 )
 from lmserve_core.model_host import ModelState
+from lmserve_server.batch_merge import merge, mergeable, split
 from lmserve_server.forward_channel import (
     ForwardServer,
     RemoteEncoder,
@@ -141,11 +143,15 @@ def test_status_round_trip_and_unknown_replies() -> None:
 class _SumModel:
     """Logits [N, 2]: (sum of the ids, sum of the mask); InvalidInput for an id of -1."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.threads: set[str] = set()
+        self.rows: list[int] = []  # rows of each pass
+        self.delay = delay
 
     def forward(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         self.threads.add(threading.current_thread().name)
+        self.rows.append(len(inputs["input_ids"]))
+        time.sleep(self.delay)
         ids = inputs["input_ids"]
         if (ids == -1).any():
             raise InvalidInput("id -1", param="input_ids")
@@ -156,6 +162,10 @@ class _SumModel:
     def check_health(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class _PadOnly:
+    pad_token_id = 0
 
 
 class _Host:
@@ -174,7 +184,7 @@ class _Host:
 
     def finish_loading(self) -> None:
         self.loaded = LoadedEncoder(
-            backend=self.model, tokenizer=None,  # type: ignore[arg-type]
+            backend=self.model, tokenizer=_PadOnly(),  # type: ignore[arg-type]
             info=ModelInfo(), options=EncoderOptions(), details={"device": "cpu"},
         )  # fmt: skip
         self.state = ModelState.ready
@@ -213,6 +223,24 @@ def test_remote_encoder_forwards_through_the_owner(tmp_path: Path) -> None:
             broken = {**inputs, "input_ids": np.full((1, 3), -2, dtype=np.int64)}
             with pytest.raises(BackendError, match="RuntimeError: the model broke"):
                 await asyncio.to_thread(remote.forward, broken)
+
+            # Batches that arrive while the model is busy share its next pass; each worker
+            # still gets exactly its own rows back.
+            model.delay, model.rows = 0.2, []
+            workers = [RemoteEncoder(server.endpoint) for _ in range(3)]
+            sent = [_inputs(n, length) for n, length in ((2, 5), (3, 5), (1, 5))]
+            first = asyncio.ensure_future(asyncio.to_thread(remote.forward, _inputs(1, 4)))
+            await asyncio.sleep(0.05)  # the model is busy with it now
+            outs = await asyncio.gather(
+                *(asyncio.to_thread(w.forward, x) for w, x in zip(workers, sent, strict=True))
+            )
+            await first
+            assert model.rows == [1, 6], model.rows
+            for x, out in zip(sent, outs, strict=True):
+                np.testing.assert_array_equal(out[:, 0], x["input_ids"].sum(1))
+            for w in workers:
+                await asyncio.to_thread(w.close)
+            model.delay = 0.0
 
             # Readiness follows the owner (the prober asks every 0.5 s).
             host.state = ModelState.failed
@@ -257,3 +285,59 @@ def test_merged_pages_add_up_counters_and_histograms() -> None:
     # Ready only when every worker is.
     assert 'lmserve_model_ready{model="m"} 0.0' in text
     assert "# TYPE lmserve_requests_total counter" in text
+
+
+# --- batches of several workers in one pass --------------------------------------------
+
+
+def _rows(*lengths: int, extra: bool = False) -> dict[str, np.ndarray]:
+    """Right-padded rows of the given lengths (ids 1..n), as a worker pads them."""
+    longest = max(lengths)
+    ids = np.zeros((len(lengths), longest), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = np.arange(1, n + 1)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if extra:
+        batch["token_type_ids"] = np.zeros_like(ids)
+    return batch
+
+
+def _per_token(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A model whose output at each position depends on that row's real tokens only."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    totals = (ids * mask).sum(1, keepdims=True)
+    return np.stack([ids * mask, np.broadcast_to(totals, ids.shape)], -1).astype(np.float32)
+
+
+def test_merged_pass_gives_each_batch_what_it_would_get_alone() -> None:
+    batches = [_rows(5, 3), _rows(4), _rows(5, 5, 2)]
+    merged = merge(batches, pad_id=0)
+    assert merged["input_ids"].shape == (6, 5)
+    assert merged["attention_mask"][2].tolist() == [1, 1, 1, 1, 0]  # padding is masked
+    parts = split(_per_token(merged), batches)
+    for batch, part in zip(batches, parts, strict=True):
+        np.testing.assert_array_equal(part, _per_token(batch))  # [rows, own length, 2]
+    # Per-row outputs ([rows, classes]) are only split.
+    pooled = split(_per_token(merged)[:, 0, :], batches)
+    assert [p.shape for p in pooled] == [(2, 2), (1, 2), (3, 2)]
+
+
+def test_padding_uses_the_pad_id_for_ids_and_zero_elsewhere() -> None:
+    merged = merge([_rows(2, extra=True), _rows(4, extra=True)], pad_id=7)
+    assert merged["input_ids"][0].tolist() == [1, 2, 7, 7]
+    assert merged["attention_mask"][0].tolist() == [1, 1, 0, 0]
+    assert merged["token_type_ids"][0].tolist() == [0, 0, 0, 0]
+
+
+def test_only_batches_that_add_little_padding_merge() -> None:
+    assert mergeable([_rows(20, 20)], _rows(19))
+    assert not mergeable([_rows(20, 20)], _rows(4))  # 3 x 20 padded vs 44 real: too much
+    assert not mergeable([_rows(8)], _rows(8, extra=True))  # other tensors
+    assert not mergeable([_rows(*[8] * 40)], _rows(*[8] * 30))  # past 64 rows
+
+
+def test_a_wrong_row_count_is_a_backend_error() -> None:
+    with pytest.raises(BackendError, match="3 rows for 4 inputs"):
+        split(np.zeros((3, 2), dtype=np.float32), [_rows(2, 2), _rows(1, 1)])

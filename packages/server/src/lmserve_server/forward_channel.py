@@ -12,8 +12,8 @@ from a worker, and a malformed message is a ``BackendError``, never code run.
                       [b"ER", {"error": class name, "message", "param"}]              an error
 
 Workers are REQ sockets (one per thread: ZeroMQ sockets are not thread-safe), the owner one
-ROUTER on its event loop; the model runs on the owner's forward threads, as many as the loaded
-backend takes batches at once (``LoadedEncoder.concurrent_batches``).
+ROUTER on its event loop; the model runs one pass at a time on the owner's forward thread, and
+batches that wait meanwhile share the next pass (``batch_merge``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from lmserve_core import errors
 from lmserve_core.backend import LoadedEncoder
 from lmserve_core.errors import BackendError, LmserveError, ModelNotReady
 from lmserve_core.model_host import ModelHost
+from lmserve_server import batch_merge
 
 __all__ = [
     "ForwardServer",
@@ -196,7 +197,10 @@ def _array(spec: Mapping[str, Any], buffer: bytes | memoryview, dtypes: frozense
 
 class ForwardServer:
     """Answers the workers on the owner's event loop: forward passes on ``host``'s loaded
-    encoder (on its own threads), and the model's state for readiness."""
+    encoder, and the model's state for readiness.
+
+    The model runs one pass at a time on its own thread (the in-process backends' rule);
+    batches that arrive meanwhile go through together in the next pass (``batch_merge``)."""
 
     def __init__(self, host: ModelHost, endpoint: str) -> None:
         self.host = host
@@ -204,14 +208,17 @@ class ForwardServer:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmserve-forward")
+        self._tasks: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        self._waiting: list[tuple[dict[str, np.ndarray], asyncio.Future[np.ndarray]]] = []
+        self._arrived = asyncio.Event()
         self.details: dict[str, Any] = {}
 
     def start(self) -> None:
         self._socket.bind(self.endpoint)
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._serve()), loop.create_task(self._run_model())]
 
     async def _serve(self) -> None:
         while True:
@@ -241,14 +248,52 @@ class ForwardServer:
         if not isinstance(loaded, LoadedEncoder):
             raise ModelNotReady(f"model {self.host.name!r} is not loaded")
         inputs = decode_arrays(body[1:])
-        if self._executor is None:
-            # The backend's own rule: as many batches at once as it takes (torch: one).
-            self._executor = ThreadPoolExecutor(
-                loaded.concurrent_batches, thread_name_prefix="lmserve-forward"
-            )
+        if "input_ids" not in inputs:
+            raise BackendError("forward channel: a batch without input_ids")
+        done: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._waiting.append((inputs, done))
+        self._arrived.set()
+        return encode_output(await done)
+
+    async def _run_model(self) -> None:
         loop = asyncio.get_running_loop()
-        output = await loop.run_in_executor(self._executor, loaded.backend.forward, inputs)
-        return encode_output(np.asarray(output))
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._waiting:
+                batches, futures = self._next_group()
+                try:
+                    output = await loop.run_in_executor(self._executor, self._forward, batches)
+                    parts = batch_merge.split(output, batches)
+                except Exception as exc:  # every batch of the pass gets the error
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for future, part in zip(futures, parts, strict=True):
+                    if not future.done():
+                        future.set_result(part)
+
+    def _next_group(self) -> tuple[list[dict[str, np.ndarray]], list[asyncio.Future[np.ndarray]]]:
+        """The oldest waiting batch and those that merge with it (in arrival order)."""
+        batches: list[dict[str, np.ndarray]] = []
+        futures: list[asyncio.Future[np.ndarray]] = []
+        rest = []
+        for inputs, future in self._waiting:
+            if not batches or batch_merge.mergeable(batches, inputs):
+                batches.append(inputs)
+                futures.append(future)
+            else:
+                rest.append((inputs, future))
+        self._waiting = rest
+        return batches, futures
+
+    def _forward(self, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+        loaded = self.host.loaded
+        if not isinstance(loaded, LoadedEncoder):
+            raise ModelNotReady(f"model {self.host.name!r} is not loaded")
+        merged = batch_merge.merge(batches, pad_id=loaded.tokenizer.pad_token_id)
+        return np.asarray(loaded.backend.forward(merged))
 
     def status(self) -> list[bytes]:
         host = self.host
@@ -257,14 +302,11 @@ class ForwardServer:
         return encode_status(state, error=host.error, details={**details, **self.details})
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        for handler in list(self._handlers):
-            handler.cancel()
+        for task in [*self._tasks, *self._handlers]:
+            task.cancel()
         self._socket.close(linger=0)
         self._context.term()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 # --- the worker's side -----------------------------------------------------------------
