@@ -15,7 +15,8 @@ burst of arrivals no longer stalls the running streams for its whole prefill, an
 prompts of a burst answer before the last are read.
 
 Decoder-only models share one padded DynamicCache ([B, H, T, D] per layer, left padding,
-explicit position ids). Encoder-decoder models (T5, BART) keep one group per sequence and
+explicit position ids) whose layers grow in place (``kv_cache``): a step writes one position,
+a join copies the new rows into free rows, a leave moves rows from the end into the holes. Encoder-decoder models (T5, BART) keep one group per sequence and
 are stepped round-robin: their learned/relative positions and cross-attention caches
 make merging unsafe, so they interleave without sharing forward passes.
 
@@ -55,10 +56,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from lmserve_backend_hf.gqa_attention import use_gqa_sdpa
+from lmserve_backend_hf.kv_cache import GrowingLayer, fill_holes, make_growing
 from lmserve_backend_hf.lora import BASE, PeftAdapters, RowAdapters
 from lmserve_backend_hf.sampler import RowState, prompt_logprobs, sample
 from lmserve_core.errors import BackendError, InvalidInput, ModelNotReady
-from lmserve_core.generation.params import GenerationRequest, StructuredOutput, TokenEvent
+from lmserve_core.generation.params import (
+    FinishReason,
+    GenerationRequest,
+    StructuredOutput,
+    TokenEvent,
+)
 from lmserve_core.lora import LoRAAdapter
 from lmserve_core.observer import ServingObserver
 
@@ -89,6 +97,9 @@ class _Sequence:
     # The grammar waits for the end of the model's reasoning (request.reasoning says where).
     grammar_waits: bool = False
     lora_key: str = BASE  # PEFT's name of the row's adapter, set when admitted
+    # Puts a token event on the request's queue; called on the event loop, for a whole step's
+    # tokens in one hand-off (``_handoff``). None: tokens go through ``emit`` one by one.
+    deliver: Callable[[TokenEvent], None] | None = None
 
     @property
     def id(self) -> str:
@@ -182,6 +193,9 @@ class HFGenerationEngine:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self._is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        # Padded batches of grouped-query models: attention reads the cache in place instead of
+        # a copy per head (gqa_attention); same numbers, the model's own sdpa otherwise.
+        self.gqa_sdpa = use_gqa_sdpa(model, device)
         self._waiting = _WaitingQueue()
         self._groups: list[_Group] = []
         # Admitted, not prefilled yet (in admission order), and the one prompt mid-prefill.
@@ -378,7 +392,8 @@ class HFGenerationEngine:
         def emit(event: TokenEvent | BaseException) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        seq = _Sequence(request, emit, self._row_state(request), self.eos_token_ids)
+        seq = _Sequence(request, emit, self._row_state(request), self.eos_token_ids,
+                        deliver=events.put_nowait)  # fmt: skip
         spec = request.params.structured
         if spec is not None:
             cache = self.grammar_cache
@@ -715,22 +730,25 @@ class HFGenerationEngine:
 
     # merging and decoding -------------------------------------------------------------
     def _merge(self, group: _Group) -> None:
+        """Join ``group``'s rows to the running decoder batch (the first group without an
+        encoder), its cache copied into the batch's growing buffers (``kv_cache``); a cache
+        that is not a plain ``DynamicCache`` (sliding window, hybrid) stays a group alone."""
+        if not _mergeable(group.cache):
+            self._groups.append(group)
+            return
         live = [g for g in self._groups if not g.encoder]
-        if not live or not _mergeable(group.cache):
+        if not live:
+            make_growing(group.cache)  # later steps write into it instead of re-concatenating
             self._groups.append(group)
             return
         target = live[0]
         if not _mergeable(target.cache):
             self._groups.append(group)
             return
-        total = max(target.mask.shape[1], group.mask.shape[1])
+        make_growing(target.cache)
         for mine, theirs in zip(target.cache.layers, group.cache.layers, strict=True):
-            mine.keys = torch.cat(
-                [_pad_left(mine.keys, total), _pad_left(theirs.keys, total)], dim=0
-            )
-            mine.values = torch.cat(
-                [_pad_left(mine.values, total), _pad_left(theirs.values, total)], dim=0
-            )
+            mine.extend(theirs.keys, theirs.values)
+        total = max(target.mask.shape[1], group.mask.shape[1])
         target.mask = torch.cat(
             [_pad_left_2d(target.mask, total), _pad_left_2d(group.mask, total)], dim=0
         )
@@ -783,6 +801,7 @@ class HFGenerationEngine:
 
             ok = accept_tokens([g for _, g in constrained], [sampled[i][0] for i, _ in constrained])
             rejected = {i for (i, _), good in zip(constrained, ok, strict=True) if not good}
+        handoff: list[tuple[Callable[[TokenEvent], None], TokenEvent]] = []
         for i, (seq, (token, lp)) in enumerate(zip(seqs, sampled, strict=True)):
             if i in rejected:
                 # vLLM ends such a request with an error too (it cannot happen unless the
@@ -799,7 +818,7 @@ class HFGenerationEngine:
                 if not self._start_grammar(seq):
                     continue
             params = seq.request.params
-            finish = None
+            finish: FinishReason | None = None
             stop_token = False
             stop_reason = None
             # A grammar ends only on one of these (its stop tokens), so a finished grammar is
@@ -816,12 +835,24 @@ class HFGenerationEngine:
             if finish is not None:
                 seq.finished = True
             first = len(seq.row.output_ids) == 1
-            seq.emit(TokenEvent(token, lp, finish, stop_token, prompt_lps if i == 0 else None,
-                                seq.queued_seconds if first else None, stop_reason))  # fmt: skip
+            event = TokenEvent(token, lp, finish, stop_token, prompt_lps if i == 0 else None,
+                               seq.queued_seconds if first else None, stop_reason)  # fmt: skip
+            if seq.deliver is None:
+                seq.emit(event)
+            else:
+                handoff.append((seq.deliver, event))
+        if handoff and self._loop is not None:
+            # One wake-up of the event loop per step instead of one per row.
+            self._loop.call_soon_threadsafe(_handoff, handoff)
 
     def _select(self, group: _Group, keep: list[_Sequence]) -> None:
         index = {id(s): i for i, s in enumerate(group.seqs)}
         rows = [index[id(s)] for s in keep]
+        growing = not group.encoder and _growing(group.cache)
+        if growing:
+            # Leaving rows' places are taken by rows from the end: only those are copied.
+            rows = fill_holes(rows)
+            keep = [group.seqs[r] for r in rows]
         group.seqs = keep
         group.adapters_stale = True
         if not keep:
@@ -833,6 +864,10 @@ class HFGenerationEngine:
         # Drop columns that are padding for every remaining row.
         first = int((group.mask.sum(dim=0) > 0).nonzero()[0])
         group.mask = group.mask[:, first:]
+        if growing:
+            for layer in group.cache.layers:
+                layer.select(rows, first)
+            return
         for layer in group.cache.layers:
             layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
             layer.values = layer.values.index_select(0, idx)[:, :, first:]
@@ -871,11 +906,16 @@ class HFGenerationEngine:
                 self._finish_error(row, exc)
         while True:
             try:
-                seq = self._waiting.get()
+                queued = self._waiting.get()
             except queue.Empty:
                 break
-            if seq is not None:
-                self._finish_error(seq, exc)
+            if queued is not None:
+                self._finish_error(queued, exc)
+
+
+def _handoff(events: list[tuple[Callable[[TokenEvent], None], TokenEvent]]) -> None:
+    for deliver, event in events:
+        deliver(event)
 
 
 def _queue_order(seq: _Sequence) -> tuple[int, float]:
@@ -898,20 +938,18 @@ def _reasoning_ends_with(seq: _Sequence, token: int) -> bool:
 
 
 def _mergeable(cache: Any) -> bool:
+    """A plain ``DynamicCache`` (its layers plain or already growing), filled."""
     from transformers.cache_utils import DynamicLayer
 
-    layers = getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(
-        type(layer) is DynamicLayer and layer.keys is not None for layer in layers
+        type(layer) in (DynamicLayer, GrowingLayer) and layer.keys is not None for layer in layers
     )
 
 
-def _pad_left(t: torch.Tensor, total: int) -> torch.Tensor:
-    missing = total - t.shape[2]
-    if missing == 0:
-        return t
-    pad = t.new_zeros((t.shape[0], t.shape[1], missing, t.shape[3]))
-    return torch.cat([pad, t], dim=2)
+def _growing(cache: Any) -> bool:
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is GrowingLayer for layer in layers)
 
 
 def _pad_left_2d(t: torch.Tensor, total: int) -> torch.Tensor:
