@@ -162,6 +162,40 @@ def test_onnx_backend_behind_workers(one: ServerProcess) -> None:
         assert server.stop() == 0, server.log()[-3000:]
 
 
+def _close(a: Any, b: Any) -> bool:
+    """The same JSON, floats within 1e-5."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-5
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def test_per_token_outputs_survive_merged_passes() -> None:
+    """NER under concurrent load (both workers' batches share passes in the model's process,
+    padded to the longest): every answer equals the one the same text gets alone."""
+    server = start_server(["--model_dir", str(model_path("ner")), "--model_name", "ner",
+                           "--api_workers", "2", "--enable_grpc", "false"])  # fmt: skip
+    texts = ["Alice lives in Paris", "Alice works at Google in Paris today", "Paris",
+             "Google hired Alice and Bob in Paris and in Berlin last year"]  # fmt: skip
+    path = "/v1/models/ner:predict"
+    try:
+        bodies = [{"instances": [t]} for t in texts]
+        bodies += [{"instances": [t], "parameters": {"output": "labels"}} for t in texts]
+        alone = [_post(server, path, b, headers={}).json() for b in bodies]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda i: _post(server, path, bodies[i % len(bodies)],
+                                                     headers={}).json(), range(48)))  # fmt: skip
+        for i, answer in enumerate(together):
+            # Scores move in the 7th digit with the batch a row runs in (one process too).
+            assert _close(answer, alone[i % len(bodies)]), (bodies[i % len(bodies)], answer)
+        assert alone[0]["predictions"][0][0][1] != 0  # "Alice": an entity, not all "O"
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
 # --- both workers, one set of metrics ---------------------------------------------------
 
 
