@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from _support.servers import ServerProcess, start_server
+from _support.servers import ServerProcess, free_port, start_server
 from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
@@ -318,6 +319,21 @@ def test_a_dead_worker_stops_the_server_non_zero() -> None:
     assert code == 1, server.log()[-3000:]
     assert re.search(rf"API worker 1 \(pid {pids[1]}\) exited with code -9", server.log())
     assert not _alive(pids[0])
+
+
+def test_a_grpc_port_in_use_exits_2_naming_it() -> None:
+    """Worker 0 cannot listen for gRPC: it exits 2, and so does the whole server."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "lmserve_server", *_args(2), "--http_port", str(free_port()),
+             "--grpc_port", str(port)],
+            capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "--grpc_port" in r.stderr and "API worker 0" in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
