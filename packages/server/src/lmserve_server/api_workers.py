@@ -68,13 +68,12 @@ def bind_listener(host: str, port: int) -> socket.socket:
 class Worker:
     index: int
     process: asyncio.subprocess.Process
-    stopping: bool = False
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def signal(self, sig: signal.Signals) -> None:
+    def send(self, sig: signal.Signals) -> None:
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
@@ -106,8 +105,9 @@ async def start_worker(
 
 
 class _Supervisor:
-    def __init__(self, host: ModelHost, settings: ServeSettings) -> None:
-        self.host = host
+    """Starts nothing itself: watches the workers and the model load, passes signals on."""
+
+    def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.workers: list[Worker] = []
         self.stop_requested = asyncio.Event()
@@ -120,8 +120,7 @@ class _Supervisor:
         else:
             logger.warning("second stop signal: the API workers stop now")
         for worker in self.workers:
-            worker.stopping = True
-            worker.signal(signal.SIGTERM)
+            worker.send(signal.SIGTERM)
         self.stop_requested.set()
 
     async def run(self, loader: asyncio.Task[None]) -> int:
@@ -158,7 +157,7 @@ class _Supervisor:
             if future not in done:
                 logger.error("API worker %d (pid %d) did not stop: killing it", worker.index,
                              worker.pid)  # fmt: skip
-                worker.signal(signal.SIGKILL)
+                worker.send(signal.SIGKILL)
                 await worker.process.wait()
                 code = code or 1
             elif worker.process.returncode != 0 and code == 0:
@@ -180,7 +179,7 @@ async def serve_with_workers(host: ModelHost, settings: ServeSettings) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="lmserve-api-workers-"))
     forward = ForwardServer(host, forward_endpoint(workdir))
     forward.details = {"api_workers": settings.api_workers}
-    supervisor = _Supervisor(host, settings)
+    supervisor = _Supervisor(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, supervisor.on_signal)
