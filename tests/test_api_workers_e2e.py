@@ -120,6 +120,15 @@ def test_metadata_shows_the_owners_model(two: ServerProcess) -> None:
     assert meta["parameters"]["backend"] == "huggingface"
 
 
+def test_only_the_owner_loads_torch(two: ServerProcess) -> None:
+    """The workers load the tokenizer and model facts, never the weights (nor torch)."""
+    with open(f"/proc/{two.proc.pid}/maps") as fh:
+        assert "libtorch" in fh.read()
+    for pid in _worker_pids(two):
+        with open(f"/proc/{pid}/maps") as fh:
+            assert "libtorch" not in fh.read()
+
+
 def test_grpc_infer_matches(one: ServerProcess, two: ServerProcess) -> None:
     import numpy as np
 
