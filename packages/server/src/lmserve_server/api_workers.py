@@ -1,17 +1,17 @@
 """``--api_workers N``: N HTTP front-end processes around the one process that holds the model.
 
-The process ``lmserve serve`` starts (the owner) binds --host:--http_port once, loads the model
-as usual and, instead of serving HTTP, answers forward passes over a ZeroMQ IPC socket
-(``forward_channel``). N workers (``api_worker``, fresh interpreters: nothing is forked after
-torch is imported) inherit the listening socket, so the kernel hands each connection to one of
-them, and do all the per-request work: parsing, validation, tokenization, batching, response
-encoding. One core for the front end was the limit on small encoders (BENCHMARKS.md).
+The process ``lmserve serve`` starts (the owner) binds --host:--http_port (one SO_REUSEPORT
+socket per worker, see ``bind_listeners``), loads the model as usual and, instead of serving
+HTTP, answers forward passes over a ZeroMQ IPC socket (``forward_channel``). N workers
+(``api_worker``, fresh interpreters: nothing is forked after torch is imported) each inherit
+one of the listening sockets, so the kernel hands each connection to one of them, and do all
+the per-request work: parsing, validation, tokenization, batching, response encoding. One core for the front end was the limit on small encoders (BENCHMARKS.md).
 
 - Health: a worker is ready once the owner's model is loaded (and while it answers).
 - Metrics: any worker's ``/metrics`` adds up every worker's series (``worker_metrics``).
 - gRPC: worker 0 alone listens on --grpc_port. grpc cannot adopt an inherited socket, and
-  sharing the port through SO_REUSEPORT would also let an unrelated server share it silently
-  (lmserve turns it off so that a port in use fails at start, naming the flag).
+  letting each worker bind it with SO_REUSEPORT would also let an unrelated server share it
+  silently (lmserve turns it off so that a port in use fails at start, naming the flag).
 - Shutdown: SIGTERM/SIGINT here is passed to every worker, which drains as one server does
   (readiness and new requests 503, in-flight requests finish, forward passes still run here);
   the owner exits 0 once every worker has. A second signal is passed on too (stop now).
@@ -46,22 +46,46 @@ logger = logging.getLogger("lmserve")
 STOP_GRACE_S = 15.0
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """The HTTP socket every worker accepts on, bound once here."""
+def bind_listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """One listening socket per worker on --host:--http_port, all bound here.
+
+    They share the port through SO_REUSEPORT, so the kernel spreads connections evenly over
+    the workers. One socket shared by all spreads them badly: the worker that wakes first
+    accepts every connection waiting, and a client's keep-alive connections stay where they
+    landed (32 connections opened at once went 25 to one worker, 7 to the other). A first
+    bind without SO_REUSEPORT makes a port that anything else listens on fail at start, as
+    with one process, instead of being silently shared."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if port != 0:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _bind(probe, host, port)
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            _bind(sock, host, port)
+            port = sock.getsockname()[1]  # --http_port 0: the others join the port it got
+            sock.listen(2048)
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind(sock: socket.socket, host: str, port: int) -> None:
     try:
         sock.bind((host, port))
     except OSError as exc:
-        sock.close()
         raise ConfigurationError(
             f"--http_port {port}: cannot listen on {host}:{port} ({exc.strerror})",
             param="http_port",
         ) from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 @dataclass
@@ -82,6 +106,7 @@ class Worker:
 async def start_worker(
     index: int, settings: ServeSettings, listener: socket.socket, workdir: Path
 ) -> Worker:
+    """Worker ``index`` on ``listener`` (its own socket on the shared port)."""
     spec = {
         "index": index,
         "workers": settings.api_workers,
@@ -171,7 +196,7 @@ async def serve_with_workers(host: ModelHost, settings: ServeSettings) -> int:
     """Returns the exit code: 0 after a clean stop, 1 when the model or a worker failed, 2 for
     a bad configuration (the port taken, or a worker's)."""
     try:
-        listener = bind_listener(settings.host, settings.http_port)
+        listeners = bind_listeners(settings.host, settings.http_port, settings.api_workers)
     except ConfigurationError as exc:
         print(f"lmserve: error: {exc.message}", file=sys.stderr)
         return 2
@@ -187,9 +212,9 @@ async def serve_with_workers(host: ModelHost, settings: ServeSettings) -> int:
     try:
         forward.start()
         loader = asyncio.create_task(host.load())
-        for index in range(settings.api_workers):
+        for index, listener in enumerate(listeners):
             supervisor.workers.append(await start_worker(index, settings, listener, workdir))
-        listener.close()  # the workers hold it now; this process never accepts
+            listener.close()  # the worker holds it now; this process never accepts
         logger.info(
             "serving on %s:%d through %d API workers (pids %s)", settings.host,
             settings.http_port, len(supervisor.workers),
@@ -197,8 +222,9 @@ async def serve_with_workers(host: ModelHost, settings: ServeSettings) -> int:
         )  # fmt: skip
         code = await supervisor.run(loader)
     finally:
-        with contextlib.suppress(OSError):
-            listener.close()
+        for listener in listeners:
+            with contextlib.suppress(OSError):
+                listener.close()
         if loader is not None and not loader.done():
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
