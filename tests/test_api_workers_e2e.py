@@ -264,9 +264,11 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie is gone for our purposes.
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split(")")[-1].split()[0] != "Z"
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:  # reaped meanwhile
+        return False
 
 
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0() -> None:
@@ -328,6 +330,19 @@ def test_a_dead_worker_stops_the_server_non_zero() -> None:
     assert code == 1, server.log()[-3000:]
     assert re.search(rf"API worker 1 \(pid {pids[1]}\) exited with code -9", server.log())
     assert not _alive(pids[0])
+
+
+def test_workers_of_a_killed_owner_stop() -> None:
+    """No orphans serving 503s forever: the workers notice the owner is gone and exit."""
+    server = start_server(_args(2))
+    pids = _worker_pids(server)
+    server.proc.kill()
+    server.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids), server.log()[-3000:]
+    assert "the model process (pid" in server.log()
 
 
 def test_a_grpc_port_in_use_exits_2_naming_it() -> None:

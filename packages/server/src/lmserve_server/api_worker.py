@@ -50,11 +50,14 @@ class _WorkerTag(logging.Filter):
         return True
 
 
-async def _watch_owner(owner: int) -> None:
-    """An owner killed outright cannot drain its workers: a worker left behind drains itself."""
+async def _watch_owner(owner: int, remote: RemoteEncoder) -> None:
+    """An owner killed outright cannot drain its workers: a worker left behind stops itself,
+    failing what waits for the model at once (nothing will answer it) instead of after the
+    forward timeout."""
     while os.getppid() == owner:
         await asyncio.sleep(OWNER_CHECK_S)
     logger.error("the model process (pid %d) is gone: stopping", owner)
+    await asyncio.to_thread(remote.close)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -86,7 +89,7 @@ def main(spec: dict[str, Any]) -> int:
     owner = int(spec["owner_pid"])
 
     async def load() -> None:
-        watcher = asyncio.create_task(_watch_owner(owner))
+        watcher = asyncio.create_task(_watch_owner(owner, remote))
         app.state.owner_watcher = watcher  # held: a task nobody references may be collected
         try:
             await asyncio.to_thread(remote.wait_until_loaded)
