@@ -40,7 +40,7 @@ class GrowingTensor:
         )
         self._data[:, :, :width].copy_(initial)
         self.rows, self.start, self.end = rows, 0, width
-        self.view = self._data[:rows, :, :width]
+        self._refresh()
 
     @property
     def width(self) -> int:
@@ -54,9 +54,11 @@ class GrowingTensor:
     def append(self, states: torch.Tensor) -> torch.Tensor:
         """Write ``states`` [rows, H, n, D] after the last position; the new view."""
         n = states.shape[2]
-        self._reserve(self.rows, left=0, right=n)
-        self._data[: self.rows, :, self.end : self.end + n].copy_(states)
-        self.end += n
+        if self.end + n > self._data.shape[2]:
+            self._reserve(self.rows, left=0, right=n)
+        end = self.end + n
+        self._data[: self.rows, :, self.end : end].copy_(states)
+        self.end = end
         return self._refresh()
 
     def extend(self, states: torch.Tensor) -> None:
