@@ -173,23 +173,64 @@ def test_model_decodes_the_same_logits_from_a_growing_cache() -> None:
     assert grown.get_seq_length() == plain.get_seq_length() == 16
 
 
-@pytest_slow
-def test_engine_joins_and_leaves_keep_greedy_tokens_of_generate() -> None:
-    """Three slots, six requests of different lengths and token counts: rows leave from the
-    middle of the batch and newcomers (shorter and longer prompts) join it, all in the growing
-    cache; every request's tokens equal transformers' serial greedy generate()."""
+def _engine(max_num_seqs: int) -> Any:
     from _support.tiny_models import model_path
     from lmserve_backend_hf import create_backend
     from lmserve_core.backend import LoadRequest
-    from lmserve_core.generation.params import GenerationRequest, SamplingParams
     from lmserve_core.model_files import ModelSource, read_model_config
     from lmserve_core.settings import ServeSettings
     from lmserve_core.tasks import Task
 
     path = model_path("llama")
-    request = LoadRequest(ServeSettings(torch_threads=1, max_num_seqs=3), ModelSource(path, str(path)),
-                          Task.text_generation, read_model_config(path))  # fmt: skip
-    engine = create_backend(request).backend
+    request = LoadRequest(ServeSettings(torch_threads=1, max_num_seqs=max_num_seqs),
+                          ModelSource(path, str(path)), Task.text_generation,
+                          read_model_config(path))  # fmt: skip
+    return create_backend(request).backend
+
+
+@pytest_slow
+def test_a_lone_row_decodes_on_plain_layers() -> None:
+    """One stream: nothing joins, so its cache stays transformers' own (a one-row torch.cat is
+    cheaper than a buffer's write); its tokens equal generate()'s."""
+    from lmserve_core.generation.params import GenerationRequest, SamplingParams
+
+    engine = _engine(max_num_seqs=4)
+    kinds: set[type] = set()
+    decode = engine._decode
+
+    def watched() -> None:
+        decode()
+        kinds.update(type(layer) for g in engine._groups for layer in g.cache.layers)
+
+    engine._decode = watched
+    prompt = [5, 6, 7, 8]
+
+    async def run() -> list[int]:
+        await engine.start()
+        try:
+            params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+            stream = engine.generate(GenerationRequest("alone", prompt, params))
+            return [e.token_id async for e in stream if e.token_id is not None]
+        finally:
+            await engine.stop()
+
+    tokens = asyncio.run(run())
+    assert kinds == {DynamicLayer}
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                    do_sample=False, eos_token_id=-1, pad_token_id=0)  # fmt: skip
+    assert tokens == out[0, len(prompt) :].tolist()
+
+
+@pytest_slow
+def test_engine_joins_and_leaves_keep_greedy_tokens_of_generate() -> None:
+    """Three slots, six requests of different lengths and token counts: rows leave from the
+    middle of the batch and newcomers (shorter and longer prompts) join it, all in the growing
+    cache; every request's tokens equal transformers' serial greedy generate()."""
+    from lmserve_core.generation.params import GenerationRequest, SamplingParams
+
+    engine = _engine(max_num_seqs=3)
     jobs = [([5, 6, 7], 9), (list(range(10, 30)), 4), ([40, 41], 12),
             (list(range(50, 62)), 6), ([70, 71, 72, 73], 3), (list(range(80, 105)), 7)]  # fmt: skip
     layer_kinds: set[type] = set()

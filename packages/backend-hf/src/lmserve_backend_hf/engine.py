@@ -738,7 +738,10 @@ class HFGenerationEngine:
             return
         live = [g for g in self._groups if not g.encoder]
         if not live:
-            make_growing(group.cache)  # later steps write into it instead of re-concatenating
+            # Later steps write into the buffers instead of re-concatenating. A lone row stays
+            # as it is until another joins: its torch.cat is one small op, a buffer's write three.
+            if len(group.seqs) > 1:
+                make_growing(group.cache)
             self._groups.append(group)
             return
         target = live[0]
