@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 # Imported only by the engine, itself imported inside create_backend (as engine.py's imports).
-import torch  # noqa: TID253
+import torch
 
 NAME = "lmserve_sdpa_gqa"
 

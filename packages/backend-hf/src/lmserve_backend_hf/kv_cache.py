@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 # Imported only by the engine, itself imported inside create_backend (as engine.py's imports).
-import torch  # noqa: TID253
-from transformers.cache_utils import DynamicLayer  # noqa: TID253
+import torch
+from transformers.cache_utils import DynamicLayer
 
 # The smallest time capacity allocated; a decoding batch appends one column per step.
 _MIN_TIME_CAPACITY = 16
