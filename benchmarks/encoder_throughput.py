@@ -16,6 +16,8 @@ For one model, in one run:
 
     uv run --no-sync python benchmarks/encoder_throughput.py --model sentiment
     uv run --no-sync python benchmarks/encoder_throughput.py --model all-minilm-l6-v2 --json-out x.json
+    uv run --no-sync python benchmarks/encoder_throughput.py --model sentiment --concurrency 32 \
+        --api_workers 1,2 --rounds 3 --requests 3000 --json-out benchmarks/results/api-workers.json
 
 ``measure`` is the whole run as a function (``benchmarks/gpu_bench.py`` calls it with
 ``device="cuda"``: the limit's forward pass on the GPU, the server on the GPU it finds).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -188,6 +191,77 @@ def measure(
     return results
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its live children (an --api_workers server's workers)."""
+    total = cpu_seconds(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        with contextlib.suppress(FileNotFoundError):  # exited meanwhile
+            total += cpu_seconds(int(child))
+    return total
+
+
+def compare_api_workers(
+    model: str,
+    *,
+    workers: list[int],
+    rounds: int,
+    concurrency: int,
+    requests: int,
+    warmup: int,
+    threads: int,
+    backend: str = "huggingface",
+) -> dict[str, Any]:
+    """Served requests/s of ``--api_workers W`` for each W in ``workers``, alternating them
+    round after round (each round starts every server afresh, in turn), at ``concurrency``.
+
+    The ratio is of the per-W medians over the rounds, W against the first W (1): the client
+    runs on the same cores, as it would on one box."""
+    path = locate(model)
+    env = {"OMP_NUM_THREADS": str(threads)}
+    runs: dict[str, list[dict[str, Any]]] = {str(w): [] for w in workers}
+    for round_no in range(rounds):
+        for count in workers:
+            server = start_server(["--model_dir", str(path), "--model_name", "m", "--backend",
+                                   backend, "--torch_threads", str(threads),
+                                   "--api_workers", str(count)], env=env)  # fmt: skip
+            try:
+                loadavg = os.getloadavg()[0]
+                asyncio.run(run_encoder_load(server.url, "m", concurrency=concurrency,
+                                             requests=warmup))  # fmt: skip
+                cpu_before = process_tree_cpu_seconds(server.proc.pid)
+                m = asyncio.run(run_encoder_load(server.url, "m", concurrency=concurrency,
+                                                 requests=requests))  # fmt: skip
+                used = process_tree_cpu_seconds(server.proc.pid) - cpu_before
+            finally:
+                server.stop()
+            m["server_cpu_ms_per_request"] = 1000 * used / max(1, m["completed"])
+            m["loadavg_at_start"] = loadavg
+            m["round"] = round_no
+            runs[str(count)].append(m)
+            print(f"round {round_no} api_workers {count}: {format_summary(m)} (server CPU "
+                  f"{m['server_cpu_ms_per_request']:.2f} ms/request, load {loadavg:.1f})",
+                  flush=True)  # fmt: skip
+    medians = {w: statistics.median(r["requests_per_s"] for r in rs) for w, rs in runs.items()}
+    base = medians[str(workers[0])]
+    ratios = {w: v / base for w, v in medians.items()}
+    for w in medians:
+        print(f"api_workers {w}: median {medians[w]:.1f} req/s, {ratios[w]:.2f}x api_workers "
+              f"{workers[0]}")  # fmt: skip
+    return {
+        "model": model,
+        "backend": backend,
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "threads": threads,
+        "concurrency": concurrency,
+        "requests": requests,
+        "rounds": rounds,
+        "median_requests_per_s": medians,
+        "ratio_to_first": ratios,
+        "runs": runs,
+    }
+
+
 def main() -> int:
     # What lmserve's HF backend sets before torch loads libgomp (read once, at load).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -199,8 +273,23 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--backend", default="huggingface", choices=["huggingface", "onnx"])
     p.add_argument("--json-out", default=None)
+    p.add_argument("--api_workers", default=None,
+                   help="comma list, e.g. 1,2: compare lmserve serve --api_workers W at the "
+                        "last --concurrency level instead (no forward limit), --rounds times, "
+                        "alternating")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=2, help="with --api_workers")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.api_workers:
+        compared = compare_api_workers(
+            args.model, workers=[int(w) for w in args.api_workers.split(",")],
+            rounds=args.rounds, concurrency=levels[-1], requests=args.requests,
+            warmup=args.warmup, threads=args.threads, backend=args.backend,
+        )  # fmt: skip
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(compared, indent=2) + "\n", encoding="utf-8")
+        failed = sum(m["failed"] for rs in compared["runs"].values() for m in rs)
+        return 0 if failed == 0 else 1
     results = measure(args.model, levels=levels, requests=args.requests, warmup=args.warmup,
                       threads=args.threads, backend=args.backend)  # fmt: skip
     if args.json_out:
