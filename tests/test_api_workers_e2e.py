@@ -309,10 +309,11 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0() -> None:
     assert "stopping: draining 2 API workers" in log
     # The drain found requests in flight and they were answered, not cut.
     assert re.search(r"[1-9]\d* request\(s\) in flight get up to", log), log[-3000:]
-    # Sent a second or more before the signal: admitted by then (a request still uploading
-    # or parsing when the drain starts gets 503, as with one process).
+    # Sent a second or more before the signal: answered, or (not yet admitted: on a loaded
+    # machine a 1000-instance body can still be uploading or tokenizing when the drain
+    # starts) refused with 503, as with one process; never a cut connection.
     in_flight = [status for started, status in results if started < sent_at - 1.0]
-    assert in_flight and all(status == 200 for status in in_flight), results
+    assert 200 in in_flight and all(status in (200, 503) for status in in_flight), results
     # The rest are answered or refused with 503 (or find the listener closed), never a 500.
     late = [status for started, status in results if started >= sent_at - 1.0]
     assert all(status in (200, 503) or isinstance(status, str) for status in late), late
