@@ -188,13 +188,8 @@ def _engine(max_num_seqs: int) -> Any:
     return create_backend(request).backend
 
 
-@pytest_slow
-def test_a_lone_row_decodes_on_plain_layers() -> None:
-    """One stream: nothing joins, so its cache stays transformers' own (a one-row torch.cat is
-    cheaper than a buffer's write); its tokens equal generate()'s."""
-    from lmserve_core.generation.params import GenerationRequest, SamplingParams
-
-    engine = _engine(max_num_seqs=4)
+def _watch_layer_kinds(engine: Any) -> set[type]:
+    """The cache layer types of every group after each decode step, as the engine runs."""
     kinds: set[type] = set()
     decode = engine._decode
 
@@ -203,6 +198,17 @@ def test_a_lone_row_decodes_on_plain_layers() -> None:
         kinds.update(type(layer) for g in engine._groups for layer in g.cache.layers)
 
     engine._decode = watched
+    return kinds
+
+
+@pytest_slow
+def test_a_lone_row_decodes_on_plain_layers() -> None:
+    """One stream: nothing joins, so its cache stays transformers' own (a one-row torch.cat is
+    cheaper than a buffer's write); its tokens equal generate()'s."""
+    from lmserve_core.generation.params import GenerationRequest, SamplingParams
+
+    engine = _engine(max_num_seqs=4)
+    kinds = _watch_layer_kinds(engine)
     prompt = [5, 6, 7, 8]
 
     async def run() -> list[int]:
@@ -233,14 +239,7 @@ def test_engine_joins_and_leaves_keep_greedy_tokens_of_generate() -> None:
     engine = _engine(max_num_seqs=3)
     jobs = [([5, 6, 7], 9), (list(range(10, 30)), 4), ([40, 41], 12),
             (list(range(50, 62)), 6), ([70, 71, 72, 73], 3), (list(range(80, 105)), 7)]  # fmt: skip
-    layer_kinds: set[type] = set()
-    decode = engine._decode
-
-    def watched() -> None:
-        decode()
-        layer_kinds.update(type(layer) for g in engine._groups for layer in g.cache.layers)
-
-    engine._decode = watched
+    layer_kinds = _watch_layer_kinds(engine)
 
     async def run() -> list[list[int]]:
         await engine.start()

@@ -14,14 +14,15 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from lmserve_core.backend import IN_PROCESS_BATCH_SIZE
 from lmserve_core.errors import BackendError
 
 Batch = Mapping[str, np.ndarray]
 
 # Padded tokens of a merged pass may exceed the batches' own by at most this fraction.
 MAX_EXTRA_PADDING = 0.1
-# Rows of one merged pass: the in-process batch size (lmserve_core.backend.IN_PROCESS_BATCH_SIZE).
-MAX_ROWS = 64
+# Rows of one merged pass: the in-process backends' batch size.
+MAX_ROWS = IN_PROCESS_BATCH_SIZE
 
 
 def rows_and_length(batch: Batch) -> tuple[int, int]:
