@@ -23,6 +23,13 @@ Case = tuple[str, dict[str, Any]]
 
 STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 
+# vLLM's streaming think-tag parsers (deepseek_r1 and kin) drop a chunk that is only the start
+# tag, but keep the tag in the reasoning when it shares a chunk with the next tokens: which one
+# happens is the engine's output timing (an in-process engine core coalesces more often). So a
+# leading start tag is dropped from the reference's streamed reasoning, never from lmserve's: a
+# client of ours must never see the tag.
+REASONING_START_TAG = "<think>"
+
 _COMPLETION_CHOICE = (
     "index",
     "text",
@@ -160,7 +167,11 @@ def compare(
                     mismatches.append(f"{route} {body}: status {their_status} != {my_status}")
                 continue
             view_of = stream_view if stream else view
-            diff = list(differences(view_of(route, theirs), view_of(route, mine), tolerance))
+            their_view = view_of(route, theirs)
+            if stream:
+                their_view["reasonings"] = {i: r.removeprefix(REASONING_START_TAG)
+                                            for i, r in their_view["reasonings"].items()}  # fmt: skip
+            diff = list(differences(their_view, view_of(route, mine), tolerance))
             if diff:
                 mismatches.append(f"{route} {body}: " + "; ".join(diff[:5]))
     print(f"conformance ({' '.join(ours.args)}): {compared - len(mismatches)}/{compared} "
