@@ -106,3 +106,72 @@ def test_a_rewritten_index_buffer_is_grouped_again() -> None:
 def test_vllm_finds_the_plugin() -> None:
     plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
     assert any(p.value == "lmserve_backend_vllm.cpu_lora_fix:register" for p in plugins)
+
+
+def _wrapper(indices: list[int]) -> object:
+    """vLLM's CPU punica wrapper holding ``indices`` as its per-token slots (decode form)."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    wrapper._token_lora_indices[: len(indices)] = torch.tensor(indices)
+    wrapper.indices_len = [len(indices), len(indices), len(indices), len(indices)]
+    wrapper.is_prefill = False
+    wrapper.no_lora = all(i < 0 for i in indices)
+    return wrapper
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_all_slots_linear_gives_vllms_numbers(scale: float) -> None:
+    """Three slices (q/k/v) of different widths, slots padded to the max rank: the one-product
+    form equals vLLM's per-slice shrink and expand on rows with an adapter and leaves rows
+    without one as they were."""
+    cpu_lora_fix.register()
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    original = PunicaWrapperCPU.add_lora_linear.__wrapped__
+    torch.manual_seed(2)
+    widths = (12, 4, 4)
+    a = tuple(torch.randn(3, 1, 4, 8) for _ in widths)
+    b = tuple(torch.randn(3, 1, w, 4) for w in widths)
+    x = torch.randn(6, 8)
+    start = torch.randn(6, sum(widths))
+    ours, theirs = start.clone(), start.clone()
+    every_row = [2, 0, 0, 1, 2, 0]  # vLLM's own ops are right only when every row has one
+    PunicaWrapperCPU.add_lora_linear(_wrapper(every_row), ours, x, a, b, scale, widths)
+    original(_wrapper(every_row), theirs, x, a, b, scale, widths)
+    assert not torch.allclose(ours, start)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    mixed = start.clone()
+    PunicaWrapperCPU.add_lora_linear(_wrapper([2, -1, 0, -1, 2, 0]), mixed, x, a, b, scale, widths)
+    assert torch.equal(mixed[[1, 3]], start[[1, 3]])
+    assert torch.allclose(mixed[[0, 2, 4, 5]], theirs[[0, 2, 4, 5]], atol=1e-4)
+    untouched = start.clone()
+    PunicaWrapperCPU.add_lora_linear(_wrapper([-1] * 6), untouched, x, a, b, scale, widths)
+    assert torch.equal(untouched, start)
+
+
+def test_all_slots_linear_follows_adapter_loads_and_skips_zero_slots() -> None:
+    """The live slots' weights are gathered once and reused: vLLM writing a slot in place
+    (loading an adapter, or zeroing it for one without this module) must be seen next call."""
+    cpu_lora_fix.register()
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    original = PunicaWrapperCPU.add_lora_linear.__wrapped__
+    torch.manual_seed(3)
+    a, b = (torch.zeros(2, 1, 4, 8),), (torch.zeros(2, 1, 6, 4),)
+    x, start = torch.randn(3, 8), torch.randn(3, 6)
+    rows = [0, 1, 0]
+    zero = start.clone()
+    PunicaWrapperCPU.add_lora_linear(_wrapper(rows), zero, x, a, b, 1.0, (6,))
+    assert torch.equal(zero, start)  # no slot has weights: a module no adapter targets
+    a[0][1] = torch.randn(1, 4, 8)
+    b[0][1] = torch.randn(1, 6, 4)
+    ours, theirs = start.clone(), start.clone()
+    PunicaWrapperCPU.add_lora_linear(_wrapper(rows), ours, x, a, b, 1.0, (6,))
+    original(_wrapper([1, 1, 1]), theirs, x, a, b, 1.0, (6,))
+    assert torch.equal(ours[[0, 2]], start[[0, 2]])
+    assert torch.allclose(ours[1], theirs[1], atol=1e-5) and not torch.equal(ours[1], start[1])
+    b[0][1] = 0  # the slot evicted: vLLM resets its weights
+    evicted = start.clone()
+    PunicaWrapperCPU.add_lora_linear(_wrapper(rows), evicted, x, a, b, 1.0, (6,))
+    assert torch.equal(evicted, start)

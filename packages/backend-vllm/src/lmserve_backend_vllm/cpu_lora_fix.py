@@ -14,6 +14,16 @@ rows with its weights, rows marked -1 left as they were (what the GPU kernels do
 (prefill) ops call them through their module, so they are fixed too. A shape the grouped form
 does not cover (one input row broadcast to many) keeps vLLM's op, with the -1 rows restored.
 
+The linear layers (what adapters mostly target) skip those ops altogether: vLLM's V1 runner marks
+every step a prefill, so each LoRA layer ran the sgmv ops, which re-derive the per-token slots
+and, with the grouping above, issue a handful of small ops per adapter per slice.
+``add_lora_linear`` below instead computes every slot's low-rank product for every row in one
+matrix product per slice (the ranks are tiny, so the extra flops are few), zeroes the products of
+slots a row does not use with a mask, and adds the expansion with one more product: about four
+ops per slice however many adapters share the batch. The stacked weights of the slots in use
+are gathered once per adapter load, not per step, and a module no loaded adapter targets (vLLM
+wraps every linear layer, zero weights included) costs nothing.
+
 It is a vLLM general plugin (entry point group ``vllm.general_plugins``): vLLM runs it in every
 process it starts (API server, engine core, workers) before any model loads. GPUs use other
 kernels and are untouched.
@@ -22,7 +32,9 @@ kernels and are untouched.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # vLLM has imported torch by the time these run
@@ -106,6 +118,68 @@ def bgmv_expand_slice(
             output_tensor[rows, slice_offset:end] = out
 
 
+@dataclass(frozen=True)
+class _LiveSlots:
+    """One slice of a LoRA layer, prepared for ``add_lora_linear``: only the slots whose
+    weights are not zero (vLLM zeroes a slot's weights for an adapter without this module, so
+    a module no adapter targets has none), their shrink weights stacked as one matrix and
+    their expand weights as another."""
+
+    columns: torch.Tensor  # [live * rank]: the slot each shrink column belongs to
+    shrink: torch.Tensor  # [live * rank, in], float32 as vLLM's CPU shrink
+    expand: torch.Tensor  # [live * rank, out], the output's dtype
+
+
+# id(lora_a slice) -> (a weak reference to it, the weights' versions and dtype, its live slots).
+_live: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, int, Any], _LiveSlots]] = {}
+
+
+def _live_slots(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> _LiveSlots:
+    """``a`` [slots, 1, rank, in] and ``b`` [slots, 1, out, rank] as ``_LiveSlots``, rebuilt
+    only when vLLM writes either (loading or evicting an adapter bumps their versions)."""
+    import torch
+
+    key = (a._version, b._version, dtype)
+    cached = _live.get(id(a))
+    if cached is not None and cached[0]() is a and cached[1] == key:
+        return cached[2]
+    slots, _, rank, width_in = a.shape
+    live = [s for s in range(slots) if bool(a[s].any()) and bool(b[s].any())]
+    prepared = _LiveSlots(
+        columns=torch.tensor(live, dtype=torch.long).repeat_interleave(rank),
+        shrink=a[live, 0].reshape(len(live) * rank, width_in).float().contiguous(),
+        expand=b[live, 0].transpose(1, 2).reshape(len(live) * rank, b.shape[2]).to(dtype),
+    )
+    _live[id(a)] = (weakref.ref(a), key, prepared)
+    return prepared
+
+
+def add_lora_linear(
+    self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+    lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+    *, buffer: Any = None, **kwargs: Any,
+) -> None:  # fmt: skip
+    """vLLM's ``PunicaWrapperCPU.add_lora_linear`` semantics (``y[i] += x[i] @ A[slot_i].T @
+    B[slot_i].T * scale`` per slice, nothing for slot -1) for all live slots at once: one
+    product for every token's shrink on every live slot, a mask keeping each token's own slot,
+    one product for the expansion. Shrink in float32 as vLLM's CPU ops do."""
+    if self.no_lora:  # no token of the batch has an adapter (vLLM's prefill ops return too)
+        return
+    x = x.reshape(-1, x.shape[-1]).float()
+    out = y.view(-1, y.shape[-1])
+    indices = self.token_lora_indices.unsqueeze(1)
+    offset = 0
+    for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+        live = _live_slots(a, b, out.dtype)
+        if live.columns.numel():
+            ranks = (x @ live.shrink.T).mul_(indices == live.columns)
+            if scale != 1.0:
+                ranks.mul_(scale)
+            width = min(live.expand.shape[1], size)
+            out[:, offset : offset + width] += ranks.to(out.dtype) @ live.expand[:, :width]
+        offset += size
+
+
 _GROUPED: dict[str, Callable[..., None]] = {
     "bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
     "bgmv_expand_slice": bgmv_expand_slice,
@@ -153,4 +227,9 @@ def register() -> None:
         for module in (lora_ops, torch_ops, punica_cpu):
             if getattr(module, name, None) is original:
                 setattr(module, name, fixed)
+    wrapper = punica_cpu.PunicaWrapperCPU
+    if not getattr(wrapper.add_lora_linear, _PATCHED, False):
+        add_lora_linear.__wrapped__ = wrapper.add_lora_linear  # type: ignore[attr-defined]
+        setattr(add_lora_linear, _PATCHED, True)
+        wrapper.add_lora_linear = add_lora_linear  # type: ignore[method-assign]
     logger.debug("vLLM's CPU LoRA ops: grouped by adapter slot, rows without one untouched")
