@@ -45,6 +45,7 @@ NOT_IMPORTED = {
     "lmserve-server": {
         "lmserve-backend-hf": "extras `hf`/`hf-cuda`: a plug-in found through entry points",
         "lmserve-backend-vllm": "extras `vllm`/`vllm-cpu`: a plug-in found through entry points",
+        "httptools": "uvicorn's HTTP parser: its `http='auto'` imports it when installed",
     },
 }
 

@@ -25,6 +25,7 @@ from typing import Any
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_host import ModelHost
 from lmserve_core.settings import ServeSettings
+from lmserve_server import event_loop
 from lmserve_server.app import create_app
 from lmserve_server.forward_channel import RemoteEncoder, forward_endpoint
 from lmserve_server.logs import configure_logging
@@ -102,7 +103,7 @@ def main(spec: dict[str, Any]) -> int:
         logger.info("API worker %d of %d (pid %d) serving", index, workers, os.getpid())
 
     try:
-        return asyncio.run(_serve(app, host, settings, sockets=[listener], load_model=load))
+        return event_loop.run(_serve(app, host, settings, sockets=[listener], load_model=load))
     finally:
         pages.close()
         remote.close()

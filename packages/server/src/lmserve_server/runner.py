@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_host import ModelHost, ModelState
 from lmserve_core.settings import ServeSettings
+from lmserve_server import event_loop
 from lmserve_server.app import create_app
 from lmserve_server.logs import configure_logging
 from lmserve_server.metrics import Metrics
@@ -82,12 +83,16 @@ def run(settings: ServeSettings) -> int:
         "serving %s as %r: task %s, backend %s (%s)",
         plan.source.display_name, host.name, plan.task.value, plan.backend, plan.backend_reason,
     )  # fmt: skip
-    if settings.api_workers > 1:  # the model here, HTTP in worker processes
-        from lmserve_server.api_workers import serve_with_workers
+    try:
+        if settings.api_workers > 1:  # the model here, HTTP in worker processes
+            from lmserve_server.api_workers import serve_with_workers
 
-        return asyncio.run(serve_with_workers(host, settings))
-    app = create_app(settings, host, metrics)
-    return asyncio.run(_serve(app, host, settings))
+            return event_loop.run(serve_with_workers(host, settings))
+        app = create_app(settings, host, metrics)
+        return event_loop.run(_serve(app, host, settings))
+    except ConfigurationError as exc:  # $LMSERVE_EVENT_LOOP names no loop we have
+        print(f"lmserve: error: {exc.message}", file=sys.stderr)
+        return 2
 
 
 async def _serve(
