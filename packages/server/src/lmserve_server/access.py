@@ -14,8 +14,8 @@ Pure ASGI, so a streaming response is timed and logged at its last byte.
 from __future__ import annotations
 
 import logging
+import random
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,6 +41,14 @@ def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def new_request_id() -> str:
+    """32 random hex digits, as ``uuid4().hex`` looks. Not uuid4 itself: it reads the OS's
+    random source, a system call per request that a py-spy profile of the tiny BERT at
+    concurrency 32 found in 6% of the server's samples; an id for logs and tracing needs no
+    cryptographic randomness (``random`` reseeds in forked children)."""
+    return f"{random.getrandbits(128):032x}"
+
+
 class AccessMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, *, log_bodies: bool = False) -> None:
         self.app = app
@@ -53,7 +61,7 @@ class AccessMiddleware:
             return
         started = time.perf_counter()
         from_client = client_request_id(scope.get("headers", []))
-        request_id = from_client or uuid.uuid4().hex
+        request_id = from_client or new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         # The OpenAI routes make it the response id, as vLLM does.
