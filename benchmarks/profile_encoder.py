@@ -84,6 +84,7 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--raw-out", default=None, help="keep py-spy's raw stacks here")
     args = p.parse_args()
     py_spy = shutil.which("py-spy")
     if py_spy is None:
@@ -112,6 +113,8 @@ def main() -> int:
                 print(f"py-spy wrote nothing: {spy.stderr.read().decode() if spy.stderr else ''}",
                       file=sys.stderr)  # fmt: skip
                 return 1
+            if args.raw_out:
+                shutil.copyfile(raw, args.raw_out)
             result = {"model": args.model, "concurrency": args.concurrency, **summarise(raw)}
             if load:
                 result["requests_per_s"] = load["requests_per_s"]
