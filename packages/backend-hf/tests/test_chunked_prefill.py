@@ -107,3 +107,17 @@ def test_budget_below_max_num_seqs_is_refused() -> None:
 def test_default_budget_follows_max_num_seqs() -> None:
     assert _engine(max_num_seqs=4).max_num_batched_tokens == 512
     assert _engine(max_num_seqs=600).max_num_batched_tokens == 600
+
+
+def test_each_prefilling_iteration_is_logged_within_the_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At debug level the engine logs each iteration that prefills: the tokens (padding
+    included) never exceed the budget, and every prompt token is read."""
+    engine = _engine(max_num_seqs=8, max_num_batched_tokens=8)
+    with caplog.at_level("DEBUG", logger="lmserve_backend_hf.engine"):
+        _all_at_once(engine, PROMPTS)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration:")]
+    prefilled = [int(line.split()[2]) for line in lines]
+    assert lines and all(0 < p <= 8 for p in prefilled), lines
+    assert sum(prefilled) >= sum(len(p) for p in PROMPTS)

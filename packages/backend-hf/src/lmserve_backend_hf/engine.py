@@ -453,8 +453,13 @@ class HFGenerationEngine:
         # Arrivals of one iteration shortest first (less padding in a group, earlier first
         # tokens); after those admitted before them, so none waits behind later ones.
         self._pending.extend(sorted(self._admit(block), key=lambda s: len(s.request.prompt_ids)))
+        started = time.perf_counter()
+        prefilled = 0
         if self._pending or self._partial is not None:
-            self._prefill_step(self.max_num_batched_tokens - self._decoding())
+            budget = self.max_num_batched_tokens - self._decoding()
+            prefilled = budget - self._prefill_step(budget)
+        prefill_done = time.perf_counter()
+        rows = self._decoding()
         if self._groups:
             try:
                 self._decode()
@@ -465,6 +470,12 @@ class HFGenerationEngine:
                         self._finish_error(seq, BackendError(f"decoding failed: {exc}"))
                 self._groups = []
         self._drop_finished()
+        if prefilled and logger.isEnabledFor(logging.DEBUG):  # where a step's time went
+            logger.debug(
+                "iteration: prefill %d tokens in %.0f ms, decode %d rows in %.0f ms, %d waiting",
+                prefilled, (prefill_done - started) * 1000, rows,
+                (time.perf_counter() - prefill_done) * 1000, len(self._pending),
+            )  # fmt: skip
 
     def _admit(self, block: bool) -> list[_Sequence]:
         room = self.max_num_seqs - self.running
@@ -599,11 +610,12 @@ class HFGenerationEngine:
         return True
 
     # prefill ------------------------------------------------------------------------
-    def _prefill_step(self, budget: int) -> None:
+    def _prefill_step(self, budget: int) -> int:
         """Prefill waiting prompts with at most ``budget`` tokens (padding included): first
         the prompt mid-prefill, then whole prompts in admission order, grouped while their
         padded size fits; the first that does not fit alone starts in pieces. Prompts with
-        prompt logprobs and encoder-decoder prompts run whole, alone."""
+        prompt logprobs and encoder-decoder prompts run whole, alone. Returns the budget
+        left (negative after a prompt that must run whole)."""
         self._pending = [s for s in self._pending if not self._dropped(s)]
         if self._partial is not None and self._dropped(self._partial.seq):
             self._partial = None
@@ -632,6 +644,8 @@ class HFGenerationEngine:
                 budget -= self._guarded([seq], self._prefill_piece, budget) or 0
         if group:
             self._guarded(group, self._prefill_decoder, group, full_logits=False)
+            budget -= len(group) * max(len(s.request.prompt_ids) for s in group)
+        return budget
 
     def _dropped(self, seq: _Sequence) -> bool:
         if seq.aborted:
