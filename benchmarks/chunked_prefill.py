@@ -97,9 +97,11 @@ def _ms(values: list[float]) -> dict[str, float]:
 
 
 def _gaps(streams: list[Stream], start: float = 0.0, end: float = float("inf")) -> list[float]:
-    """Inter-token gaps of ``streams`` that end within [start, end]."""
+    """Inter-token gaps of ``streams`` that overlap [start, end]: a stall that ends only after
+    the burst's last first token (its step samples the burst's first tokens, then decodes the
+    running rows) is in."""
     return [b - a for s in streams for a, b in zip(s.tokens, s.tokens[1:], strict=False)
-            if start <= b <= end]  # fmt: skip
+            if b >= start and a <= end]  # fmt: skip
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
