@@ -453,13 +453,14 @@ class HFGenerationEngine:
         # Arrivals of one iteration shortest first (less padding in a group, earlier first
         # tokens); after those admitted before them, so none waits behind later ones.
         self._pending.extend(sorted(self._admit(block), key=lambda s: len(s.request.prompt_ids)))
-        started = time.perf_counter()
+        debugging = logger.isEnabledFor(logging.DEBUG)  # the timing below only for its log line
+        started = time.perf_counter() if debugging else 0.0
         prefilled = 0
         if self._pending or self._partial is not None:
             budget = self.max_num_batched_tokens - self._decoding()
             prefilled = budget - self._prefill_step(budget)
-        prefill_done = time.perf_counter()
-        rows = self._decoding()
+        prefill_done = time.perf_counter() if debugging else 0.0
+        rows = self._decoding() if debugging else 0
         if self._groups:
             try:
                 self._decode()
@@ -470,7 +471,7 @@ class HFGenerationEngine:
                         self._finish_error(seq, BackendError(f"decoding failed: {exc}"))
                 self._groups = []
         self._drop_finished()
-        if prefilled and logger.isEnabledFor(logging.DEBUG):  # where a step's time went
+        if prefilled and debugging:  # where a step's time went
             logger.debug(
                 "iteration: prefill %d tokens in %.0f ms, decode %d rows in %.0f ms, %d waiting",
                 prefilled, (prefill_done - started) * 1000, rows,
