@@ -105,6 +105,32 @@ class FakeTokenizer:
             for t in texts
         ]
 
+    def encode_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        add_special_tokens: bool,
+        max_length: int | None,
+    ) -> list[Encoding]:
+        """[CLS] query [SEP] document [SEP] (the document's type id 1), the document cut first
+        over ``max_length``."""
+        self.calls.append({"pairs": list(pairs), "add_special_tokens": add_special_tokens,
+                           "max_length": max_length})  # fmt: skip
+        out = []
+        for query, document in pairs:
+            q = self.encode_one(query, add_special_tokens=False, max_length=None)
+            d = self.encode_one(document, add_special_tokens=False, max_length=None)
+            specials = 3 if add_special_tokens else 0
+            keep = len(d) if max_length is None else max(0, max_length - specials - len(q))
+            ids = [*q.ids, *d.ids[:keep]]
+            types = [0] * len(q) + [1] * len(d.ids[:keep])
+            if add_special_tokens:
+                ids = [CLS, *q.ids, SEP, *d.ids[:keep], SEP]
+                types = [0] * (len(q) + 2) + [1] * (len(d.ids[:keep]) + 1)
+            n = len(ids)
+            out.append(Encoding(ids, types, [(0, 0)] * n, [0] * n, [None] * n))
+        return out
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         out = ""
         for token_id in ids:
@@ -187,6 +213,7 @@ def make_service(tokenizer: FakeTokenizer) -> Callable[..., tuple[EncoderService
         max_batch_size: int = 32,
         bucket_lengths: bool = False,
         chunk_rows: int | None = None,
+        max_batch_tokens: int | None = None,
     ) -> tuple[EncoderService, FakeBackend]:
         backend = FakeBackend(fn, block_first=block_first)
         service = EncoderService(
@@ -198,6 +225,7 @@ def make_service(tokenizer: FakeTokenizer) -> Callable[..., tuple[EncoderService
             max_batch_size=max_batch_size,
             bucket_lengths=bucket_lengths,
             chunk_rows=chunk_rows,
+            max_batch_tokens=max_batch_tokens,
         )
         return service, backend
 

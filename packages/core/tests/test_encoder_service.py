@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from lmserve_core.encoder import (
     ModelInfo,
     RequestParams,
 )
+from lmserve_core.encoder.base import EncodedRequest
 from lmserve_core.encoder.service import check_texts, length_bucket, pad_encodings
 from lmserve_core.tokenizer import Encoding
 
@@ -233,33 +234,48 @@ def test_run_batch_trims_each_request_to_its_own_length(
     assert out_short[0].argmax(-1).tolist() == [CLS % 3, 17 % 3, SEP % 3]
 
 
-def _merged(
-    make_service: Callable[..., Any], task: Task, fn: Any, **kw: Any
-) -> tuple[list[EncoderResult], Any]:
-    """Block the first forward pass, queue two requests of different lengths, release."""
-    service, backend = make_service(task, fn, block_first=True, **kw)
-    long_texts = ["the cat sat on the mat .", "a"]  # 9 and 3 tokens -> L = 9
-    short_texts = ["a dog", "new york", "paris"]  # 4, 4, 3 tokens -> L = 4
+def _queued_together(
+    service: Any, backend: Any, requests: list[tuple[list[Any], Any]], blocker: Any = ("john",)
+) -> list[EncoderResult | BaseException]:
+    """Block the first forward pass (``blocker``'s instances), queue ``requests`` (instances,
+    and V1 parameters or ``RequestParams``), release: they share the next batch. Each answer
+    in order (after the blocker's), or its exception."""
 
-    async def main() -> list[EncoderResult]:
+    def infer(texts: list[str], params: Any) -> Any:
+        if isinstance(params, RequestParams):
+            return service.infer_texts(texts, params)
+        return service.infer(texts, params)
+
+    async def main() -> list[EncoderResult | BaseException]:
         await service.start()
         try:
-            blocker = asyncio.ensure_future(service.infer(["john"], None))
+            blocked = asyncio.ensure_future(service.infer(list(blocker), None))
             assert await asyncio.to_thread(backend.started.wait, WAIT_S)
-            long_req = asyncio.ensure_future(service.infer(long_texts, None))
-            short_req = asyncio.ensure_future(service.infer(short_texts, None))
+            queued = [asyncio.ensure_future(infer(t, p)) for t, p in requests]
             loop = asyncio.get_running_loop()
             deadline = loop.time() + WAIT_S
-            while service.batcher.queued < 2:
+            while service.batcher.queued < len(requests):
                 assert loop.time() < deadline, "the requests never reached the queue"
                 await asyncio.sleep(0.001)
             backend.release.set()
-            return list(await asyncio.gather(blocker, long_req, short_req))
+            return list(await asyncio.gather(blocked, *queued, return_exceptions=True))
         finally:
             backend.release.set()
             await service.stop()
 
-    return asyncio.run(main()), backend
+    return asyncio.run(main())
+
+
+def _merged(
+    make_service: Callable[..., Any], task: Task, fn: Any, **kw: Any
+) -> tuple[list[EncoderResult], Any]:
+    """Two requests of different lengths queued behind a blocked pass, so they merge."""
+    service, backend = make_service(task, fn, block_first=True, **kw)
+    long_texts = ["the cat sat on the mat .", "a"]  # 9 and 3 tokens -> L = 9
+    short_texts = ["a dog", "new york", "paris"]  # 4, 4, 3 tokens -> L = 4
+    answers = _queued_together(service, backend, [(long_texts, None), (short_texts, None)])
+    assert all(isinstance(a, EncoderResult) for a in answers), answers
+    return cast(list[EncoderResult], answers), backend
 
 
 def test_concurrent_requests_are_merged_and_trimmed(
@@ -284,6 +300,120 @@ def test_concurrent_requests_are_merged_and_trimmed(
         assert merged.predictions == alone.predictions
         np.testing.assert_array_equal(merged.outputs[0].data, alone.outputs[0].data)
     assert short_res.token_count == 11 and long_res.token_count == 12
+
+
+def test_a_merged_batch_is_tokenized_in_one_call(
+    make_service: Callable[..., Any], tokenizer: Any
+) -> None:
+    """The batch's requests are tokenized together on the model thread, not one call each."""
+    _merged(make_service, Task.token_classification, position_logits)
+    texts = [call["texts"] for call in tokenizer.calls]
+    assert texts == [["john"], ["the cat sat on the mat .", "a", "a dog", "new york", "paris"]]
+
+
+def test_requests_with_other_settings_are_tokenized_apart_in_the_same_pass(
+    make_service: Callable[..., Any], tokenizer: Any
+) -> None:
+    service, backend = make_service(Task.token_classification, position_logits,
+                                    info=ModelInfo(max_length=5), block_first=True)  # fmt: skip
+    answers = _queued_together(service, backend, [
+        (["the cat sat on the mat"], None),
+        (["new york"], {"truncate": False}),
+        (["paris"], None),
+    ])  # fmt: skip
+    assert [(c["texts"], c["max_length"]) for c in tokenizer.calls[1:]] == [
+        (["the cat sat on the mat", "paris"], 5), (["new york"], None)
+    ]  # fmt: skip
+    assert backend.calls[1]["input_ids"].shape == (3, 5)  # still one forward pass
+    assert [a.token_count for a in answers[1:]] == [5, 4, 3]  # type: ignore[union-attr]
+
+
+def test_a_request_that_fails_its_checks_fails_alone(
+    make_service: Callable[..., Any], infer: Callable[..., Any]
+) -> None:
+    """An over-long input with truncate false (413), and one with no tokens (400), queued with
+    a good request: each gets its own error, the good one its answer, as if alone."""
+    service, backend = make_service(Task.token_classification, position_logits,
+                                    info=ModelInfo(max_length=5), block_first=True)  # fmt: skip
+    _, too_long, empty, good = _queued_together(service, backend, [
+        (["a dog", "the cat sat on the mat"], {"truncate": False}),
+        (["the", "   "], RequestParams(add_special_tokens=False)),
+        (["new york"], None),
+    ])  # fmt: skip
+    assert isinstance(too_long, InputTooLong) and "instance 1" in too_long.message
+    assert isinstance(empty, InvalidInput) and "no tokens" in empty.message
+    assert isinstance(good, EncoderResult)
+    assert [call["input_ids"].shape for call in backend.calls] == [(1, 3), (1, 4)]
+    alone_service, _ = make_service(Task.token_classification, position_logits,
+                                    info=ModelInfo(max_length=5))  # fmt: skip
+    assert good.predictions == infer(alone_service, ["new york"]).predictions
+
+
+def test_a_request_the_tokenizer_refuses_fails_alone(
+    make_service: Callable[..., Any], tokenizer: Any
+) -> None:
+    """A text the tokenizer cannot take (a Rust tokenizer's lone surrogate) fails its request;
+    the others of the batch are tokenized again without it and answered."""
+    service, backend = make_service(Task.sequence_classification, first_word_logits,
+                                    block_first=True)  # fmt: skip
+    plain = tokenizer.encode_batch
+
+    def refusing(texts: Any, **kw: Any) -> Any:
+        if any("\ud800" in t for t in texts):
+            raise InvalidInput("input 0 is not valid Unicode text", param="input")
+        return plain(texts, **kw)
+
+    tokenizer.encode_batch = refusing
+    _, good, bad = _queued_together(service, backend, [(["a dog"], None), (["a \ud800"], None)])
+    assert isinstance(bad, InvalidInput) and "Unicode" in bad.message
+    assert isinstance(good, EncoderResult) and good.token_count == 4
+
+
+def test_a_batch_over_max_batch_tokens_runs_in_passes_within_it(
+    make_service: Callable[..., Any],
+) -> None:
+    """Untokenized requests are grouped by estimated lengths: the budget holds on the real
+    ones (the inputs here tokenize longer than their characters suggest)."""
+    service, backend = make_service(Task.token_classification, position_logits,
+                                    info=ModelInfo(max_length=64), max_batch_tokens=20)  # fmt: skip
+    requests = [service.encode(texts, RequestParams()) for texts in (["a a a a a a"] * 2, ["a"])]
+    untokenized = [EncodedRequest.untokenized(r.texts, RequestParams(), max_length=64)
+                   for r in requests]  # fmt: skip
+    assert all(r.seq_len < 8 for r in untokenized)  # the guess: 3 tokens
+    outputs = service._run_batch(untokenized)
+    shapes = [call["input_ids"].shape for call in backend.calls]
+    assert all(rows * length <= 20 for rows, length in shapes), shapes
+    assert sum(rows for rows, _ in shapes) == 3
+    plain_service, _ = make_service(Task.token_classification, position_logits,
+                                    info=ModelInfo(max_length=64))  # fmt: skip
+    plain = plain_service._run_batch(requests)
+    for got, want in zip(outputs, plain, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def second_token_score(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A reranker's [N, 1] logit: the token after [CLS]."""
+    return ids[:, 1:2].astype(np.float32)
+
+
+def test_rerank_pairs_of_a_batch_are_tokenized_in_one_call(
+    make_service: Callable[..., Any], tokenizer: Any
+) -> None:
+    service, backend = make_service(Task.rerank, second_token_score, block_first=True)
+    first = [["paris", "new york"], ["a", "the cat sat"]]
+    second = [["dog", "a dog"]]
+    _, one, two = _queued_together(service, backend, [(first, None), (second, None)],
+                                   blocker=[["john", "paris"]])  # fmt: skip
+    pair_calls = [call["pairs"] for call in tokenizer.calls if "pairs" in call]
+    assert pair_calls == [[("john", "paris")],  # the blocker, alone in the first pass
+                          [("paris", "new york"), ("a", "the cat sat"), ("dog", "a dog")]]  # fmt: skip
+    assert isinstance(one, EncoderResult) and isinstance(two, EncoderResult)
+    assert one.token_count == 6 + 7 and two.token_count == 6
+    assert backend.calls[1]["input_ids"].shape == (3, 7)  # both requests in one pass
+    # Scores are the sigmoid of each pair's own logit (its query's first token id).
+    for result, queries in ((one, ["paris", "a"]), (two, ["dog"])):
+        logits = np.array([tokenizer.vocab[q] for q in queries], dtype=np.float64)
+        np.testing.assert_allclose(result.outputs[0].data, 1 / (1 + np.exp(-logits)), rtol=1e-6)
 
 
 def test_merged_embeddings_ignore_the_other_request_padding(

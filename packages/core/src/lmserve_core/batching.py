@@ -8,6 +8,10 @@ how close their length is to it, which cuts padding. The model function runs on 
 thread, never on the event loop, so health checks and new requests are answered during a
 forward pass.
 
+``run_batch`` may answer an item with ``ItemError``: that one request fails, the others get
+their results (the encoder tokenizes a batch on the model thread, and one text it cannot take
+must not fail the batch).
+
 ``concurrency`` > 1 keeps that many batches in flight at once, each on its own thread: for a
 remote predictor (Triton) the "forward pass" is mostly waiting on the network, and the next
 batch can be on the wire while the previous one computes.
@@ -45,6 +49,13 @@ ItemT = TypeVar("ItemT", bound=Sized)
 ResultT = TypeVar("ResultT")
 
 
+@dataclass(frozen=True)
+class ItemError:
+    """``run_batch``'s answer for one item that fails alone: its request gets ``error``."""
+
+    error: LmserveError
+
+
 @dataclass
 class _Pending(Generic[ItemT, ResultT]):
     item: ItemT
@@ -53,11 +64,12 @@ class _Pending(Generic[ItemT, ResultT]):
 
 
 class DynamicBatcher(Generic[ItemT, ResultT]):
-    """Runs ``run_batch(items) -> results`` (one result per item) on a model thread."""
+    """Runs ``run_batch(items) -> results`` (one result, or ``ItemError``, per item) on a
+    model thread."""
 
     def __init__(
         self,
-        run_batch: Callable[[Sequence[ItemT]], Sequence[ResultT]],
+        run_batch: Callable[[Sequence[ItemT]], Sequence[ResultT | ItemError]],
         *,
         max_batch_size: int,
         name: str = "model",
@@ -200,7 +212,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             return
         self.batches_run += 1
         for pending, result in zip(batch, results, strict=True):
-            if not pending.future.done():
+            if pending.future.done():
+                continue
+            if isinstance(result, ItemError):
+                pending.future.set_exception(result.error)
+            else:
                 pending.future.set_result(result)
 
     @staticmethod

@@ -531,7 +531,8 @@ class ServeSettings(BaseModel):
             gt=0,
             **flag(
                 "Most padded tokens (instances x longest input) one encoder forward pass takes; "
-                "bounds activation memory. A single larger request still runs, alone.",
+                "bounds activation memory. A batch over it (a single request too) runs as "
+                "length-sorted passes within it.",
                 group="server",
             ),
         ),

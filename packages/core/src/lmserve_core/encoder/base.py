@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -98,21 +98,59 @@ class RequestParams:
 
 @dataclass
 class EncodedRequest:
-    """One request's texts, tokenized and unpadded; the unit the batcher merges."""
+    """One request's texts, tokenized and unpadded; the unit the batcher merges.
 
-    texts: list[str]
+    A request made with ``untokenized`` has no encodings yet: the model thread tokenizes every
+    such request of a batch in one ``encode_batch`` call (``EncoderService``), and until then
+    ``seq_len`` is ``length_guess``, an estimate from the texts' characters that only orders
+    the batcher's grouping (the padded-token budget is enforced on the real lengths).
+    """
+
+    texts: list[str]  # a reranker's: the queries
     encodings: list[Encoding]
     params: RequestParams
     # The LoRA adapter the request's model name picked (None: the base model).
     adapter: LoRAAdapter | None = None
+    length_guess: int | None = None
+    # A reranker's (query, document) pairs, while untokenized.
+    pairs: list[tuple[str, str]] | None = None
+
+    @classmethod
+    def untokenized(
+        cls, texts: list[str], params: RequestParams, *, max_length: int
+    ) -> EncodedRequest:
+        return cls(texts, [], params, length_guess=_guess(map(len, texts), max_length))
+
+    @classmethod
+    def untokenized_pairs(
+        cls, pairs: list[tuple[str, str]], params: RequestParams, *, max_length: int
+    ) -> EncodedRequest:
+        guess = _guess((len(q) + len(d) + 4 for q, d in pairs), max_length)
+        return cls([q for q, _ in pairs], [], params, length_guess=guess, pairs=pairs)
+
+    @property
+    def tokenized(self) -> bool:
+        return self.length_guess is None
 
     @property
     def size(self) -> int:
-        return len(self.encodings)
+        return len(self.texts)
 
     @property
     def seq_len(self) -> int:
+        if self.length_guess is not None:
+            return self.length_guess
         return max(len(e) for e in self.encodings)
+
+    def set_encodings(self, encodings: list[Encoding]) -> None:
+        self.encodings = encodings
+        self.length_guess = None
+
+
+def _guess(chars: Iterable[int], max_length: int) -> int:
+    """A padded length from the longest input's characters: ~4 characters per token in English
+    subword vocabularies, plus [CLS]/[SEP]."""
+    return min(max_length, max(chars, default=0) // 4 + 2)
 
 
 @dataclass(frozen=True)

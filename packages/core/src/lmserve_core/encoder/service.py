@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import numpy as np
 
-from lmserve_core.batching import DynamicBatcher
+from lmserve_core.batching import DynamicBatcher, ItemError
 from lmserve_core.encoder.base import (
     EncodedRequest,
     EncoderOptions,
@@ -25,7 +25,7 @@ from lmserve_core.encoder.sequence_classification import SequenceClassification
 from lmserve_core.encoder.text_embedding import TextEmbedding
 from lmserve_core.encoder.token_classification import TokenClassification
 from lmserve_core.encoder.truncation import Truncation
-from lmserve_core.errors import BackendError, InputTooLong, InvalidInput
+from lmserve_core.errors import BackendError, InputTooLong, InvalidInput, LmserveError
 from lmserve_core.lora import LoRAAdapter
 from lmserve_core.observer import ServingObserver
 from lmserve_core.tasks import Task
@@ -144,6 +144,7 @@ class EncoderService:
         self.backend = backend
         self.bucket_lengths = bucket_lengths
         self.chunk_rows = chunk_rows
+        self.max_batch_tokens = max_batch_tokens
         self.max_instances = max_instances
         self.context = TaskContext(tokenizer=tokenizer, info=info, options=options)
         self.batcher: DynamicBatcher[EncodedRequest, FloatArray] = DynamicBatcher(
@@ -193,7 +194,11 @@ class EncoderService:
     ) -> EncoderResult:
         """``truncation``: a per-request token limit (vLLM's ``truncate_prompt_tokens``)."""
         self._check_count(len(texts), "instances")
-        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+        if truncation is None:
+            # Tokenized with the rest of its batch on the model thread (_tokenize_batch): one
+            # encode_batch per forward pass, none on the event loop.
+            request = EncodedRequest.untokenized(texts, params, max_length=self.info.max_length)
+        elif sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
             # Tens of microseconds with a Rust tokenizer: less than the hop to a thread.
             request = self.encode(texts, params, truncation)
         else:
@@ -213,7 +218,10 @@ class EncoderService:
         if self.task is not Task.rerank:
             raise InvalidInput(f"a {self.task.value} model does not score pairs", param="model")
         self._check_count(len(pairs), "instances")
-        if sum(len(q) + len(d) for q, d in pairs) <= INLINE_TOKENIZE_CHARS:
+        if truncation is None:  # tokenized with its batch, as in infer_texts
+            max_length = self.info.max_length
+            request = EncodedRequest.untokenized_pairs(pairs, params, max_length=max_length)
+        elif sum(len(q) + len(d) for q, d in pairs) <= INLINE_TOKENIZE_CHARS:
             request = self.encode_pairs(pairs, params, truncation)
         else:
             request = await asyncio.to_thread(self.encode_pairs, pairs, params, truncation)
@@ -280,10 +288,13 @@ class EncoderService:
         self, texts: list[str], encodings: list[Encoding], params: RequestParams
     ) -> EncodedRequest:
         request = EncodedRequest(texts, encodings, params)
-        if any(len(e) == 0 for e in encodings):
+        self._validate(request)
+        return request
+
+    def _validate(self, request: EncodedRequest) -> None:
+        if any(len(e) == 0 for e in request.encodings):
             raise InvalidInput("an instance tokenized to no tokens at all", param="instances")
         self.handler.validate(request, self.context)
-        return request
 
     def encode_token_ids(
         self,
@@ -330,7 +341,63 @@ class EncoderService:
             )  # fmt: skip
 
     # --- model thread ------------------------------------------------------------
-    def _run_batch(self, requests: Sequence[EncodedRequest]) -> list[FloatArray]:
+    def _run_batch(self, requests: Sequence[EncodedRequest]) -> list[FloatArray | ItemError]:
+        failed = self._tokenize_batch(requests)
+        ready = [req for i, req in enumerate(requests) if i not in failed]
+        outputs = self._forward_requests(ready) if ready else iter(())
+        return [failed[i] if i in failed else next(outputs) for i in range(len(requests))]
+
+    def _tokenize_batch(self, requests: Sequence[EncodedRequest]) -> dict[int, ItemError]:
+        """Tokenize the batch's untokenized requests, one ``encode_batch`` (``encode_pairs``
+        for a reranker) per setting (add special tokens, truncate) rather than one per request;
+        check each as ``encode`` and ``encode_pairs`` do. Returns the requests that fail (by
+        index), each with its own error."""
+        groups: dict[tuple[bool, bool, bool], list[int]] = {}
+        for i, req in enumerate(requests):
+            if not req.tokenized:
+                key = (req.pairs is not None, self._add_special(req.params), req.params.truncate)
+                groups.setdefault(key, []).append(i)
+        failed: dict[int, ItemError] = {}
+        for (_, add_special, truncate), members in groups.items():
+            max_length = self.info.max_length if truncate else None
+            group = [requests[i] for i in members]
+            try:
+                encodings: list[Encoding] | None = self._encode_all(group, add_special, max_length)
+            except LmserveError:
+                encodings = None  # a text it cannot take: find whose, one request at a time
+            start = 0
+            for i, req in zip(members, group, strict=True):
+                try:
+                    if encodings is None:
+                        own = self._encode_all([req], add_special, max_length)
+                    else:
+                        own = encodings[start : start + req.size]
+                    start += req.size
+                    if not truncate:
+                        self._check_lengths(own)
+                    req.set_encodings(own)
+                    self._validate(req)
+                except LmserveError as exc:
+                    failed[i] = ItemError(exc)
+        return failed
+
+    def _encode_all(
+        self, requests: Sequence[EncodedRequest], add_special: bool, max_length: int | None
+    ) -> list[Encoding]:
+        """Every input of ``requests`` (all texts, or all pairs) in one tokenizer call."""
+        if requests[0].pairs is not None:  # over max_length the document is cut first
+            pairs = [pair for req in requests for pair in req.pairs or ()]
+            return self.tokenizer.encode_pairs(
+                pairs, add_special_tokens=add_special, max_length=max_length
+            )
+        texts = [text for req in requests for text in req.texts]
+        return self.tokenizer.encode_batch(
+            texts, add_special_tokens=add_special, max_length=max_length
+        )
+
+    def _forward_requests(self, requests: Sequence[EncodedRequest]) -> Iterator[FloatArray]:
+        """Each request's rows of one batched forward (as length-sorted passes when that cuts
+        padding or the batch is over ``max_batch_tokens``)."""
         encodings = [enc for req in requests for enc in req.encodings]
         adapters = [req.adapter for req in requests for _ in range(req.size)]
         chunks = self._length_sorted_chunks(encodings)
@@ -338,15 +405,14 @@ class EncoderService:
             outputs = self._forward_chunks(encodings, adapters, chunks)
         else:
             outputs = self._forward(encodings, adapters)
-        results, row = [], 0
+        row = 0
         for req in requests:
             part = outputs[row : row + req.size]
             row += req.size
             # Each request sees outputs padded to its own longest input, as if alone.
             # (Backends that pool themselves, like vLLM's, return [N, D] with no sequence axis.)
             trim = self.handler.sequence_output and part.ndim == 3
-            results.append(part[:, : req.seq_len] if trim else part)
-        return results
+            yield part[:, : req.seq_len] if trim else part
 
     def _forward(
         self, encodings: Sequence[Encoding], adapters: Sequence[LoRAAdapter | None]
@@ -374,14 +440,26 @@ class EncoderService:
         return outputs
 
     def _length_sorted_chunks(self, encodings: Sequence[Encoding]) -> list[list[int]] | None:
-        """Row indices in length order, cut into chunks of at most ``chunk_rows``, when that
-        cuts the padded tokens of one pass by at least ``CHUNK_MIN_SAVING``; else None."""
-        rows = self.chunk_rows
-        if not rows or len(encodings) <= rows:
-            return None
+        """Row indices in length order, cut into chunks of at most ``chunk_rows`` rows and
+        ``max_batch_tokens`` padded tokens: when one pass would be over that budget (the
+        batcher groups untokenized requests by estimated lengths), or when chunks cut the
+        padded tokens of one pass by at least ``CHUNK_MIN_SAVING``; else None."""
+        rows, budget = self.chunk_rows, self.max_batch_tokens
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
-        chunks = [order[start : start + rows] for start in range(0, len(order), rows)]
         one_pass = len(encodings) * len(encodings[order[-1]])
+        over_budget = budget is not None and one_pass > budget and len(encodings) > 1
+        if not over_budget and (not rows or len(encodings) <= rows):
+            return None
+        chunks: list[list[int]] = [[]]
+        for i in order:  # longest last, so each chunk's padded length is its last row's
+            chunk = chunks[-1]
+            full = rows is not None and len(chunk) >= rows
+            if chunk and (full or (budget and (len(chunk) + 1) * len(encodings[i]) > budget)):
+                chunks.append([i])
+            else:
+                chunk.append(i)
+        if over_budget:
+            return chunks
         chunked = sum(len(chunk) * len(encodings[chunk[-1]]) for chunk in chunks)
         return chunks if chunked <= (1 - CHUNK_MIN_SAVING) * one_pass else None
 
