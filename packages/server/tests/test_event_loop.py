@@ -15,22 +15,40 @@ async def _loop_module() -> str:
     return type(asyncio.get_running_loop()).__module__
 
 
+def _run_on_chosen_loop() -> str:
+    return event_loop.run(_loop_module(), event_loop.loop_factory())
+
+
 def test_auto_runs_on_uvloop_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("uvloop")  # a declared dependency of lmserve-server off Windows
     monkeypatch.delenv(event_loop.ENV, raising=False)
-    assert event_loop.run(_loop_module()).startswith("uvloop")
+    assert _run_on_chosen_loop().startswith("uvloop")
 
 
 def test_asyncio_is_chosen_by_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(event_loop.ENV, "asyncio")
-    assert event_loop.run(_loop_module()).startswith("asyncio")
+    assert _run_on_chosen_loop().startswith("asyncio")
     monkeypatch.setenv(event_loop.ENV, " UVLOOP ")
-    assert event_loop.run(_loop_module()).startswith("uvloop")
+    assert _run_on_chosen_loop().startswith("uvloop")
 
 
 def test_an_unknown_loop_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(event_loop.ENV, "trio")
-    main = _loop_module()
     with pytest.raises(ConfigurationError, match="LMSERVE_EVENT_LOOP='trio'"):
-        event_loop.run(main)
-    assert main.cr_frame is None  # closed, not left to warn "never awaited"
+        event_loop.loop_factory()
+
+
+def test_serve_refuses_an_unknown_loop_before_loading_the_model(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2 with the variable named, and ModelHost never built (no model load attempted)."""
+    from lmserve_core.settings import ServeSettings
+    from lmserve_server import runner
+
+    def no_host(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model host was built before the event loop was checked")
+
+    monkeypatch.setenv(event_loop.ENV, "trio")
+    monkeypatch.setattr(runner.ModelHost, "from_settings", no_host)
+    assert runner.run(ServeSettings(model_name="m", model_id="some/model")) == 2
+    assert "LMSERVE_EVENT_LOOP='trio'" in capsys.readouterr().err

@@ -62,6 +62,24 @@ async def _watch_owner(owner: int, remote: RemoteEncoder) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+class PeersLoaded:
+    """Whether every worker has loaded its model: each marks itself in the shared work folder
+    once it serves (``mark``); readiness waits for all the marks (``DataPlane.peers_loaded``)."""
+
+    def __init__(self, workdir: Path, index: int, workers: int) -> None:
+        self._own = workdir / f"loaded-{index}"
+        self._marks = [workdir / f"loaded-{i}" for i in range(workers)]
+        self._all = False
+
+    def mark(self) -> None:
+        self._own.touch()
+
+    def __call__(self) -> bool:
+        if not self._all:  # a file check per probe until every worker has loaded
+            self._all = all(mark.exists() for mark in self._marks)
+        return self._all
+
+
 def main(spec: dict[str, Any]) -> int:
     index, workers, workdir = int(spec["index"]), int(spec["workers"]), Path(spec["workdir"])
     settings = ServeSettings.model_validate(spec["settings"])
@@ -79,6 +97,8 @@ def main(spec: dict[str, Any]) -> int:
         print(f"lmserve: error: {exc.message}", file=sys.stderr)
         return 2
     app = create_app(settings, host, metrics)
+    peers = PeersLoaded(workdir, index, workers)
+    app.state.dataplane.peers_loaded = peers
     pages = PageServer(app.state.dataplane.render_metrics, metrics_endpoint(workdir, index))
     pages.start()
     others = [metrics_endpoint(workdir, i) for i in range(workers) if i != index]
@@ -98,12 +118,18 @@ def main(spec: dict[str, Any]) -> int:
             remote.close()
             raise
         await host.load()
+        if host.ready:
+            peers.mark()
         if host.loaded is not None:  # metadata shows the device, dtype... of the owner's model
             host.loaded.details = {**remote.details, **host.loaded.details}
         logger.info("API worker %d of %d (pid %d) serving", index, workers, os.getpid())
 
     try:
-        return event_loop.run(_serve(app, host, settings, sockets=[listener], load_model=load))
+        # The owner checked $LMSERVE_EVENT_LOOP before starting us; we inherit its value.
+        loop = event_loop.loop_factory()
+        return event_loop.run(
+            _serve(app, host, settings, sockets=[listener], load_model=load), loop
+        )
     finally:
         pages.close()
         remote.close()

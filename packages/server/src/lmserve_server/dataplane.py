@@ -111,17 +111,21 @@ class DataPlane:
     def __init__(self, host: ModelHost, metrics: Metrics) -> None:
         self._host = host
         self.metrics = metrics
+        # With --api_workers: whether every worker has loaded (api_worker sets it). Readiness
+        # waits for it, so a probe answered by one worker never sends traffic to another that
+        # is still loading and would answer 503.
+        self.peers_loaded: Callable[[], bool] = lambda: True
 
     # --- health and metadata -----------------------------------------------------
     def live(self) -> bool:
         return True
 
     def ready(self) -> bool:
-        return self._host.ready
+        return self._host.ready and self.peers_loaded()
 
     def model_ready(self, name: str) -> bool:
         self._host.check_name(name)
-        return self._host.ready
+        return self.ready()
 
     def model_name(self, requested: str | None) -> str:
         """The name a request means: its ``model``, or the served model when it names none

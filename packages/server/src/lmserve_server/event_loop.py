@@ -23,10 +23,14 @@ CHOICES = ("auto", "asyncio", "uvloop")
 ENV = "LMSERVE_EVENT_LOOP"
 
 
-def loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The factory for ``choice`` (default: ``$LMSERVE_EVENT_LOOP``, else ``auto``); None for
-    asyncio's default loop."""
-    choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def loop_factory() -> LoopFactory | None:
+    """The factory ``$LMSERVE_EVENT_LOOP`` names (default ``auto``); None for asyncio's default
+    loop. Raises ConfigurationError for a name we have no loop for, so callers check it with the
+    rest of the configuration, before anything is loaded."""
+    choice = (os.environ.get(ENV) or "auto").strip().lower()
     if choice not in CHOICES:
         raise ConfigurationError(f"{ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
     if choice == "asyncio" or (choice == "auto" and importlib.util.find_spec("uvloop") is None):
@@ -38,13 +42,8 @@ def loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEven
     return uvloop.new_event_loop
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the chosen loop."""
-    try:
-        factory = loop_factory()
-    except ConfigurationError:
-        main.close()
-        raise
+def run(main: Coroutine[Any, Any, T], factory: LoopFactory | None) -> T:
+    """``asyncio.run(main)`` on the loop ``factory`` makes (from ``loop_factory()``)."""
     logger.debug("event loop: %s", "uvloop" if factory is not None else "asyncio")
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)

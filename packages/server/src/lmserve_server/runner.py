@@ -74,6 +74,7 @@ def run(settings: ServeSettings) -> int:
     os.environ.setdefault("SAFETENSORS_FAST_GPU", "1")
     metrics = Metrics()
     try:
+        loop = event_loop.loop_factory()
         host = ModelHost.from_settings(settings, observer=metrics)
     except ConfigurationError as exc:
         print(f"lmserve: error: {exc.message}", file=sys.stderr)
@@ -83,16 +84,12 @@ def run(settings: ServeSettings) -> int:
         "serving %s as %r: task %s, backend %s (%s)",
         plan.source.display_name, host.name, plan.task.value, plan.backend, plan.backend_reason,
     )  # fmt: skip
-    try:
-        if settings.api_workers > 1:  # the model here, HTTP in worker processes
-            from lmserve_server.api_workers import serve_with_workers
+    if settings.api_workers > 1:  # the model here, HTTP in worker processes
+        from lmserve_server.api_workers import serve_with_workers
 
-            return event_loop.run(serve_with_workers(host, settings))
-        app = create_app(settings, host, metrics)
-        return event_loop.run(_serve(app, host, settings))
-    except ConfigurationError as exc:  # $LMSERVE_EVENT_LOOP names no loop we have
-        print(f"lmserve: error: {exc.message}", file=sys.stderr)
-        return 2
+        return event_loop.run(serve_with_workers(host, settings), loop)
+    app = create_app(settings, host, metrics)
+    return event_loop.run(_serve(app, host, settings), loop)
 
 
 async def _serve(
