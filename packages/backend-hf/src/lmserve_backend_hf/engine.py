@@ -623,13 +623,15 @@ class HFGenerationEngine:
         if self._partial is not None:
             budget -= self._guarded([self._partial.seq], self._prefill_piece, budget) or 0
         group: list[_Sequence] = []
+        group_longest = 0  # the group's longest prompt: every row is padded to it
         while self._partial is None and self._pending and budget > 0:
             seq = self._pending[0]
             size = len(seq.request.prompt_ids)
             alone = self._is_enc_dec or seq.request.params.prompt_logprobs is not None
-            longest = max([size, *(len(s.request.prompt_ids) for s in group)])
+            longest = max(size, group_longest)
             if not alone and (len(group) + 1) * longest <= budget:
                 group.append(self._pending.pop(0))
+                group_longest = longest
                 continue
             if group:
                 break
@@ -645,7 +647,7 @@ class HFGenerationEngine:
                 budget -= self._guarded([seq], self._prefill_piece, budget) or 0
         if group:
             self._guarded(group, self._prefill_decoder, group, full_logits=False)
-            budget -= len(group) * max(len(s.request.prompt_ids) for s in group)
+            budget -= len(group) * group_longest
         return budget
 
     def _dropped(self, seq: _Sequence) -> bool:

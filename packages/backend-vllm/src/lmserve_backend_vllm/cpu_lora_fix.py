@@ -1,5 +1,6 @@
-"""A fix for vLLM's CPU LoRA ops: rows without an adapter stay the base model's, and each
-adapter's rows take one matrix product instead of one weight copy per token.
+"""A fix for vLLM's CPU LoRA ops: rows without an adapter stay the base model's, each adapter's
+rows take one matrix product instead of one weight copy per token, and a linear layer's LoRA
+costs a few products per slice however many adapters share the batch.
 
 vLLM marks a token that runs without LoRA with the adapter slot index -1. Its GPU kernels skip
 such rows; the PyTorch ops its CPU backend uses (``vllm.lora.ops.torch_ops``) index the stacked
@@ -232,4 +233,7 @@ def register() -> None:
         add_lora_linear.__wrapped__ = wrapper.add_lora_linear  # type: ignore[attr-defined]
         setattr(add_lora_linear, _PATCHED, True)
         wrapper.add_lora_linear = add_lora_linear  # type: ignore[method-assign]
-    logger.debug("vLLM's CPU LoRA ops: grouped by adapter slot, rows without one untouched")
+    logger.debug(
+        "vLLM's CPU LoRA ops: grouped by adapter slot, rows without one untouched; "
+        "linear layers in one product per slice over the live slots"
+    )
