@@ -8,6 +8,8 @@ import pytest
 
 from _support.sdk import close_openai_clients
 from _support.servers import ServerProcess, start_server
+from _support.tiny_models import model_path
+from _support.vllm_reference import start_vllm_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,3 +69,13 @@ def _bound_the_pool(_pool: ServerPool) -> Iterator[None]:
 def server_pool(_pool: ServerPool) -> Callable[..., ServerProcess]:
     """Start each distinct server configuration once and share it (see ServerPool)."""
     return _pool.get
+
+
+@pytest.fixture(scope="session")
+def llama_reference() -> Iterator[ServerProcess]:
+    """vLLM's own server on the tiny Llama with its defaults, started once for the modules that
+    compare against it (test_tokenize_e2e, test_vllm_conformance_e2e): each vLLM start here
+    imports torch and vLLM twice, over a minute of the suite's 90."""
+    server = start_vllm_reference(model_path("llama"))
+    yield server
+    server.stop()

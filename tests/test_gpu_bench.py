@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from _support.servers import VLLM_TEST_ENV
+from _support.servers import VLLM_TEST_ENV, server_site_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_bench.py"
@@ -32,7 +32,8 @@ def test_gpu_bench_dry_run_measures_every_part(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--json-out", str(out),
          "--startup-timeout", "300"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **VLLM_TEST_ENV},
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, **VLLM_TEST_ENV, **server_site_env()},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     report = json.loads(out.read_text())

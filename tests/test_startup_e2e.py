@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from _support.servers import free_port, start_server
+from _support.servers import free_ports, start_server
 from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,7 @@ def _grpc_live(port: int) -> bool:
 
 
 def test_grpc_is_on_by_default_and_off_with_enable_grpc_false() -> None:
-    on_port, off_port = free_port(), free_port()
+    on_port, off_port = free_ports(2)
     on = start_server(["--model_dir", str(model_path("sentiment")), "--grpc_port", str(on_port)])
     off = start_server(["--model_dir", str(model_path("sentiment")), "--grpc_port", str(off_port),
                         "--enable_grpc", "false"])  # fmt: skip

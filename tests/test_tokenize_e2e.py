@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,7 +17,6 @@ import pytest
 
 from _support.servers import ServerProcess
 from _support.tiny_models import model_path
-from _support.vllm_reference import start_vllm_reference
 
 pytestmark = pytest.mark.slow
 Pool = Callable[..., ServerProcess]
@@ -291,24 +290,17 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def reference() -> Iterator[ServerProcess]:
-    server = start_vllm_reference(model_path("llama"))
-    yield server
-    server.stop()
-
-
 BACKENDS = {"huggingface": ("--backend", "huggingface"), "vllm": ("--backend", "vllm", *KV)}
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_answers_as_vllms_own_server(
-    reference: ServerProcess, server_pool: Pool, backend: str
+    llama_reference: ServerProcess, server_pool: Pool, backend: str
 ) -> None:
     ours = server_pool("--model_dir", str(model_path("llama")), *BACKENDS[backend])
     mismatches = []
     for path, body in CASES:
-        theirs = ok(reference, path, body)
+        theirs = ok(llama_reference, path, body)
         for prefix in ("", "/openai/v1"):
             mine = ok(ours, prefix + path, body)
             if mine != theirs:

@@ -27,7 +27,7 @@ from _support.encoder_parity import (
     requests_for,
     serve_args,
 )
-from _support.servers import ServerProcess, free_port, start_server
+from _support.servers import ServerProcess, free_port, free_ports, start_server
 from _support.tiny_models import model_path
 from _support.triton import TritonServer, serve_exported
 
@@ -271,9 +271,10 @@ print(plan.backend, len(enc[0].ids) > 2, "torch" in sys.modules, "transformers" 
 
 
 def test_unknown_tensor_name_fails_startup_naming_the_flag() -> None:
+    predictor_port, http_port = free_ports(2)
     r = subprocess.run(
         [sys.executable, "-m", "lmserve_server", *serve_args("sentiment"),
-         "--predictor_host", f"127.0.0.1:{free_port()}", "--http_port", str(free_port()),
+         "--predictor_host", f"127.0.0.1:{predictor_port}", "--http_port", str(http_port),
          "--grpc_port", "0", "--tensor_input_names", "input_ids,pixel_values"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

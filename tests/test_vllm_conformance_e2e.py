@@ -8,14 +8,13 @@ prints the match rate; every request must match.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from _support.conformance import Case, compare
 from _support.servers import ServerProcess
 from _support.tiny_models import model_path
-from _support.vllm_reference import start_vllm_reference
 
 pytestmark = pytest.mark.slow
 Pool = Callable[..., ServerProcess]
@@ -81,27 +80,20 @@ CASES: list[Case] = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def reference() -> Iterator[ServerProcess]:
-    server = start_vllm_reference(model_path("llama"))
-    yield server
-    server.stop()
-
-
 def test_lmserve_on_vllm_answers_as_vllms_own_server(
-    reference: ServerProcess, server_pool: Pool
+    llama_reference: ServerProcess, server_pool: Pool
 ) -> None:
     ours = server_pool("--model_dir", str(model_path("llama")), "--backend", "vllm",
                        "--kv-cache-memory-bytes", str(512 * 2**20))  # fmt: skip
-    mismatches = compare(CASES, reference, ours, TOLERANCE)
+    mismatches = compare(CASES, llama_reference, ours, TOLERANCE)
     assert mismatches == [], "\n".join(mismatches)
 
 
 def test_lmserve_on_huggingface_answers_as_vllms_own_server(
-    reference: ServerProcess, server_pool: Pool
+    llama_reference: ServerProcess, server_pool: Pool
 ) -> None:
     """The same requests on the Hugging Face backend: the same text, token counts, reasons and
     shapes; logprobs within 2e-3 (another kernel, the same float32 weights)."""
     ours = server_pool("--model_dir", str(model_path("llama")), "--backend", "huggingface")
-    mismatches = compare(CASES, reference, ours, 2e-3)
+    mismatches = compare(CASES, llama_reference, ours, 2e-3)
     assert mismatches == [], "\n".join(mismatches)

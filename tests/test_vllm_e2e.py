@@ -19,7 +19,7 @@ import pytest
 
 from _support.reliability import abandon_many, assert_idle, metric
 from _support.sdk import openai_client
-from _support.servers import ServerProcess, start_server
+from _support.servers import VLLM_TEST_ENV, ServerProcess, server_site_env, start_server
 from _support.tiny_models import model_path
 
 pytestmark = pytest.mark.slow
@@ -302,8 +302,10 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         for k, v in os.environ.items()
         if not k.startswith("LMSERVE_") and k != "VLLM_CPU_KVCACHE_SPACE"
     }
+    # VLLM_TEST_ENV: the engine in this process (start_server's setting), not a third process.
     return subprocess.run([sys.executable, "-m", "lmserve_server", "--http_port", "0", "--grpc_port", "0", *args],
-                          capture_output=True, text=True, timeout=timeout, env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**env, **VLLM_TEST_ENV, **server_site_env(), "HF_HUB_OFFLINE": "1"})  # fmt: skip
 
 
 def test_auto_falls_back_to_huggingface_when_the_engine_fails(server_pool: Pool) -> None:

