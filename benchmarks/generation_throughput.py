@@ -320,6 +320,14 @@ def run_generate_batch(model: Any, requests: list[list[int]], tokens: int, pad: 
     errors = _ErrorLog()
     cb_logger = logging.getLogger("transformers.generation.continuous_batching")
     cb_logger.addHandler(errors)
+    # lmserve's engine switched the shared model to its own grouped-query SDPA function, which
+    # transformers' continuous batching refuses by name: give the peer transformers' own sdpa.
+    engine_attention = getattr(model.config, "_attn_implementation", None)
+    switched = engine_attention not in (None, "sdpa", "eager") and not str(
+        engine_attention
+    ).startswith("paged")
+    if switched:
+        model.set_attn_implementation("sdpa")
     try:
         from transformers import GenerationConfig
 
@@ -347,6 +355,8 @@ def run_generate_batch(model: Any, requests: list[list[int]], tokens: int, pad: 
                            error=f"{type(exc).__name__}: {exc}")  # fmt: skip
     finally:
         cb_logger.removeHandler(errors)
+        if switched:  # back to the engine's, for any run after this one
+            model.set_attn_implementation(engine_attention)
 
     ordered = list(outputs.values())  # generate_batch returns them in input order
     failed = [o.error for o in ordered if o.error is not None]

@@ -39,6 +39,7 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tokenizer", ("rust_tokenizer.py", "tokenizers/", "hf_adapters.py")),
     ("lmserve core (batcher, pre/post-processing)", ("lmserve_core/",)),
     ("lmserve backend", ("lmserve_backend_hf/",)),
+    ("forward channel (ZeroMQ, --api_workers)", ("zmq/", "forward_channel.py", "batch_merge.py")),
     ("lmserve server (routes, dataplane, middleware)", ("lmserve_server/",)),
     ("JSON", ("json/",)),
     ("pydantic", ("pydantic/", "pydantic_core")),
@@ -65,7 +66,7 @@ def summarise(raw: Path) -> dict[str, Any]:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames = stack.split(";")[1:]  # the first entry names the thread
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
         n = int(count)
         total += n
         by_component[component(frames)] += n
@@ -85,13 +86,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json-out", default=None)
     p.add_argument("--raw-out", default=None, help="keep py-spy's raw stacks here")
+    p.add_argument("--api_workers", type=int, default=1,
+                   help="serve with this many API worker processes; all are sampled")  # fmt: skip
     args = p.parse_args()
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         print("py-spy is not installed (it is in the dev group: uv sync)", file=sys.stderr)
         return 2
     server = start_server(["--model_dir", str(locate(args.model)), "--model_name", "m",
-                           "--torch_threads", str(args.threads)],
+                           "--torch_threads", str(args.threads),
+                           "--api_workers", str(args.api_workers)],
                           env={"OMP_NUM_THREADS": str(args.threads)})  # fmt: skip
     try:
         asyncio.run(run_encoder_load(server.url, "m", concurrency=args.concurrency, requests=200))
@@ -99,7 +103,8 @@ def main() -> int:
             raw = Path(tmp) / "profile.txt"
             spy = subprocess.Popen(
                 [py_spy, "record", "-p", str(server.proc.pid), "-o", str(raw), "-f", "raw",
-                 "-d", str(args.seconds), "-r", "250", "--threads", "--nonblocking"],
+                 "-d", str(args.seconds), "-r", "250", "--threads", "--nonblocking",
+                 *(["--subprocesses"] if args.api_workers > 1 else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )  # fmt: skip
             time.sleep(1.0)  # py-spy attaches

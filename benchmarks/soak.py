@@ -93,8 +93,10 @@ def _valid(task: str, rng: random.Random) -> Call:
         body = {"model": "model", "messages": [{"role": "user", "content": words}], "max_tokens": tokens,
                 "stream": stream}  # fmt: skip
         return Call(task, "valid", "/openai/v1/chat/completions", body, ok, stream)
+    temperature, n = rng.choice([0, 0.8]), rng.choice([1, 1, 2])
+    # Several choices need sampling: greedy with n > 1 is a 400, as in vLLM.
     body = {"model": "model", "prompt": words, "max_tokens": tokens, "stream": stream,
-            "temperature": rng.choice([0, 0.8]), "n": rng.choice([1, 1, 2])}  # fmt: skip
+            "temperature": temperature, "n": n if temperature else 1}  # fmt: skip
     return Call(task, "valid", "/openai/v1/completions", body, ok, stream)
 
 
