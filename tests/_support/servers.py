@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from _support.server_fork import ForkedProcess, ForkServer, forkable
 
 
 def free_port() -> int:
@@ -51,7 +54,7 @@ def server_ports(args: Sequence[str]) -> tuple[int, int]:
 @dataclass
 class ServerProcess:
     url: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ForkedProcess
     log_path: Path
     args: list[str] = field(default_factory=list)
 
@@ -100,6 +103,19 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", **(extra or {})}  # fmt: skip
 
 
+# Hugging Face servers are forked from one process with torch and transformers imported
+# (server_fork.py): ~1-3 s to ready instead of 12-25 s. LMSERVE_TEST_FORK=0 spawns every one.
+FORK_SERVERS = os.environ.get("LMSERVE_TEST_FORK", "1") != "0"
+_FORK_SERVER: list[ForkServer] = []
+
+
+def _fork_server() -> ForkServer:
+    if not _FORK_SERVER:
+        _FORK_SERVER.append(ForkServer(server_env()))
+        atexit.register(_FORK_SERVER[0].close)
+    return _FORK_SERVER[0]
+
+
 def start_server(
     args: list[str],
     *,
@@ -113,8 +129,12 @@ def start_server(
     # gRPC is on by default (as KServe): each server gets its own free port; args may override.
     cmd = [sys.executable, "-m", "lmserve_server", "--host", "127.0.0.1", "--http_port", str(port),
            "--grpc_port", str(grpc_port), "--torch_threads", "1", *args]  # fmt: skip
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
+    proc: subprocess.Popen[bytes] | ForkedProcess
+    if FORK_SERVERS and forkable(args, env):
+        proc = _fork_server().start(cmd[3:], full_env, log)
+    else:
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env)
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log, args)
     if wait_ready:
         wait_until_ready(server, timeout)

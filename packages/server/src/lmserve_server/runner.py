@@ -62,6 +62,17 @@ class _Shutdown:
         self.server.should_exit = True
 
 
+def _disable_loaded_progress_bars() -> None:
+    """The variable above is read when transformers and the hub are imported: where a process
+    imported them already (an embedding application, a test's pre-imported fork), switch their
+    bars off directly. Neither is imported here for it."""
+    for module_name, switch in (("huggingface_hub.utils", "disable_progress_bars"),
+                                ("transformers.utils.logging", "disable_progress_bar")):  # fmt: skip
+        module = sys.modules.get(module_name)
+        if module is not None:
+            getattr(module, switch)()
+
+
 def run(settings: ServeSettings) -> int:
     """Returns the process exit code: 0 clean stop, 1 model failed, 2 bad configuration."""
     configure_logging(settings.log_level, settings.log_format)
@@ -70,6 +81,7 @@ def run(settings: ServeSettings) -> int:
         # loggers through ours rather than its own handler. Set before either is imported.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        _disable_loaded_progress_bars()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("SAFETENSORS_FAST_GPU", "1")
     metrics = Metrics()
