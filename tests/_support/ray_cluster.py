@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from _support.netns import LoopbackNamespace, stop_group
+from _support.servers import server_site_env
 
 BIN = Path(sys.executable).parent
 HEAD_PORT = 6379
@@ -47,6 +48,7 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LMSERVE_"))}
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     env.update(RAY_ENV)
+    env.update(server_site_env())  # the replicas import what a production install has
     env["RAY_ADDRESS"] = f"127.0.0.1:{HEAD_PORT}"
     env.update(extra or {})
     return env
