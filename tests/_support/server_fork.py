@@ -163,8 +163,8 @@ def _read_all(conn: socket.socket) -> bytes:
 
 
 def _die_with_parent(sig: int) -> None:
-    """Linux: ``sig`` to this process when its parent exits (the zygote when pytest does, a
-    server when the zygote does), so nothing outlives an aborted test run."""
+    """Linux: ``sig`` to a forked server when the zygote (single-threaded) exits, so nothing
+    outlives an aborted test run."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
 
@@ -226,7 +226,9 @@ def _run_child(request: dict[str, object], keep_open: Sequence[socket.socket]) -
 
 
 def _zygote(socket_path: str) -> None:
-    _die_with_parent(signal.SIGTERM)
+    # Not PR_SET_PDEATHSIG here: it fires when the *thread* that started us ends, and a test may
+    # start the first server from a worker thread. A changed parent pid means pytest is gone.
+    parent = os.getppid()
     _preload()
     if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
         raise SystemExit("the fork server has threads after its imports: forking is unsafe")
@@ -238,7 +240,7 @@ def _zygote(socket_path: str) -> None:
     statuses: dict[int, str] = {}
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-    while True:
+    while os.getppid() == parent:
         _reap(statuses)
         readable, _, _ = select.select([listener], [], [], 0.05)
         if not readable:
