@@ -11,7 +11,8 @@ Only servers whose start-up imports nothing that reads its environment at import
 that do not look at their own command line, are forked (``forkable``): the Hugging Face
 backend with at most ``LMSERVE_*`` variables added. vLLM, ONNX, the Triton bridge,
 ``--api_workers`` and any other environment are started as fresh processes, and the tests of
-start-up itself (``test_startup_e2e``, the CLI and wheel tests) always run the real command.
+the command line itself (exit codes and messages in ``test_startup_e2e`` and
+``test_vllm_flags``, the wheel and example tests) run the real command.
 
 The zygote stays single-threaded (``fork()`` copies only the calling thread), runs no torch
 operation (OpenMP's thread pool does not survive a fork) and imports with the same
