@@ -37,27 +37,38 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lmserve_core.errors import ConfigurationError
+from lmserve_core.model_files import infer_model_task
+from lmserve_core.plan import choose_backend
+from lmserve_core.settings import Backend
+from lmserve_core.tasks import parse_task
+
 # Where a forked server's command line would differ from a spawned one's.
 _SPAWN_ONLY_FLAGS = ("--predictor_host", "--predictor-host", "--api_workers", "--api-workers")
-_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def forkable(args: Sequence[str], env: Mapping[str, str] | None) -> bool:
-    """Whether a server with ``args`` (and ``env`` added) runs the same forked as spawned."""
+    """Whether a server with ``args`` (and ``env`` added) runs the same forked as spawned: it is
+    served by Hugging Face, by ``--backend huggingface`` or by lmserve's own default for its
+    model's task (``plan.choose_backend``: vLLM for generation where installed)."""
     if any(not key.startswith("LMSERVE_") or key == "LMSERVE_EVENT_LOOP" for key in env or {}):
         return False
     if any(a.split("=")[0] in _SPAWN_ONLY_FLAGS for a in args):
         return False
-    backend = _flag(args, "--backend")
-    if backend is not None:
-        return backend == "huggingface"
-    # No --backend: an encoder is served by Hugging Face, a generative model by vLLM.
+    requested = _flag(args, "--backend") or "auto"
+    if requested == "huggingface":
+        return True
     model_dir = _flag(args, "--model_dir") or _flag(args, "--model-dir")
-    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+    if requested != "auto" or model_dir is None:
         return False
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    return bool(architectures) and not any(a.endswith(_GENERATIVE_SUFFIXES) for a in architectures)
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        named = _flag(args, "--task")
+        task = parse_task(named) if named else infer_model_task(Path(model_dir), config)
+        backend, _, _ = choose_backend(Backend.auto, task)
+    except (OSError, ValueError, ConfigurationError):
+        return False  # the server's own start reports it
+    return backend == "huggingface"
 
 
 def _flag(args: Sequence[str], name: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import socket
@@ -106,14 +107,13 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 # Hugging Face servers are forked from one process with torch and transformers imported
 # (server_fork.py): ~1-3 s to ready instead of 12-25 s. LMSERVE_TEST_FORK=0 spawns every one.
 FORK_SERVERS = os.environ.get("LMSERVE_TEST_FORK", "1") != "0"
-_FORK_SERVER: list[ForkServer] = []
 
 
+@functools.cache
 def _fork_server() -> ForkServer:
-    if not _FORK_SERVER:
-        _FORK_SERVER.append(ForkServer(server_env()))
-        atexit.register(_FORK_SERVER[0].close)
-    return _FORK_SERVER[0]
+    server = ForkServer(server_env())
+    atexit.register(server.close)
+    return server
 
 
 def start_server(
