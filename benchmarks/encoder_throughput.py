@@ -3,7 +3,8 @@
 For one model, in one run:
 
 1. the limit: the model's own forward pass in this process, under the server's thread settings
-   (torch, ``--threads`` intra-op threads, one inter-op thread, ``OMP_WAIT_POLICY=PASSIVE``),
+   (torch, ``--threads`` intra-op threads, one inter-op thread, the OpenMP waits of
+   ``lmserve_backend_hf.set_encoder_openmp_waits``),
    on the benchmark sentences tokenized and padded as lmserve does, at batch 32 (sequences/s)
    and at batch 1 (ms per sentence);
 2. cold start: ``lmserve serve`` spawned -> ``/v2/health/ready`` answers 200 (includes the
@@ -45,6 +46,7 @@ from prompts import PROMPTS  # noqa: E402
 
 from _support.servers import start_server  # noqa: E402
 from _support.tiny_models import model_path  # noqa: E402
+from lmserve_backend_hf import set_encoder_openmp_waits  # noqa: E402
 
 BUILTINS = ("all-minilm-l6-v2",)
 
@@ -263,8 +265,8 @@ def compare_api_workers(
 
 
 def main() -> int:
-    # What lmserve's HF backend sets before torch loads libgomp (read once, at load).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The OpenMP waits lmserve's Hugging Face backend sets for encoders before torch loads libgomp.
+    set_encoder_openmp_waits()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="sentiment", help="a tiny test model or all-minilm-l6-v2")
     p.add_argument("--concurrency", default="1,8,32")

@@ -510,8 +510,10 @@ def write_json(path: str, report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # What lmserve's HF backend sets before torch loads libgomp (encoder_throughput does too).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The OpenMP waits lmserve's Hugging Face backend sets for encoders before torch loads libgomp.
+    from lmserve_backend_hf import set_encoder_openmp_waits
+
+    set_encoder_openmp_waits()
     report: dict[str, Any] = {
         "benchmark": "gpu_bench",
         "device": args.device,

@@ -14,7 +14,7 @@ Workload: ``--requests`` rerank requests, each one query (``prompts.PROMPTS`` in
 
 - in-process: ``CrossEncoder(dir).predict(pairs, batch_size=B)`` over every (query, document)
   pair of those requests, in this process under the server's thread settings (``--threads``
-  torch intra-op threads, one inter-op thread, ``OMP_WAIT_POLICY=PASSIVE``); B is the fastest
+  torch intra-op threads, one inter-op thread, ``set_encoder_openmp_waits``); B is the fastest
   of ``--batch-sizes``, picked once before the rounds on part of the pairs;
 - lmserve: ``lmserve serve --model_dir DIR --torch_threads T`` (Hugging Face backend, plus
   ``--server-arg`` flags), driven by ``encoder_load.run_rerank_load`` (aiohttp, closed loop at
@@ -59,6 +59,7 @@ from profile_encoder import summarise  # noqa: E402
 from prompts import PROMPTS, passages  # noqa: E402
 
 from _support.servers import start_server  # noqa: E402
+from lmserve_backend_hf import set_encoder_openmp_waits  # noqa: E402
 from lmserve_core.backend import IN_PROCESS_BATCH_SIZE, IN_PROCESS_CHUNK_ROWS  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "rerank.json"
@@ -275,8 +276,8 @@ def profile(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # What lmserve's Hugging Face backend sets before torch loads libgomp: idle threads sleep.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The OpenMP waits lmserve's Hugging Face backend sets for encoders before torch loads libgomp.
+    set_encoder_openmp_waits()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--model-dir", default=None,

@@ -47,25 +47,37 @@ def create_backend(request: LoadRequest) -> LoadedModel:
         from lmserve_backend_hf.encoder_info import encoder_parts, front_end
 
         return front_end(request, encoder_parts(request))
-    _passive_openmp_waits()
+    set_encoder_openmp_waits()
     from lmserve_backend_hf.loader import load_encoder
 
     return load_encoder(request)
 
 
-def _passive_openmp_waits() -> None:
-    """Idle OpenMP threads sleep instead of spinning (unless the user's environment says
-    otherwise). Read once, when torch loads libgomp, so it must be set before torch is imported.
+# libgomp's spin count before an idle OpenMP thread sleeps: about 0.1 ms by libgomp's own
+# estimate (100,000 spins per ms; 0.2-0.7 ms measured on this project's 2-core EPYC VM).
+OPENMP_SPIN_COUNT = "10000"
 
-    Between two encoder forward passes the event loop parses HTTP, tokenizes and encodes
-    responses on the same cores; spinning torch threads stole them: on 2 cores, tiny BERT at
-    concurrency 1 cost 6.1 ms of server CPU per request with spinning and 2.9 ms without
-    (BENCHMARKS.md).
+
+def set_encoder_openmp_waits() -> dict[str, str]:
+    """Idle OpenMP threads spin briefly, then sleep; returns the settings in effect. A user's
+    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept as it is. libgomp reads them once, when
+    torch loads it, so this must run before torch is imported (later it changes nothing).
+
+    Sleeping, not spinning (libgomp spins about 3 ms by default): between two encoder forward
+    passes the event loop parses HTTP, tokenizes and encodes responses on the same cores, and
+    spinning threads stole them (tiny BERT at concurrency 1: 6.1 ms of server CPU per request
+    spinning, 2.9 ms sleeping; BENCHMARKS.md). But ``PASSIVE`` alone means no spin at all, so
+    every op of a forward pass woke the other threads from a futex sleep: 70-80 µs per op on
+    this VM against 8 µs for a 64-wide linear layer. A 0.1 ms spin keeps them awake between
+    the ops of one pass and lets them sleep between passes: the tiny BERT's forward at 2 threads
+    went 4.3-4.6 → 0.9-1.3 ms at batch 1 and 6.8-6.9 → 1.8-2.1 ms at batch 32 (BENCHMARKS.md).
     """
-    if "torch" in sys.modules:
-        return  # too late to matter; libgomp has read its environment
-    value = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.getLogger(__name__).info("OpenMP wait policy %s (OMP_WAIT_POLICY)", value)
+    names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    if "torch" not in sys.modules and not any(name in os.environ for name in names):
+        os.environ.update({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": OPENMP_SPIN_COUNT})
+    settings = {name: os.environ[name] for name in names if name in os.environ}
+    logging.getLogger(__name__).info("OpenMP waits: %s", settings or "libgomp's defaults")
+    return settings
 
 
 def create_triton_backend(request: LoadRequest) -> LoadedModel:
