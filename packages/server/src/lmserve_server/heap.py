@@ -1,0 +1,26 @@
+"""Once the model is loaded, the start-up heap is left out of garbage collection."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_startup_heap() -> None:
+    """Collect, then move every object alive now to the collector's permanent generation.
+
+    After torch, transformers and a model are loaded a process holds millions of tracked
+    objects, and each full collection walked them all: 250 ms with the GIL held on the test
+    box, a stall of every request in flight whenever it came (the p99 of the tiny BERT at
+    concurrency 32 was ~300 ms against a p50 of ~30 ms). Frozen, they are never scanned again;
+    what requests allocate is collected as before. vLLM's server does the same after start-up
+    (``vllm.utils.gc_utils.freeze_gc_heap``). Costs one full collection, now, at start-up.
+    """
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    logger.debug("froze %d start-up objects out of garbage collection in %.0f ms",
+                 gc.get_freeze_count(), (time.perf_counter() - started) * 1000)  # fmt: skip
