@@ -233,8 +233,8 @@ def _row(gen: dict[str, Any], name: str) -> dict[str, Any] | None:
 def _encoders(w: Any, enc: dict[str, Any]) -> None:
     w("## (a) Encoder requests/s vs. the model's batched forward pass, (c) overhead\n")
     w("`encoder_throughput.py`: the limit is the model's own forward pass in the benchmark "
-      "process under the server's thread settings (2 intra-op threads, 1 inter-op, passive "
-      "OpenMP waits) on the 16 benchmark sentences as lmserve tokenizes and pads them, at batch 32. "
+      "process under the server's thread settings (2 intra-op threads, 1 inter-op, OpenMP "
+      "threads that spin about 0.1 ms, then sleep) on the 16 benchmark sentences as lmserve tokenizes and pads them, at batch 32. "
       "Served: `lmserve serve` (Hugging Face backend), V1 predict, one sentence per request, "
       "closed loop with an aiohttp client on the same cores (`encoder_load.py`). Overhead = served "
       "p50 latency at concurrency 1 minus the model's p50 batch-1 forward time over the same "
@@ -304,7 +304,10 @@ def _encoders(w: Any, enc: dict[str, Any]) -> None:
       "per sentence), and the load generator moved from httpx (4.6 ms of client CPU per request "
       "at concurrency 32) to aiohttp (0.2 ms). The dynamic batcher takes everything waiting up to "
       "`--max_batch_size` and `--max_batch_tokens`, grouped by length around the oldest request, "
-      "with no fixed wait.\n")  # fmt: skip
+      "with no fixed wait. Issue 20 added a short spin before idle OpenMP threads sleep "
+      "(`GOMP_SPINCOUNT=10000`: with `PASSIVE` alone every op woke them, and the tiny BERT's "
+      "forward took 3-4x as long) and a frozen start-up heap (a full garbage collection "
+      "stalled every request for 250-330 ms); see the section on them below.\n")  # fmt: skip
 
 
 def _generation(w: Any, gen: dict[str, Any] | None, streams: dict[str, Any] | None) -> None:
