@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute
 
 from lmserve_core.model_host import ModelHost
 from lmserve_core.settings import ServeSettings
@@ -41,6 +43,17 @@ def _finish_openapi_schema(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def data_plane_first(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """The POST routes (the data plane) first, each group in its own order.
+
+    Starlette tries routes one by one until one matches; FastAPI's docs routes and the health
+    and metadata GETs came first, so V1 predict was the eleventh tried, chat completions the
+    twentieth: 12-27 µs per request on this CPU against 2-7 µs data plane first. The order
+    changes no request's route: no two routes of one method share a path (test_route_order).
+    """
+    return sorted(routes, key=lambda route: "POST" not in (getattr(route, "methods", None) or ()))
+
+
 def create_app(settings: ServeSettings, host: ModelHost, metrics: Metrics) -> FastAPI:
     """The app serving ``host``; ``metrics`` is the observer ``host`` was built with."""
     app = FastAPI(
@@ -59,6 +72,7 @@ def create_app(settings: ServeSettings, host: ModelHost, metrics: Metrics) -> Fa
     _finish_openapi_schema(app)
     for module in (health, v1, v2, openai, generation, lora, retrieval, tokenize, metrics_route):
         app.include_router(module.router)
+    app.router.routes[:] = data_plane_first(app.router.routes)
     # add_middleware wraps: the last added runs first. Request order: CORS (answers
     # preflights) -> request id, metrics and access log (401s and 413s too) -> API key -> body limit (before
     # anything reads the body) -> routes.
