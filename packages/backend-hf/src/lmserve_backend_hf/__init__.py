@@ -67,8 +67,8 @@ def set_encoder_openmp_waits() -> dict[str, str]:
     passes the event loop parses HTTP, tokenizes and encodes responses on the same cores, and
     spinning threads stole them (tiny BERT at concurrency 1: 6.1 ms of server CPU per request
     spinning, 2.9 ms sleeping; BENCHMARKS.md). But ``PASSIVE`` alone means no spin at all, so
-    every op of a forward pass woke the other threads from a futex sleep: 70-80 µs per op on
-    this VM against 8 µs for a 64-wide linear layer. A 0.1 ms spin keeps them awake between
+    every op of a forward pass woke the other threads from a futex sleep: a 64-wide linear
+    layer took 80 µs on two such threads against 8 µs on one (this project's 2-core VM). A 0.1 ms spin keeps them awake between
     the ops of one pass and lets them sleep between passes: the tiny BERT's forward at 2 threads
     went 4.3-4.6 → 0.9-1.3 ms at batch 1 and 6.8-6.9 → 1.8-2.1 ms at batch 32 (BENCHMARKS.md).
     """
