@@ -14,8 +14,8 @@ def freeze_startup_heap() -> None:
 
     After torch, transformers and a model are loaded a process holds about half a million
     tracked objects, and each full collection walked them all: 200-280 ms with the GIL held on
-    the test box, a stall of every request in flight whenever it came (the p99 of the tiny BERT at
-    concurrency 32 was ~300 ms against a p50 of ~30 ms). Frozen, they are never scanned again;
+    the test box, a stall of every request in flight whenever it came (in the encoder benchmark's forked
+    servers, a p99 of ~300 ms against a p50 of ~30 ms for the tiny BERT at concurrency 32). Frozen, they are never scanned again;
     what requests allocate is collected as before. vLLM's server does the same after start-up
     (``vllm.utils.gc_utils.freeze_gc_heap``). Costs one full collection, now, at start-up.
     """
