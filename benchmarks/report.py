@@ -234,7 +234,8 @@ def _encoders(w: Any, enc: dict[str, Any]) -> None:
     w("## (a) Encoder requests/s vs. the model's batched forward pass, (c) overhead\n")
     w("`encoder_throughput.py`: the limit is the model's own forward pass in the benchmark "
       "process under the server's thread settings (2 intra-op threads, 1 inter-op, OpenMP "
-      "threads that spin about 0.1 ms, then sleep) on the 16 benchmark sentences as lmserve tokenizes and pads them, at batch 32. "
+      "threads that spin about 0.1 ms, then sleep) on the 16 benchmark sentences as lmserve "
+      "tokenizes and pads them, at batch 32. "
       "Served: `lmserve serve` (Hugging Face backend), V1 predict, one sentence per request, "
       "closed loop with an aiohttp client on the same cores (`encoder_load.py`). Overhead = served "
       "p50 latency at concurrency 1 minus the model's p50 batch-1 forward time over the same "
@@ -307,7 +308,7 @@ def _encoders(w: Any, enc: dict[str, Any]) -> None:
       "with no fixed wait. Issue 20 added a short spin before idle OpenMP threads sleep "
       "(`GOMP_SPINCOUNT=10000`: with `PASSIVE` alone every op woke them, and the tiny BERT's "
       "forward took 3-4x as long) and a frozen start-up heap (a full garbage collection "
-      "stalled every request for 250-330 ms); see the section on them below.\n")  # fmt: skip
+      "stalled every request for 200-280 ms); see the section on them below.\n")  # fmt: skip
 
 
 def _generation(w: Any, gen: dict[str, Any] | None, streams: dict[str, Any] | None) -> None:

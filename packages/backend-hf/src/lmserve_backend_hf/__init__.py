@@ -68,9 +68,10 @@ def set_encoder_openmp_waits() -> dict[str, str]:
     spinning threads stole them (tiny BERT at concurrency 1: 6.1 ms of server CPU per request
     spinning, 2.9 ms sleeping; BENCHMARKS.md). But ``PASSIVE`` alone means no spin at all, so
     every op of a forward pass woke the other threads from a futex sleep: a 64-wide linear
-    layer took 80 µs on two such threads against 8 µs on one (this project's 2-core VM). A 0.1 ms spin keeps them awake between
-    the ops of one pass and lets them sleep between passes: the tiny BERT's forward at 2 threads
-    went 4.3-4.6 → 0.9-1.3 ms at batch 1 and 6.8-6.9 → 1.8-2.1 ms at batch 32 (BENCHMARKS.md).
+    layer took 80 µs on two such threads against 8 µs on one (this project's 2-core VM). A
+    0.1 ms spin keeps them awake between the ops of one pass and lets them sleep between passes:
+    the tiny BERT's forward at 2 threads went 4.3-4.6 → 0.9-1.3 ms at batch 1 and 6.8-6.9 →
+    1.8-2.1 ms at batch 32 (BENCHMARKS.md).
     """
     names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
     if "torch" not in sys.modules and not any(name in os.environ for name in names):

@@ -39,7 +39,7 @@ from lmserve_core.errors import ConfigurationError
 from lmserve_core.model_host import ModelHost
 from lmserve_core.settings import ServeSettings
 from lmserve_server.forward_channel import ForwardServer, forward_endpoint
-from lmserve_server.heap import freeze_startup_heap
+from lmserve_server.heap import load_then_freeze
 
 logger = logging.getLogger("lmserve")
 
@@ -193,11 +193,6 @@ class _Supervisor:
         return code
 
 
-async def _load_then_freeze(host: ModelHost) -> None:
-    await host.load()
-    freeze_startup_heap()
-
-
 async def serve_with_workers(host: ModelHost, settings: ServeSettings) -> int:
     """Returns the exit code: 0 after a clean stop, 1 when the model or a worker failed, 2 for
     a bad configuration (the port taken, or a worker's)."""
@@ -217,7 +212,7 @@ async def serve_with_workers(host: ModelHost, settings: ServeSettings) -> int:
     loader: asyncio.Task[None] | None = None
     try:
         forward.start()
-        loader = asyncio.create_task(_load_then_freeze(host))
+        loader = asyncio.create_task(load_then_freeze(host.load))
         for index, listener in enumerate(listeners):
             supervisor.workers.append(await start_worker(index, settings, listener, workdir))
             listener.close()  # the worker holds it now; this process never accepts

@@ -19,7 +19,7 @@ from lmserve_core.model_host import ModelHost, ModelState
 from lmserve_core.settings import ServeSettings
 from lmserve_server import event_loop
 from lmserve_server.app import create_app
-from lmserve_server.heap import freeze_startup_heap
+from lmserve_server.heap import load_then_freeze
 from lmserve_server.logs import configure_logging
 from lmserve_server.metrics import Metrics
 
@@ -133,8 +133,7 @@ async def _serve(
 
     async def load() -> None:
         try:
-            await (load_model or host.load)()
-            freeze_startup_heap()
+            await load_then_freeze(load_model or host.load)
         except ConfigurationError as exc:
             print(f"lmserve: error: {exc.message}", file=sys.stderr)
             server.should_exit = True
