@@ -11,8 +11,11 @@ For one model, in one run:
    interpreter, imports and model load);
 3. served: ``encoder_load.py``'s closed loop (V1 predict, one sentence per request) at each
    concurrency in ``--concurrency``; requests/s and its ratio to the limit;
-4. overhead per request at concurrency 1: served p50 latency - the model's p50 batch-1 forward
-   time over the same sentences;
+4. overhead per request at concurrency 1, two ways: the served requests' mean latency - the
+   mean of the forward passes the server ran for them (its ``lmserve_forward_duration_seconds``,
+   read from ``/metrics`` before and after the level: the same requests, so the box's drift
+   between minutes cancels out); and served p50 latency - the p50 batch-1 forward time of step 1
+   over the same sentences (measured minutes apart, in another process);
 5. peak memory: the server process's VmHWM (peak RSS) after the load.
 
     uv run --no-sync python benchmarks/encoder_throughput.py --model sentiment
@@ -35,6 +38,7 @@ import platform
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -171,11 +175,13 @@ def measure(
             asyncio.run(run_encoder_load(server.url, "m", concurrency=level,
                                          requests=warmup))  # warm-up, not measured  # fmt: skip
             cpu_before = cpu_seconds(server.proc.pid)
+            forward_before = forward_counter(server.url)
             m = asyncio.run(run_encoder_load(server.url, "m", concurrency=level,
                                              requests=requests))  # fmt: skip
             # Where the time goes: the server's CPU per request (model threads included).
             used = cpu_seconds(server.proc.pid) - cpu_before
             m["server_cpu_ms_per_request"] = 1000 * used / max(1, m["completed"])
+            m.update(forward_passes(forward_before, forward_counter(server.url), m["completed"]))
             m["ratio_to_limit"] = m["requests_per_s"] / limit["sequences_per_s"]
             results["levels"][str(level)] = m
             print(f"  {format_summary(m)}  ({m['ratio_to_limit']:.2f} of the limit, server CPU "
@@ -184,13 +190,48 @@ def measure(
     finally:
         server.stop()
     if "1" in results["levels"]:
+        c1 = results["levels"]["1"]
+        if "server_forward_ms_mean" in c1:
+            # One pass per request at concurrency 1: what the server adds around the model.
+            mean = c1["latency_ms"]["mean"]
+            results["overhead_ms_at_c1_in_server"] = mean - c1["server_forward_ms_mean"]
+            print(f"  overhead at concurrency 1, same requests: "
+                  f"{results['overhead_ms_at_c1_in_server']:.2f} ms (served mean {mean:.2f} ms "
+                  f"- the server's forward passes, mean {c1['server_forward_ms_mean']:.2f} ms)")  # fmt: skip
         # Medians of both, over the same sentences in turn: robust to this box's hiccups.
-        p50 = results["levels"]["1"]["latency_ms"]["p50"]
+        p50 = c1["latency_ms"]["p50"]
         results["overhead_ms_at_c1"] = p50 - limit["batch1_ms_p50"]
-        print(f"  overhead at concurrency 1: {results['overhead_ms_at_c1']:.2f} ms "
+        print(f"  overhead at concurrency 1 vs step 1: {results['overhead_ms_at_c1']:.2f} ms "
               f"(served p50 {p50:.2f} ms - forward p50 {limit['batch1_ms_p50']:.2f} ms)")  # fmt: skip
     print(f"  cold start {cold_start:.1f} s, peak RSS {results['peak_rss_mib']:.0f} MiB")
     return results
+
+
+FORWARD_METRIC = "lmserve_forward_duration_seconds"
+
+
+def forward_counter(url: str) -> tuple[float, float] | None:
+    """(seconds, passes) the server's model has spent in encoder forward passes so far, from
+    its ``/metrics``; None when it reports none (a server without the metric)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in (FORWARD_METRIC + "_sum", FORWARD_METRIC + "_count"):
+            found[name.rpartition("_")[2]] = float(value)
+    return (found["sum"], found["count"]) if len(found) == 2 else None
+
+
+def forward_passes(
+    before: tuple[float, float] | None, after: tuple[float, float] | None, requests: int
+) -> dict[str, float]:
+    """The server's forward passes during a level: their mean time and count per request."""
+    if before is None or after is None or after[1] <= before[1]:
+        return {}
+    passes = after[1] - before[1]
+    return {"server_forward_ms_mean": 1000 * (after[0] - before[0]) / passes,
+            "forward_passes_per_request": passes / max(1, requests)}  # fmt: skip
 
 
 def process_tree_cpu_seconds(pid: int) -> float:

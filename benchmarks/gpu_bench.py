@@ -382,6 +382,7 @@ def encoders(args: argparse.Namespace) -> dict[str, Any]:
         },
         "served": served,
         "overhead_ms_at_c1": raw.get("overhead_ms_at_c1"),
+        "overhead_ms_at_c1_in_server": raw.get("overhead_ms_at_c1_in_server"),
         "cold_start_s": raw["cold_start_s"],
         "details": raw,
     }

@@ -189,7 +189,15 @@ def _encoder_target_rows(
               f"limit — {name} | {ratio:.2f} ({f1(c32['requests_per_s'])} req/s vs "
               f"{f1(r['forward_limit']['sequences_per_s'])} seq/s) | "
               f"{met(ratio >= target)} |")  # fmt: skip
-        if "overhead_ms_at_c1" in r:
+        if "overhead_ms_at_c1_in_server" in r:
+            # Judged on the same requests' own forward passes; the cross-process figure,
+            # measured minutes apart, is given beside it.
+            o = r["overhead_ms_at_c1_in_server"]
+            w(f"| server overhead per request at concurrency 1 < {overhead_ms:g} ms — "
+              f"{name} | {o:.2f} ms around the server's own forward passes "
+              f"({r['overhead_ms_at_c1']:.2f} ms against the in-process forward) | "
+              f"{met(o < overhead_ms)} |")  # fmt: skip
+        elif "overhead_ms_at_c1" in r:
             o = r["overhead_ms_at_c1"]
             w(f"| server overhead per request at concurrency 1 < {overhead_ms:g} ms — "
               f"{name} | {o:.2f} ms | {met(o < overhead_ms)} |")  # fmt: skip
@@ -237,13 +245,18 @@ def _encoders(w: Any, enc: dict[str, Any]) -> None:
       "threads that spin about 0.1 ms, then sleep) on the 16 benchmark sentences as lmserve "
       "tokenizes and pads them, at batch 32. "
       "Served: `lmserve serve` (Hugging Face backend), V1 predict, one sentence per request, "
-      "closed loop with an aiohttp client on the same cores (`encoder_load.py`). Overhead = served "
-      "p50 latency at concurrency 1 minus the model's p50 batch-1 forward time over the same "
-      "sentences. Server CPU is the "
+      "closed loop with an aiohttp client on the same cores (`encoder_load.py`). Overhead at "
+      "concurrency 1 = the served requests' mean latency minus the mean of the forward passes "
+      "the server ran for them (its `lmserve_forward_duration_seconds`, read before and after "
+      "the level; one pass per request): what the server adds around the model on the same "
+      "requests. The report used to take served p50 latency minus the p50 batch-1 forward of "
+      "the limit step, two figures from two processes minutes apart: on this box the same "
+      "forward measures 8-10 ms (MiniLM) from one minute to the next, so that difference moved "
+      "by more than the overhead itself; it is kept beside the target. Server CPU is the "
       "server process's CPU time (all threads) per request.\n")  # fmt: skip
     w("| model | limit seq/s (batch 32) | batch-1 forward p50 ms | concurrency | req/s | "
-      "of the limit | p50 / p99 ms | server CPU ms/req |")  # fmt: skip
-    w("|---|---:|---:|---:|---:|---:|---:|---:|")
+      "of the limit | p50 / p99 ms | server's forward pass, mean ms | server CPU ms/req |")  # fmt: skip
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in enc.items():
         if not r:
             continue
@@ -253,7 +266,8 @@ def _encoders(w: Any, enc: dict[str, Any]) -> None:
             w(f"| {name} | {f1(lim['sequences_per_s'])} | "
               f"{lim.get('batch1_ms_p50', lim['batch1_ms_mean']):.2f} | {level} | "
               f"{f1(m['requests_per_s'])} | {m['ratio_to_limit']:.2f} | {lat['p50']:.1f} / "
-              f"{lat['p99']:.1f} | {m.get('server_cpu_ms_per_request', float('nan')):.2f} |")  # fmt: skip
+              f"{lat['p99']:.1f} | {m.get('server_forward_ms_mean', float('nan')):.2f} | "
+              f"{m.get('server_cpu_ms_per_request', float('nan')):.2f} |")  # fmt: skip
     w("")
     for name, r in enc.items():
         if not r or "32" not in r["levels"]:
@@ -294,10 +308,11 @@ def _encoders(w: Any, enc: dict[str, Any]) -> None:
               "batches smaller than 32 (a closed loop: requests arrive only as answers leave), "
               "the load client on the same cores, and this box's run-to-run noise.")  # fmt: skip
     loads = [f"{r['loadavg_at_start']:.1f}" for r in enc.values() if r and "loadavg_at_start" in r]
-    w("- Overhead at concurrency 1 is the difference of two medians measured minutes apart "
-      "(served latency, the bare forward pass), so it moves with the box's other load"
+    w("- Overhead at concurrency 1 around the server's own passes is taken on the same "
+      "requests, so the box's drift between minutes cancels out; the figure against the "
+      "in-process forward (two medians measured minutes apart) moves with the box's other load"
       + (f" (1-minute load average at the start of each step: {', '.join(loads)})" if loads else "")
-      + "; `report.py --only encoder-sentiment,encoder-minilm` re-measures it.")  # fmt: skip
+      + "; `report.py --only encoder-sentiment,encoder-minilm` re-measures both.")  # fmt: skip
     w("- What made the difference in issue 6: idle OpenMP threads sleep "
       "(`OMP_WAIT_POLICY=PASSIVE`, set by the Hugging Face backend before torch loads; tiny BERT "
       "at concurrency 1 cost 6.1 ms of server CPU per request with spinning threads, 2.9 ms "

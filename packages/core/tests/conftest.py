@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from lmserve_core.encoder import EncoderOptions, EncoderResult, EncoderService, ModelInfo
+from lmserve_core.observer import ServingObserver
 from lmserve_core.tasks import Task
 from lmserve_core.tokenizer import Encoding
 
@@ -214,6 +215,7 @@ def make_service(tokenizer: FakeTokenizer) -> Callable[..., tuple[EncoderService
         bucket_lengths: bool = False,
         chunk_rows: int | None = None,
         max_batch_tokens: int | None = None,
+        observer: ServingObserver | None = None,
     ) -> tuple[EncoderService, FakeBackend]:
         backend = FakeBackend(fn, block_first=block_first)
         service = EncoderService(
@@ -226,6 +228,7 @@ def make_service(tokenizer: FakeTokenizer) -> Callable[..., tuple[EncoderService
             bucket_lengths=bucket_lengths,
             chunk_rows=chunk_rows,
             max_batch_tokens=max_batch_tokens,
+            observer=observer,
         )
         return service, backend
 

@@ -111,6 +111,9 @@ class SizeRecorder:
     def decode_step(self, sequences: int) -> None:
         raise AssertionError("an encoder batcher decodes nothing")
 
+    def forward_pass(self, seconds: float) -> None:
+        raise AssertionError("the encoder service times forward passes, not the batcher")
+
     def first_token(self, seconds: float, *, model: str | None = None) -> None: ...
 
     def inter_token(self, seconds: float, *, model: str | None = None) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -521,6 +522,35 @@ def test_chunked_batches_are_length_sorted_and_answer_as_one_pass(
         # Padding positions may differ between the passes; a row's own positions must not.
         for row, enc in enumerate(request.encodings):
             np.testing.assert_array_equal(got[row, : len(enc)], want[row, : len(enc)])
+
+
+class ForwardTimes:
+    """A ServingObserver keeping the forward-pass times it is told (nothing else is called
+    by the service's model thread)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def forward_pass(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the model thread reported {name}")
+
+
+def test_each_forward_pass_is_timed_for_the_metrics(make_service: Callable[..., Any]) -> None:
+    def slow_logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)
+        return first_word_logits(ids, mask)
+
+    times = ForwardTimes()
+    service, backend = make_service(
+        Task.sequence_classification, slow_logits, chunk_rows=2, observer=times
+    )
+    service._run_batch([service.encode(CHUNK_TEXTS, RequestParams())])
+    assert len(backend.calls) == 3  # chunks of 2 rows: one time per pass, not per batch
+    assert len(times.seconds) == 3
+    assert all(0.02 <= s < 5 for s in times.seconds)
 
 
 def test_a_batch_of_at_most_chunk_rows_is_one_pass(make_service: Callable[..., Any]) -> None:

@@ -27,7 +27,12 @@ class ServingObserver(GenerationObserver, Protocol):
     """Everything a served model reports: generation, encoder batches, decoding steps."""
 
     def batch(self, instances: int) -> None:
-        """One encoder forward pass ran ``instances`` instances."""
+        """One encoder batch ran ``instances`` instances."""
+        ...
+
+    def forward_pass(self, seconds: float) -> None:
+        """One encoder forward pass took ``seconds`` in the model (a batch may run as several
+        length-sorted passes); what a request's latency has beyond these is the server's."""
         ...
 
     def decode_step(self, sequences: int) -> None:

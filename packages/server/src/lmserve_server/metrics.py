@@ -10,6 +10,8 @@ from prometheus_client.registry import Collector
 
 from lmserve_core.admission import AdmissionGate
 
+# A tiny encoder's pass takes under a millisecond on a CPU, a GPU's less.
+FORWARD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -44,6 +46,11 @@ class Metrics:
         self.batch_size = Histogram(
             "lmserve_batch_size", "Instances per model forward pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+        )  # fmt: skip
+        self.forward_duration = Histogram(
+            "lmserve_forward_duration_seconds",
+            "Seconds one encoder forward pass took in the model (a batch may run as several "
+            "length-sorted passes)", buckets=FORWARD_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.input_tokens = Counter(
             "lmserve_prompt_tokens", "Input tokens processed, by served model", ["model"],
@@ -82,6 +89,9 @@ class Metrics:
     # ServingObserver (lmserve_core.observer)
     def batch(self, instances: int) -> None:
         self.batch_size.observe(instances)
+
+    def forward_pass(self, seconds: float) -> None:
+        self.forward_duration.observe(seconds)
 
     def decode_step(self, sequences: int) -> None:
         self.decode_batch_size.observe(sequences)

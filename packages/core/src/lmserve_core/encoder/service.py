@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, cast
 
@@ -146,6 +147,7 @@ class EncoderService:
         self.chunk_rows = chunk_rows
         self.max_batch_tokens = max_batch_tokens
         self.max_instances = max_instances
+        self._observer = observer
         self.context = TaskContext(tokenizer=tokenizer, info=info, options=options)
         self.batcher: DynamicBatcher[EncodedRequest, FloatArray] = DynamicBatcher(
             self._run_batch,
@@ -427,12 +429,15 @@ class EncoderService:
             length=length,
             with_token_types=self.context.options.return_token_type_ids,
         )
+        started = time.perf_counter()
         if any(a is not None for a in adapters):
             # Rows of different adapters and of the base share the pass (PEFT's mixed batch).
             backend = cast(AdapterEncoderBackend, self.backend)
             outputs = backend.forward_with_adapters(inputs, adapters)
         else:
             outputs = self.backend.forward(inputs)
+        if self._observer is not None:
+            self._observer.forward_pass(time.perf_counter() - started)
         if outputs.shape[0] != len(encodings):
             raise BackendError(
                 f"the model returned {outputs.shape[0]} rows for {len(encodings)} inputs"
