@@ -445,28 +445,11 @@ class EncoderService:
         return outputs
 
     def _length_sorted_chunks(self, encodings: Sequence[Encoding]) -> list[list[int]] | None:
-        """Row indices in length order, cut into chunks of at most ``chunk_rows`` rows and
-        ``max_batch_tokens`` padded tokens: when one pass would be over that budget (the
-        batcher groups untokenized requests by estimated lengths), or when chunks cut the
-        padded tokens of one pass by at least ``CHUNK_MIN_SAVING``; else None."""
-        rows, budget = self.chunk_rows, self.max_batch_tokens
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
-        one_pass = len(encodings) * len(encodings[order[-1]])
-        over_budget = budget is not None and one_pass > budget and len(encodings) > 1
-        if not over_budget and (not rows or len(encodings) <= rows):
-            return None
-        chunks: list[list[int]] = [[]]
-        for i in order:  # longest last, so each chunk's padded length is its last row's
-            chunk = chunks[-1]
-            full = rows is not None and len(chunk) >= rows
-            if chunk and (full or (budget and (len(chunk) + 1) * len(encodings[i]) > budget)):
-                chunks.append([i])
-            else:
-                chunk.append(i)
-        if over_budget:
-            return chunks
-        chunked = sum(len(chunk) * len(encodings[chunk[-1]]) for chunk in chunks)
-        return chunks if chunked <= (1 - CHUNK_MIN_SAVING) * one_pass else None
+        return length_sorted_chunks(
+            [len(e) for e in encodings],
+            chunk_rows=self.chunk_rows,
+            max_batch_tokens=self.max_batch_tokens,
+        )
 
     def _forward_chunks(
         self,
@@ -495,6 +478,34 @@ class EncoderService:
                 merged[index] = out
         assert merged is not None
         return merged
+
+
+def length_sorted_chunks(
+    lengths: Sequence[int], *, chunk_rows: int | None, max_batch_tokens: int | None
+) -> list[list[int]] | None:
+    """How a batch of rows of ``lengths`` tokens is forwarded: row indices in length order,
+    cut into chunks of at most ``chunk_rows`` rows and ``max_batch_tokens`` padded tokens,
+    when one pass would be over that budget (the batcher groups untokenized requests by
+    estimated lengths) or when chunks cut the padded tokens of one pass by at least
+    ``CHUNK_MIN_SAVING``; else None (one pass)."""
+    rows, budget = chunk_rows, max_batch_tokens
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    one_pass = len(lengths) * lengths[order[-1]]
+    over_budget = budget is not None and one_pass > budget and len(lengths) > 1
+    if not over_budget and (not rows or len(lengths) <= rows):
+        return None
+    chunks: list[list[int]] = [[]]
+    for i in order:  # longest last, so each chunk's padded length is its last row's
+        chunk = chunks[-1]
+        full = rows is not None and len(chunk) >= rows
+        if chunk and (full or (budget and (len(chunk) + 1) * lengths[i] > budget)):
+            chunks.append([i])
+        else:
+            chunk.append(i)
+    if over_budget:
+        return chunks
+    chunked = sum(len(chunk) * lengths[chunk[-1]] for chunk in chunks)
+    return chunks if chunked <= (1 - CHUNK_MIN_SAVING) * one_pass else None
 
 
 def check_pairs(instances: Sequence[Any]) -> list[tuple[str, str]]:
