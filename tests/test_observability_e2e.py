@@ -92,9 +92,9 @@ def test_encoder_metrics_follow_prometheus_conventions(json_encoder: ServerProce
     assert value(json_encoder, "lmserve_request_duration_seconds_count", route=route) >= 3
     assert value(json_encoder, "lmserve_queue_time_seconds_count") >= 3
     assert value(json_encoder, "lmserve_batch_size_sum") >= 6
-    # Every batch ran at least one forward pass, each timed (a batch may run several).
-    passes = value(json_encoder, "lmserve_forward_duration_seconds_count")
-    assert passes >= value(json_encoder, "lmserve_batch_size_count") >= 3
+    # Each of the three requests above ran in a batch with a forward pass, and each pass is
+    # timed (a batch whose every input failed tokenizing would run none).
+    assert value(json_encoder, "lmserve_forward_duration_seconds_count") >= 3
     model_seconds = value(json_encoder, "lmserve_forward_duration_seconds_sum")
     assert 0 < model_seconds < value(json_encoder, "lmserve_request_duration_seconds_sum")
     assert value(json_encoder, "lmserve_prompt_tokens_total") > 0
