@@ -87,6 +87,12 @@ def _predict_total(server: ServerProcess, status: int = 200) -> float:
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
+def _forward_passes(server: ServerProcess) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return float(re.findall(r"^lmserve_forward_duration_seconds_count ([0-9.e+]+)$", text,
+                            re.M)[0])  # fmt: skip
+
+
 # --- same answers as one process --------------------------------------------------------
 
 
@@ -210,7 +216,7 @@ def test_per_token_outputs_survive_merged_passes() -> None:
 
 
 def test_both_workers_serve_and_metrics_add_up(two: ServerProcess) -> None:
-    before = _predict_total(two)
+    before, passes_before = _predict_total(two), _forward_passes(two)
     statuses = _spread(two, {"instances": ["I love this"]}, 60)
     assert statuses == [200] * 60
     served = _worker_lines(two, 200)
@@ -219,6 +225,8 @@ def test_both_workers_serve_and_metrics_add_up(two: ServerProcess) -> None:
     # connections (each may land on either worker), and always see all 60.
     totals = {_predict_total(two) - before for _ in range(6)}
     assert totals == {60.0}
+    # Each worker times its calls to the model's process; batches may merge, never split.
+    assert 1 <= _forward_passes(two) - passes_before <= 60
 
 
 # --- limits and the API key in every worker ---------------------------------------------

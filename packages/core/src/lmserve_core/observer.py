@@ -31,8 +31,8 @@ class ServingObserver(GenerationObserver, Protocol):
         ...
 
     def forward_pass(self, seconds: float) -> None:
-        """One encoder forward pass took ``seconds`` in the model (a batch may run as several
-        length-sorted passes); what a request's latency has beyond these is the server's."""
+        """One encoder forward pass took ``seconds`` in the backend (the model, or a remote
+        one's round trip); a batch may run as several length-sorted passes."""
         ...
 
     def decode_step(self, sequences: int) -> None:

@@ -49,8 +49,9 @@ class Metrics:
         )  # fmt: skip
         self.forward_duration = Histogram(
             "lmserve_forward_duration_seconds",
-            "Seconds one encoder forward pass took in the model (a batch may run as several "
-            "length-sorted passes)", buckets=FORWARD_BUCKETS, registry=self.registry,
+            "Seconds one encoder forward pass took: in the model, or the call to the model's "
+            "process (--api_workers) or to Triton (--predictor_host); a batch may run as several "
+            "length-sorted passes", buckets=FORWARD_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.input_tokens = Counter(
             "lmserve_prompt_tokens", "Input tokens processed, by served model", ["model"],
