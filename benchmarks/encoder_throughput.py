@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,20 @@ def locate(model: str) -> Path:
     return model_path(model)  # a tiny test model, built on first use
 
 
+def served_passes(lengths: Sequence[int]) -> list[list[int]]:
+    """The passes (row indices) an in-process lmserve server forwards a batch of rows of
+    ``lengths`` tokens in: length-sorted chunks when they cut the padding, else one pass
+    (``length_sorted_chunks`` with the in-process chunk size and the default token budget)."""
+    from lmserve_core.backend import IN_PROCESS_CHUNK_ROWS
+    from lmserve_core.encoder.service import length_sorted_chunks
+    from lmserve_core.settings import ServeSettings
+
+    budget = ServeSettings.model_fields["max_batch_tokens"].default
+    chunks = length_sorted_chunks(lengths, chunk_rows=IN_PROCESS_CHUNK_ROWS,
+                                  max_batch_tokens=budget)  # fmt: skip
+    return chunks or [list(range(len(lengths)))]
+
+
 def forward_limit(path: Path, threads: int, batch: int, device: str = "cpu") -> dict[str, float]:
     """The model's forward pass alone, on lmserve's own tokenization and padding, on ``device``
     (inputs copied to it inside the timed part, as the server does)."""
@@ -72,9 +87,7 @@ def forward_limit(path: Path, threads: int, batch: int, device: str = "cpu") -> 
 
     from lmserve_backend_hf.encoder_info import max_length
     from lmserve_backend_hf.rust_tokenizer import load_rust_tokenizer
-    from lmserve_core.backend import IN_PROCESS_CHUNK_ROWS
-    from lmserve_core.encoder.service import length_sorted_chunks, pad_encodings
-    from lmserve_core.settings import ServeSettings
+    from lmserve_core.encoder.service import pad_encodings
 
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
@@ -100,11 +113,7 @@ def forward_limit(path: Path, threads: int, batch: int, device: str = "cpu") -> 
         if device != "cpu":
             torch.cuda.synchronize()  # kernels run asynchronously: time until they finish
 
-    # The batch as the server forwards it: length-sorted chunks when they cut the padding.
-    chunks = length_sorted_chunks(
-        [len(e) for e in encodings], chunk_rows=IN_PROCESS_CHUNK_ROWS,
-        max_batch_tokens=ServeSettings.model_fields["max_batch_tokens"].default,
-    ) or [list(range(len(encodings)))]  # fmt: skip
+    chunks = served_passes([len(e) for e in encodings])
     passes = [padded([encodings[i] for i in chunk]) for chunk in chunks]
 
     def run_batch() -> None:
@@ -222,27 +231,31 @@ def measure(
     return results
 
 
-FORWARD_METRIC = "lmserve_forward_duration_seconds"
-
-
-def forward_counter(url: str) -> tuple[float, float] | None:
-    """(seconds, passes) the server's model has spent in encoder forward passes so far, from
-    its ``/metrics``; None when it reports none (a server without the metric)."""
+def histogram_totals(url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of the Prometheus histogram ``name`` on the server's ``/metrics``, over all
+    its labels; (0, 0) when the server has no such series."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
         text = response.read().decode()
-    found: dict[str, float] = {}
+    totals = {"sum": 0.0, "count": 0.0}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in (FORWARD_METRIC + "_sum", FORWARD_METRIC + "_count"):
-            found[name.rpartition("_")[2]] = float(value)
-    return (found["sum"], found["count"]) if len(found) == 2 else None
+        series, _, value = line.rpartition(" ")
+        for part in totals:
+            if series == f"{name}_{part}" or series.startswith(f"{name}_{part}{{"):
+                totals[part] += float(value)
+    return totals["sum"], totals["count"]
+
+
+def forward_counter(url: str) -> tuple[float, float]:
+    """(seconds, passes) the server's model has spent in encoder forward passes so far."""
+    return histogram_totals(url, "lmserve_forward_duration_seconds")
 
 
 def forward_passes(
-    before: tuple[float, float] | None, after: tuple[float, float] | None, requests: int
+    before: tuple[float, float], after: tuple[float, float], requests: int
 ) -> dict[str, float]:
-    """The server's forward passes during a level: their mean time and count per request."""
-    if before is None or after is None or after[1] <= before[1]:
+    """The server's forward passes during a level: their mean time and count per request
+    (nothing when it timed none: a server without the metric)."""
+    if after[1] <= before[1]:
         return {}
     passes = after[1] - before[1]
     return {"server_forward_ms_mean": 1000 * (after[0] - before[0]) / passes,

@@ -54,13 +54,13 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from alternating import alternating_rounds  # noqa: E402
 from encoder_load import run_rerank_load  # noqa: E402
-from encoder_throughput import cpu_seconds  # noqa: E402
+from encoder_throughput import cpu_seconds, histogram_totals, served_passes  # noqa: E402
 from profile_encoder import summarise  # noqa: E402
 from prompts import PROMPTS, passages  # noqa: E402
 
 from _support.servers import start_server  # noqa: E402
 from lmserve_backend_hf import set_encoder_openmp_waits  # noqa: E402
-from lmserve_core.backend import IN_PROCESS_BATCH_SIZE, IN_PROCESS_CHUNK_ROWS  # noqa: E402
+from lmserve_core.backend import IN_PROCESS_BATCH_SIZE  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "rerank.json"
 TARGET = 0.85
@@ -126,9 +126,9 @@ def padding(
     model: Any, requests: Sequence[tuple[str, Sequence[str]]], batch: int
 ) -> dict[str, Any]:
     """Real vs padded tokens: lmserve's batches as a full queue forms them (whole requests in
-    arrival order up to ``IN_PROCESS_BATCH_SIZE`` pairs, forwarded in length-sorted chunks of
-    ``IN_PROCESS_CHUNK_ROWS``), each request alone as one pass (what lmserve did before it
-    chunked), and ``predict``'s batches of ``batch`` (sorted by characters, longest first)."""
+    arrival order up to ``IN_PROCESS_BATCH_SIZE`` pairs, forwarded in the server's passes:
+    ``served_passes``), each request alone as one pass (what lmserve did before it chunked),
+    and ``predict``'s batches of ``batch`` (sorted by characters, longest first)."""
     pairs = all_pairs(requests)
     tokenizer = model.tokenizer
     lengths = [len(ids) for ids in tokenizer([q for q, _ in pairs], [d for _, d in pairs],
@@ -140,10 +140,10 @@ def padding(
         per_request += max(chunk) * len(chunk)
         row += len(docs)
         if gathered and len(gathered) + len(chunk) > IN_PROCESS_BATCH_SIZE:
-            served += _sorted_chunks_padded(gathered, IN_PROCESS_CHUNK_ROWS)
+            served += _served_padded(gathered)
             gathered = []
         gathered += chunk
-    served += _sorted_chunks_padded(gathered, IN_PROCESS_CHUNK_ROWS)
+    served += _served_padded(gathered)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     sorted_batches = 0
     for start in range(0, len(order), batch):
@@ -160,12 +160,10 @@ def padding(
     }
 
 
-def _sorted_chunks_padded(lengths: Sequence[int], rows: int) -> int:
-    ordered = sorted(lengths)
-    return sum(
-        max(ordered[i : i + rows]) * len(ordered[i : i + rows])
-        for i in range(0, len(ordered), rows)
-    )
+def _served_padded(lengths: Sequence[int]) -> int:
+    """Padded tokens of one lmserve batch of rows of ``lengths``, in the server's passes."""
+    chunks = served_passes(lengths)
+    return sum(len(chunk) * max(lengths[i] for i in chunk) for chunk in chunks)
 
 
 def tokenize_ms_per_pair(directory: Path, requests: Sequence[tuple[str, Sequence[str]]]) -> float:
@@ -205,15 +203,7 @@ def pick_batch(model: Any, pairs: list[tuple[str, str]], sizes: list[int]) -> di
 
 def batch_metric(url: str) -> tuple[float, float]:
     """(sum, count) of the ``lmserve_batch_size`` histogram: instances per forward pass."""
-    import httpx
-
-    total = count = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("lmserve_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("lmserve_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+    return histogram_totals(url, "lmserve_batch_size")
 
 
 def served_rate(
