@@ -108,7 +108,7 @@ def test_env_twin_and_dash_spelling() -> None:
 
 def test_the_start_up_heap_is_frozen_by_the_time_the_model_is_ready() -> None:
     # A full garbage collection walking torch's and transformers' objects stalled every request
-    # in flight for 200-300 ms (BENCHMARKS.md); the server freezes them once, right after the
+    # in flight for 200-280 ms (BENCHMARKS.md); the server freezes them once, right after the
     # load, in the same event-loop turn that makes it ready.
     server = start_server(["--model_dir", str(model_path("sentiment")), "--log_level", "debug"])
     try:
